@@ -1,0 +1,11 @@
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum TensorError {
+    #[error("shape mismatch in {op}: {detail}")]
+    Shape { op: &'static str, detail: String },
+    #[error("unsupported dtype {dtype} for {what}")]
+    DType { dtype: String, what: String },
+    #[error("out of range: {0}")]
+    Range(String),
+}
