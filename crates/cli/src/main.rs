@@ -1,1 +1,97 @@
-fn main() {}
+//! `quiver`: the command-line entry point.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use quiver_model::generate::generate_greedy;
+use quiver_model::{IncrementalDecoder, ModelBundle};
+use quiver_tensor::cpu::CpuBackend;
+
+#[derive(Parser)]
+#[command(name = "quiver", version, about = "Multi-adapter LLM inference server")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate a completion for one prompt (greedy), streaming it to stdout.
+    Generate(GenerateArgs),
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// Hugging Face model directory (config.json, safetensors, tokenizer.json).
+    #[arg(long, env = "QUIVER_MODEL")]
+    model: PathBuf,
+    /// Prompt text.
+    #[arg(long)]
+    prompt: String,
+    /// Maximum number of new tokens.
+    #[arg(long, default_value_t = 64, env = "QUIVER_MAX_TOKENS")]
+    max_tokens: usize,
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    chat: bool,
+}
+
+fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    let bundle = ModelBundle::load(CpuBackend, &args.model, None).with_context(|| format!("loading {}", args.model.display()))?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let prompt_ids = if args.chat {
+        let Some(tmpl) = &bundle.chat_template else { bail!("{} has no chat template", args.model.display()) };
+        let text = tmpl.render(&[serde_json::json!({"role": "user", "content": args.prompt})], true, None)?;
+        bundle.tokenizer.encode(&text, false)?
+    } else {
+        bundle.tokenizer.encode(&args.prompt, true)?
+    };
+    let mut decoder = IncrementalDecoder::new(true);
+    let mut stdout = std::io::stdout();
+    let t1 = Instant::now();
+    let mut first: Option<f64> = None;
+    let mut failed = None;
+    let out = generate_greedy(&bundle.model, &prompt_ids, args.max_tokens, &bundle.eos_token_ids, |tok| {
+        first.get_or_insert_with(|| t1.elapsed().as_secs_f64());
+        match decoder.push(&bundle.tokenizer, tok) {
+            Ok(Some(piece)) => {
+                print!("{piece}");
+                let _ = stdout.flush();
+            }
+            Ok(None) => {}
+            Err(e) => failed = Some(e),
+        }
+    })?;
+    if let Some(e) = failed {
+        return Err(e.into());
+    }
+    if let Some(rest) = decoder.flush(&bundle.tokenizer)? {
+        print!("{rest}");
+    }
+    println!();
+    let total = t1.elapsed().as_secs_f64();
+    let ttft = first.unwrap_or(total);
+    let decode_tps = if out.len() > 1 { (out.len() - 1) as f64 / (total - ttft) } else { 0.0 };
+    eprintln!(
+        "[{}] load {load_s:.2}s · prompt {} tokens in {ttft:.3}s ({:.1} tok/s) · {} tokens, decode {decode_tps:.1} tok/s",
+        bundle.model.backend_name(),
+        prompt_ids.len(),
+        prompt_ids.len() as f64 / ttft,
+        out.len()
+    );
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Generate(args) => generate(args),
+    }
+}

@@ -1,1 +1,91 @@
-//! The backend trait.
+//! The backend trait: every operation the model's forward pass needs, on opaque device buffers.
+//! The CPU backend implements it with plain `Vec<f32>`s and is the oracle for the others.
+
+use crate::error::TensorError;
+use crate::storage::Matrix;
+
+/// Geometry of the paged KV cache: `num_blocks` blocks of `block_size` token slots, per layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvLayout {
+    pub num_layers: usize,
+    pub num_blocks: usize,
+    pub block_size: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl KvLayout {
+    /// Bytes of K and V storage per block, all layers together (f32 entries).
+    pub fn bytes_per_block(&self) -> usize {
+        2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * 4
+    }
+}
+
+/// Rotary embedding tables: `cos`/`sin` are `[max_positions, rotary_dim / 2]`, row = position.
+#[derive(Debug, Clone)]
+pub struct RopeTable {
+    pub half_dim: usize,
+    pub cos: Vec<f32>,
+    pub sin: Vec<f32>,
+}
+
+impl RopeTable {
+    pub fn max_positions(&self) -> usize {
+        self.cos.len() / self.half_dim.max(1)
+    }
+}
+
+/// Host-side description of one ragged batch: token `t` belongs to sequence `seq[t]`, sits at
+/// `positions[t]`, and its K/V go to cache slot `slots[t]` (block * block_size + offset).
+/// Sequence `s` attends over its first `positions[t] + 1` cache entries through `block_tables[s]`.
+#[derive(Debug, Clone, Default)]
+pub struct AttentionBatch {
+    pub positions: Vec<u32>,
+    pub slots: Vec<u32>,
+    pub seq: Vec<u32>,
+    pub block_tables: Vec<Vec<u32>>,
+}
+
+impl AttentionBatch {
+    pub fn num_tokens(&self) -> usize {
+        self.positions.len()
+    }
+}
+
+pub trait Backend: Send + Sync + 'static {
+    /// Flat f32 activations.
+    type Tensor: Send;
+    /// A weight matrix in its storage dtype.
+    type Weight: Send + Sync;
+    /// K/V storage for every layer.
+    type KvPool: Send;
+
+    fn name(&self) -> String;
+
+    fn upload_weight(&self, m: Matrix) -> Result<Self::Weight, TensorError>;
+    fn upload(&self, data: &[f32]) -> Result<Self::Tensor, TensorError>;
+    fn zeros(&self, len: usize) -> Result<Self::Tensor, TensorError>;
+    fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>, TensorError>;
+    fn new_kv_pool(&self, layout: KvLayout) -> Result<Self::KvPool, TensorError>;
+
+    /// `out[i] = table[ids[i]]` widened to f32.
+    fn embed(&self, table: &Self::Weight, ids: &[u32], out: &mut Self::Tensor) -> Result<(), TensorError>;
+    /// `out[m, n] = x[m, k] · wᵀ`.
+    fn matmul(&self, x: &Self::Tensor, m: usize, w: &Self::Weight, out: &mut Self::Tensor) -> Result<(), TensorError>;
+    /// `x[r, :] += bias` for every row.
+    fn add_bias(&self, x: &mut Self::Tensor, bias: &Self::Tensor) -> Result<(), TensorError>;
+    /// `acc += x`.
+    fn add(&self, acc: &mut Self::Tensor, x: &Self::Tensor) -> Result<(), TensorError>;
+    /// Row-wise RMSNorm: `out = x / sqrt(mean(x²) + eps) * w`.
+    fn rms_norm(&self, x: &Self::Tensor, w: &Self::Tensor, eps: f32, out: &mut Self::Tensor) -> Result<(), TensorError>;
+    /// `gate = silu(gate) * up`.
+    fn silu_mul(&self, gate: &mut Self::Tensor, up: &Self::Tensor) -> Result<(), TensorError>;
+    /// Rotate-half RoPE in place on `[tokens, heads, head_dim]`.
+    fn rope(&self, x: &mut Self::Tensor, heads: usize, head_dim: usize, positions: &[u32], table: &RopeTable) -> Result<(), TensorError>;
+    /// Store this step's K and V (`[tokens, kv_heads, head_dim]`) at `slots`.
+    fn write_kv(&self, pool: &mut Self::KvPool, layer: usize, k: &Self::Tensor, v: &Self::Tensor, slots: &[u32]) -> Result<(), TensorError>;
+    /// Causal attention of each token's query heads over its sequence's cached K/V.
+    fn attention(&self, pool: &Self::KvPool, layer: usize, q: &Self::Tensor, heads: usize, batch: &AttentionBatch, out: &mut Self::Tensor) -> Result<(), TensorError>;
+    /// `out[i, :] = x[rows[i], :]` for rows of width `width`.
+    fn gather_rows(&self, x: &Self::Tensor, width: usize, rows: &[u32], out: &mut Self::Tensor) -> Result<(), TensorError>;
+}

@@ -1,7 +1,10 @@
 //! CPU backend: AVX2/FMA kernels behind safe functions (runtime-detected, scalar fallback),
 //! work split across cores with rayon.
 
+pub mod backend;
 pub mod matmul;
 pub mod ops;
+mod simd;
 
+pub use backend::{CpuBackend, CpuKvPool};
 pub use matmul::{matmul, matmul_ref};

@@ -1,0 +1,198 @@
+//! The Llama family (llama, mistral, qwen2): a config, a `load` that walks the weight names, and
+//! a `forward` over one flat ragged batch against the paged KV cache.
+
+use std::path::Path;
+
+use quiver_tensor::{AttentionBatch, Backend, KvLayout, RopeTable};
+
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+use crate::rope::rope_table;
+use crate::weights::WeightStore;
+
+/// `y = x · Wᵀ + b`.
+pub struct Linear<B: Backend> {
+    pub weight: B::Weight,
+    pub bias: Option<B::Tensor>,
+    pub in_features: usize,
+    pub out_features: usize,
+}
+
+impl<B: Backend> Linear<B> {
+    fn load(b: &B, w: &WeightStore, name: &str, out_f: usize, in_f: usize, bias: bool) -> Result<Self> {
+        let weight = b.upload_weight(w.matrix(&format!("{name}.weight"), out_f, in_f)?)?;
+        let bias = if bias { Some(b.upload(&w.vector(&format!("{name}.bias"), out_f)?)?) } else { None };
+        Ok(Linear { weight, bias, in_features: in_f, out_features: out_f })
+    }
+
+    pub fn forward(&self, b: &B, x: &B::Tensor, rows: usize) -> Result<B::Tensor> {
+        let mut out = b.zeros(rows * self.out_features)?;
+        b.matmul(x, rows, &self.weight, &mut out)?;
+        if let Some(bias) = &self.bias {
+            b.add_bias(&mut out, bias)?;
+        }
+        Ok(out)
+    }
+}
+
+pub struct Layer<B: Backend> {
+    pub input_norm: B::Tensor,
+    pub q: Linear<B>,
+    pub k: Linear<B>,
+    pub v: Linear<B>,
+    pub o: Linear<B>,
+    pub post_norm: B::Tensor,
+    pub gate: Linear<B>,
+    pub up: Linear<B>,
+    pub down: Linear<B>,
+}
+
+pub struct Llama<B: Backend> {
+    pub cfg: ModelConfig,
+    pub backend: B,
+    embed: B::Weight,
+    layers: Vec<Layer<B>>,
+    norm: B::Tensor,
+    /// `None` when the embeddings are tied.
+    lm_head: Option<B::Weight>,
+    rope: RopeTable,
+    weight_bytes: usize,
+}
+
+/// One step's work: every token of every sequence in the batch, flat.
+#[derive(Debug, Clone, Default)]
+pub struct ForwardInput {
+    pub tokens: Vec<u32>,
+    pub attn: AttentionBatch,
+    /// Rows (token indices) whose logits are wanted, usually each sequence's last token.
+    pub logits_rows: Vec<u32>,
+}
+
+impl<B: Backend> Llama<B> {
+    /// Loads weights from `dir` (config already parsed). `max_positions` bounds the rope table.
+    pub fn load(backend: B, cfg: ModelConfig, dir: &Path, max_positions: usize) -> Result<Self> {
+        let w = WeightStore::open_dir(dir)?;
+        Self::from_store(backend, cfg, &w, max_positions)
+    }
+
+    pub fn from_store(backend: B, cfg: ModelConfig, w: &WeightStore, max_positions: usize) -> Result<Self> {
+        let (h, hd, inter) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
+        let (qd, kvd) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
+        let b = &backend;
+        let embed_m = w.matrix("model.embed_tokens.weight", cfg.vocab_size, h)?;
+        let mut weight_bytes = embed_m.bytes();
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let p = format!("model.layers.{i}");
+            let lin = |name: &str, o: usize, n: usize, bias: bool| Linear::load(b, w, &format!("{p}.{name}"), o, n, bias);
+            let layer = Layer {
+                input_norm: b.upload(&w.vector(&format!("{p}.input_layernorm.weight"), h)?)?,
+                q: lin("self_attn.q_proj", qd, h, cfg.qkv_bias)?,
+                k: lin("self_attn.k_proj", kvd, h, cfg.qkv_bias)?,
+                v: lin("self_attn.v_proj", kvd, h, cfg.qkv_bias)?,
+                o: lin("self_attn.o_proj", h, qd, cfg.o_bias)?,
+                post_norm: b.upload(&w.vector(&format!("{p}.post_attention_layernorm.weight"), h)?)?,
+                gate: lin("mlp.gate_proj", inter, h, false)?,
+                up: lin("mlp.up_proj", inter, h, false)?,
+                down: lin("mlp.down_proj", h, inter, false)?,
+            };
+            weight_bytes += (h * (qd + 2 * kvd) + qd * h + 3 * h * inter) * w.dtype(&format!("{p}.mlp.up_proj.weight")).map_or(4, |d| d.size());
+            layers.push(layer);
+        }
+        let norm = b.upload(&w.vector("model.norm.weight", h)?)?;
+        let lm_head = if cfg.tie_word_embeddings && !w.contains("lm_head.weight") {
+            None
+        } else {
+            let m = w.matrix("lm_head.weight", cfg.vocab_size, h)?;
+            weight_bytes += m.bytes();
+            Some(b.upload_weight(m)?)
+        };
+        let embed = b.upload_weight(embed_m)?;
+        let rope = rope_table(&cfg, max_positions.min(cfg.max_position_embeddings));
+        Ok(Llama { cfg, backend, embed, layers, norm, lm_head, rope, weight_bytes })
+    }
+
+    /// Bytes of weights one decode step streams (embedding matrix once, as the LM head).
+    pub fn weight_bytes(&self) -> usize {
+        self.weight_bytes
+    }
+
+    pub fn backend_name(&self) -> String {
+        self.backend.name()
+    }
+
+    /// Longest sequence the rope table covers.
+    pub fn max_positions(&self) -> usize {
+        self.rope.max_positions()
+    }
+
+    pub fn kv_layout(&self, num_blocks: usize, block_size: usize) -> KvLayout {
+        KvLayout { num_layers: self.cfg.num_layers, num_blocks, block_size, num_kv_heads: self.cfg.num_kv_heads, head_dim: self.cfg.head_dim }
+    }
+
+    pub fn new_kv_pool(&self, num_blocks: usize, block_size: usize) -> Result<B::KvPool> {
+        Ok(self.backend.new_kv_pool(self.kv_layout(num_blocks, block_size))?)
+    }
+
+    fn validate(&self, input: &ForwardInput) -> Result<()> {
+        let n = input.tokens.len();
+        let a = &input.attn;
+        if a.positions.len() != n || a.slots.len() != n || a.seq.len() != n {
+            return Err(ModelError::Input(format!(
+                "batch of {n} tokens has {} positions, {} slots, {} sequence ids",
+                a.positions.len(),
+                a.slots.len(),
+                a.seq.len()
+            )));
+        }
+        if let Some(t) = input.tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            return Err(ModelError::Input(format!("token id {t} is outside the vocabulary ({})", self.cfg.vocab_size)));
+        }
+        if let Some(p) = a.positions.iter().find(|&&p| p as usize >= self.max_positions()) {
+            return Err(ModelError::Input(format!("position {p} exceeds the maximum context {}", self.max_positions())));
+        }
+        if let Some(r) = input.logits_rows.iter().find(|&&r| r as usize >= n) {
+            return Err(ModelError::Input(format!("logits row {r} outside a batch of {n} tokens")));
+        }
+        Ok(())
+    }
+
+    /// Runs every token of `input` through the model, writing their K/V into `kv`, and returns
+    /// the logits `[logits_rows.len(), vocab]` of the requested rows.
+    pub fn forward(&self, input: &ForwardInput, kv: &mut B::KvPool) -> Result<B::Tensor> {
+        self.validate(input)?;
+        let b = &self.backend;
+        let cfg = &self.cfg;
+        let (n, h, hd) = (input.tokens.len(), cfg.hidden_size, cfg.head_dim);
+        let positions = &input.attn.positions;
+        let mut hidden = b.zeros(n * h)?;
+        b.embed(&self.embed, &input.tokens, &mut hidden)?;
+        let mut normed = b.zeros(n * h)?;
+        let mut attn = b.zeros(n * cfg.num_heads * hd)?;
+        for (li, layer) in self.layers.iter().enumerate() {
+            b.rms_norm(&hidden, &layer.input_norm, cfg.rms_norm_eps, &mut normed)?;
+            let mut q = layer.q.forward(b, &normed, n)?;
+            let mut k = layer.k.forward(b, &normed, n)?;
+            let v = layer.v.forward(b, &normed, n)?;
+            b.rope(&mut q, cfg.num_heads, hd, positions, &self.rope)?;
+            b.rope(&mut k, cfg.num_kv_heads, hd, positions, &self.rope)?;
+            b.write_kv(kv, li, &k, &v, &input.attn.slots)?;
+            b.attention(kv, li, &q, cfg.num_heads, &input.attn, &mut attn)?;
+            b.add(&mut hidden, &layer.o.forward(b, &attn, n)?)?;
+
+            b.rms_norm(&hidden, &layer.post_norm, cfg.rms_norm_eps, &mut normed)?;
+            let mut gate = layer.gate.forward(b, &normed, n)?;
+            b.silu_mul(&mut gate, &layer.up.forward(b, &normed, n)?)?;
+            b.add(&mut hidden, &layer.down.forward(b, &gate, n)?)?;
+        }
+        // Only the rows whose logits are wanted go through the final norm and the LM head.
+        let rows = input.logits_rows.len();
+        let mut last = b.zeros(rows * h)?;
+        b.gather_rows(&hidden, h, &input.logits_rows, &mut last)?;
+        let mut last_normed = b.zeros(rows * h)?;
+        b.rms_norm(&last, &self.norm, cfg.rms_norm_eps, &mut last_normed)?;
+        let mut logits = b.zeros(rows * cfg.vocab_size)?;
+        b.matmul(&last_normed, rows, self.lm_head.as_ref().unwrap_or(&self.embed), &mut logits)?;
+        Ok(logits)
+    }
+}

@@ -1,0 +1,171 @@
+//! [`Backend`] for the CPU: activations are `Vec<f32>`, weights stay memory-mapped.
+
+use crate::backend::{AttentionBatch, Backend, KvLayout, RopeTable};
+use crate::cpu::{matmul, ops};
+use crate::error::TensorError;
+use crate::storage::Matrix;
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CpuBackend;
+
+/// K and V of every layer, `[num_blocks * block_size, kv_heads, head_dim]` each.
+pub struct CpuKvPool {
+    pub layout: KvLayout,
+    pub k: Vec<Vec<f32>>,
+    pub v: Vec<Vec<f32>>,
+}
+
+fn check(op: &'static str, ok: bool, detail: impl FnOnce() -> String) -> Result<(), TensorError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(TensorError::Shape { op, detail: detail() })
+    }
+}
+
+impl Backend for CpuBackend {
+    type Tensor = Vec<f32>;
+    type Weight = Matrix;
+    type KvPool = CpuKvPool;
+
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn upload_weight(&self, m: Matrix) -> Result<Matrix, TensorError> {
+        Ok(m)
+    }
+
+    fn upload(&self, data: &[f32]) -> Result<Vec<f32>, TensorError> {
+        Ok(data.to_vec())
+    }
+
+    fn zeros(&self, len: usize) -> Result<Vec<f32>, TensorError> {
+        Ok(vec![0.0; len])
+    }
+
+    fn download(&self, t: &Vec<f32>) -> Result<Vec<f32>, TensorError> {
+        Ok(t.clone())
+    }
+
+    fn new_kv_pool(&self, layout: KvLayout) -> Result<CpuKvPool, TensorError> {
+        let per_layer = layout.num_blocks * layout.block_size * layout.num_kv_heads * layout.head_dim;
+        Ok(CpuKvPool {
+            layout,
+            k: (0..layout.num_layers).map(|_| vec![0.0; per_layer]).collect(),
+            v: (0..layout.num_layers).map(|_| vec![0.0; per_layer]).collect(),
+        })
+    }
+
+    fn embed(&self, table: &Matrix, ids: &[u32], out: &mut Vec<f32>) -> Result<(), TensorError> {
+        let d = table.cols;
+        check("embed", out.len() == ids.len() * d, || format!("out {} for {} ids × {d}", out.len(), ids.len()))?;
+        for (&id, row) in ids.iter().zip(out.chunks_mut(d)) {
+            if id as usize >= table.rows {
+                return Err(TensorError::Range(format!("token id {id} ≥ vocabulary {}", table.rows)));
+            }
+            table.row_f32(id as usize, row);
+        }
+        Ok(())
+    }
+
+    fn matmul(&self, x: &Vec<f32>, m: usize, w: &Matrix, out: &mut Vec<f32>) -> Result<(), TensorError> {
+        check("matmul", x.len() == m * w.cols && out.len() == m * w.rows, || {
+            format!("x {} out {} for m={m} w=[{}, {}]", x.len(), out.len(), w.rows, w.cols)
+        })?;
+        matmul(x, m, w, out);
+        Ok(())
+    }
+
+    fn add_bias(&self, x: &mut Vec<f32>, bias: &Vec<f32>) -> Result<(), TensorError> {
+        check("add_bias", !bias.is_empty() && x.len() % bias.len() == 0, || format!("{} by {}", x.len(), bias.len()))?;
+        for row in x.chunks_mut(bias.len()) {
+            for (a, b) in row.iter_mut().zip(bias) {
+                *a += b;
+            }
+        }
+        Ok(())
+    }
+
+    fn add(&self, acc: &mut Vec<f32>, x: &Vec<f32>) -> Result<(), TensorError> {
+        check("add", acc.len() == x.len(), || format!("{} + {}", acc.len(), x.len()))?;
+        for (a, b) in acc.iter_mut().zip(x) {
+            *a += b;
+        }
+        Ok(())
+    }
+
+    fn rms_norm(&self, x: &Vec<f32>, w: &Vec<f32>, eps: f32, out: &mut Vec<f32>) -> Result<(), TensorError> {
+        check("rms_norm", !w.is_empty() && x.len() % w.len() == 0 && out.len() == x.len(), || {
+            format!("x {} w {} out {}", x.len(), w.len(), out.len())
+        })?;
+        ops::rms_norm(x, w, eps, out);
+        Ok(())
+    }
+
+    fn silu_mul(&self, gate: &mut Vec<f32>, up: &Vec<f32>) -> Result<(), TensorError> {
+        check("silu_mul", gate.len() == up.len(), || format!("{} vs {}", gate.len(), up.len()))?;
+        ops::silu_mul(gate, up);
+        Ok(())
+    }
+
+    fn rope(&self, x: &mut Vec<f32>, heads: usize, head_dim: usize, positions: &[u32], table: &RopeTable) -> Result<(), TensorError> {
+        check("rope", x.len() == positions.len() * heads * head_dim && 2 * table.half_dim <= head_dim, || {
+            format!("x {} for {} tokens × {heads} × {head_dim}", x.len(), positions.len())
+        })?;
+        if let Some(p) = positions.iter().find(|&&p| p as usize >= table.max_positions()) {
+            return Err(TensorError::Range(format!("position {p} ≥ rope table {}", table.max_positions())));
+        }
+        ops::rope(x, heads, head_dim, positions, table);
+        Ok(())
+    }
+
+    fn write_kv(&self, pool: &mut CpuKvPool, layer: usize, k: &Vec<f32>, v: &Vec<f32>, slots: &[u32]) -> Result<(), TensorError> {
+        let l = pool.layout;
+        let w = l.num_kv_heads * l.head_dim;
+        let cap = l.num_blocks * l.block_size;
+        check("write_kv", k.len() == slots.len() * w && v.len() == k.len() && layer < l.num_layers, || {
+            format!("k {} v {} for {} slots × {w}", k.len(), v.len(), slots.len())
+        })?;
+        for (t, &s) in slots.iter().enumerate() {
+            let s = s as usize;
+            if s >= cap {
+                return Err(TensorError::Range(format!("kv slot {s} ≥ capacity {cap}")));
+            }
+            pool.k[layer][s * w..(s + 1) * w].copy_from_slice(&k[t * w..(t + 1) * w]);
+            pool.v[layer][s * w..(s + 1) * w].copy_from_slice(&v[t * w..(t + 1) * w]);
+        }
+        Ok(())
+    }
+
+    fn attention(&self, pool: &CpuKvPool, layer: usize, q: &Vec<f32>, heads: usize, batch: &AttentionBatch, out: &mut Vec<f32>) -> Result<(), TensorError> {
+        let l = pool.layout;
+        let n = batch.num_tokens();
+        check("attention", q.len() == n * heads * l.head_dim && out.len() == q.len() && heads % l.num_kv_heads == 0, || {
+            format!("q {} out {} for {n} tokens × {heads} × {}", q.len(), out.len(), l.head_dim)
+        })?;
+        for t in 0..n {
+            let table = batch
+                .block_tables
+                .get(batch.seq[t] as usize)
+                .ok_or_else(|| TensorError::Range(format!("token {t}: no block table for sequence {}", batch.seq[t])))?;
+            let need = batch.positions[t] as usize / l.block_size + 1;
+            if table.len() < need || table[..need].iter().any(|&b| b as usize >= l.num_blocks) {
+                return Err(TensorError::Range(format!("token {t}: block table too short or out of range")));
+            }
+        }
+        let paged = |data| ops::PagedLayer { data, block_size: l.block_size, kv_heads: l.num_kv_heads, head_dim: l.head_dim };
+        ops::paged_attention(&paged(&pool.k[layer]), &paged(&pool.v[layer]), q, heads, batch, out);
+        Ok(())
+    }
+
+    fn gather_rows(&self, x: &Vec<f32>, width: usize, rows: &[u32], out: &mut Vec<f32>) -> Result<(), TensorError> {
+        check("gather_rows", out.len() == rows.len() * width, || format!("out {} for {} rows", out.len(), rows.len()))?;
+        for (i, &r) in rows.iter().enumerate() {
+            let r = r as usize;
+            let src = x.get(r * width..(r + 1) * width).ok_or_else(|| TensorError::Range(format!("row {r}")))?;
+            out[i * width..(i + 1) * width].copy_from_slice(src);
+        }
+        Ok(())
+    }
+}
