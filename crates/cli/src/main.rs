@@ -25,9 +25,10 @@ enum Command {
 
 #[derive(clap::Args)]
 struct GenerateArgs {
-    /// Hugging Face model directory (config.json, safetensors, tokenizer.json).
+    /// Hugging Face model directory (config.json, safetensors, tokenizer.json). Without it, the
+    /// built-in demo model (test kit, random weights) is written to `target/demo-model` and used.
     #[arg(long, env = "QUIVER_MODEL")]
-    model: PathBuf,
+    model: Option<PathBuf>,
     /// Prompt text.
     #[arg(long)]
     prompt: String,
@@ -39,12 +40,29 @@ struct GenerateArgs {
     chat: bool,
 }
 
+/// The demo model: a tiny qwen2 from the test kit, written once.
+fn demo_model_dir() -> anyhow::Result<PathBuf> {
+    let dir = PathBuf::from("target/demo-model");
+    if !dir.join("config.json").exists() {
+        let spec = quiver_testkit::spec_by_name(DEMO_MODEL).context("demo model spec")?;
+        quiver_testkit::write_model(&spec, &dir).with_context(|| format!("writing the demo model to {}", dir.display()))?;
+        tracing::info!(dir = %dir.display(), "wrote the demo model");
+    }
+    Ok(dir)
+}
+
+const DEMO_MODEL: &str = "qwen2-bf16-linear";
+
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let t0 = Instant::now();
-    let bundle = ModelBundle::load(CpuBackend, &args.model, None).with_context(|| format!("loading {}", args.model.display()))?;
+    let dir = match args.model.clone() {
+        Some(dir) => dir,
+        None => demo_model_dir()?,
+    };
+    let bundle = ModelBundle::load(CpuBackend, &dir, None).with_context(|| format!("loading {}", dir.display()))?;
     let load_s = t0.elapsed().as_secs_f64();
     let prompt_ids = if args.chat {
-        let Some(tmpl) = &bundle.chat_template else { bail!("{} has no chat template", args.model.display()) };
+        let Some(tmpl) = &bundle.chat_template else { bail!("{} has no chat template", dir.display()) };
         let text = tmpl.render(&[serde_json::json!({"role": "user", "content": args.prompt})], true, None)?;
         bundle.tokenizer.encode(&text, false)?
     } else {

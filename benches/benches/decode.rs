@@ -1,0 +1,99 @@
+//! Prefill and decode throughput of the CPU runtime on the Qwen2.5-0.5B-shaped test-kit model
+//! (random bf16 weights), with the batch-1 bound measured in the same run:
+//! bound = streaming read bandwidth (2 threads) ÷ bytes of weights read per token.
+//!
+//!     cargo bench -p quiver-benches --bench decode
+//!
+//! QUIVER_BENCH_MODEL=DIR uses an existing model directory instead of writing one.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use quiver_benches::measure_read_bandwidth_gbps;
+use quiver_model::generate::BLOCK_SIZE;
+use quiver_model::{BatchBuilder, BlockAllocator, Llama, ModelBundle, SequenceCache};
+use quiver_tensor::cpu::CpuBackend;
+
+fn model_dir() -> anyhow::Result<PathBuf> {
+    if let Ok(dir) = std::env::var("QUIVER_BENCH_MODEL") {
+        return Ok(dir.into());
+    }
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench-models/qwen2.5-0.5b");
+    if !dir.join("config.json").exists() {
+        let spec = quiver_testkit::qwen25_05b_spec();
+        quiver_testkit::write_model(&spec, &dir).context("writing the benchmark model")?;
+    }
+    Ok(dir)
+}
+
+/// Deterministic prompt ids spread over the small tokenizer's range.
+fn prompt(len: usize, salt: u32) -> Vec<u32> {
+    (0..len as u32).map(|i| (i.wrapping_mul(2654435761).wrapping_add(salt * 97)) % 500 + 3).collect()
+}
+
+/// Prefills `batch` sequences of `prompt_len`, then times `steps` decode steps over all of them.
+fn decode_tps(model: &Llama<CpuBackend>, batch: usize, prompt_len: usize, steps: usize) -> anyhow::Result<f64> {
+    let blocks = batch * (prompt_len + steps).div_ceil(BLOCK_SIZE);
+    let mut alloc = BlockAllocator::new(blocks, BLOCK_SIZE);
+    let mut kv = model.new_kv_pool(blocks, BLOCK_SIZE)?;
+    let mut seqs = vec![SequenceCache::default(); batch];
+    let mut b = BatchBuilder::new();
+    for (i, s) in seqs.iter_mut().enumerate() {
+        s.reserve(&mut alloc, prompt_len + steps).map_err(|_| anyhow::anyhow!("out of KV blocks"))?;
+        b.push(s, BLOCK_SIZE, &prompt(prompt_len, i as u32), true);
+    }
+    model.forward(&b.finish(), &mut kv)?;
+    let t = Instant::now();
+    for step in 0..steps {
+        let mut b = BatchBuilder::new();
+        for s in seqs.iter_mut() {
+            b.push(s, BLOCK_SIZE, &[(step as u32 * 7) % 500 + 3], true);
+        }
+        model.forward(&b.finish(), &mut kv)?;
+    }
+    Ok((batch * steps) as f64 / t.elapsed().as_secs_f64())
+}
+
+fn prefill_tps(model: &Llama<CpuBackend>, len: usize) -> anyhow::Result<f64> {
+    let mut alloc = BlockAllocator::new(len.div_ceil(BLOCK_SIZE), BLOCK_SIZE);
+    let mut kv = model.new_kv_pool(alloc.total(), BLOCK_SIZE)?;
+    let mut s = SequenceCache::default();
+    s.reserve(&mut alloc, len).map_err(|_| anyhow::anyhow!("out of KV blocks"))?;
+    let mut b = BatchBuilder::new();
+    b.push(&mut s, BLOCK_SIZE, &prompt(len, 1), true);
+    let input = b.finish();
+    let t = Instant::now();
+    model.forward(&input, &mut kv)?;
+    Ok(len as f64 / t.elapsed().as_secs_f64())
+}
+
+fn best_of(n: usize, mut f: impl FnMut() -> anyhow::Result<f64>) -> anyhow::Result<f64> {
+    let mut best = 0.0f64;
+    for _ in 0..n {
+        best = best.max(f()?);
+    }
+    Ok(best)
+}
+
+fn main() -> anyhow::Result<()> {
+    let dir = model_dir()?;
+    let bundle = ModelBundle::load(CpuBackend, &dir, Some(2048))?;
+    let model = &bundle.model;
+    let gbps = measure_read_bandwidth_gbps(2);
+    let bytes = model.weight_bytes() as f64;
+    let bound = gbps * 1e9 / bytes;
+    println!("model: {} ({:.3} GB of weights read per decode step), {}", dir.display(), bytes / 1e9, model.backend_name());
+    println!("streaming read bandwidth (2 threads): {gbps:.1} GB/s → batch-1 bound {bound:.1} tokens/s\n");
+    println!("| workload | tokens/s | note |");
+    println!("|---|---:|---|");
+    let p = best_of(2, || prefill_tps(model, 512))?;
+    println!("| prefill, 512-token prompt | {p:.1} | one forward over the whole prompt |");
+    let d1 = best_of(2, || decode_tps(model, 1, 32, 24))?;
+    println!("| decode, batch 1 | {d1:.1} | {:.0}% of the bound |", 100.0 * d1 / bound);
+    for batch in [8, 32] {
+        let d = best_of(2, || decode_tps(model, batch, 32, 12))?;
+        println!("| decode, batch {batch} | {d:.1} | {:.1}× batch 1 |", d / d1);
+    }
+    Ok(())
+}
