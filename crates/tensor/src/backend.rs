@@ -52,6 +52,25 @@ impl AttentionBatch {
     }
 }
 
+/// One adapted linear in the page pool: A as `rank` rows of `in` floats, Bᵀ as `rank` rows of
+/// `out` floats, each row cut into `in / page` (resp. `out / page`) pages; `a_pages[j * (in /
+/// page) + c]` holds floats `c * page ..` of row `j`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraModule {
+    pub rank: usize,
+    pub scale: f32,
+    pub a_pages: Vec<u32>,
+    pub b_pages: Vec<u32>,
+}
+
+/// Tokens `start..start + len` of the batch use `module`.
+#[derive(Debug, Clone, Copy)]
+pub struct LoraSegment<'a> {
+    pub start: usize,
+    pub len: usize,
+    pub module: &'a LoraModule,
+}
+
 pub trait Backend: Send + Sync + 'static {
     /// Flat f32 activations.
     type Tensor: Send;
@@ -59,6 +78,8 @@ pub trait Backend: Send + Sync + 'static {
     type Weight: Send + Sync;
     /// K/V storage for every layer.
     type KvPool: Send;
+    /// Fixed-size pages holding adapter weights.
+    type PagePool: Send + Sync;
 
     fn name(&self) -> String;
 
@@ -67,6 +88,11 @@ pub trait Backend: Send + Sync + 'static {
     fn zeros(&self, len: usize) -> Result<Self::Tensor, TensorError>;
     fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>, TensorError>;
     fn new_kv_pool(&self, layout: KvLayout) -> Result<Self::KvPool, TensorError>;
+    fn new_page_pool(&self, page_floats: usize, pages: usize) -> Result<Self::PagePool, TensorError>;
+    /// Copies `data` (`pages.len()` pages, back to back) into the given pages.
+    fn write_pages(&self, pool: &mut Self::PagePool, pages: &[u32], data: &[f32]) -> Result<(), TensorError>;
+    /// Returns a weight to host memory in its storage dtype (merging adapters into the base).
+    fn download_weight(&self, w: &Self::Weight) -> Result<Matrix, TensorError>;
 
     /// `out[i] = table[ids[i]]` widened to f32.
     fn embed(&self, table: &Self::Weight, ids: &[u32], out: &mut Self::Tensor) -> Result<(), TensorError>;
@@ -86,6 +112,9 @@ pub trait Backend: Send + Sync + 'static {
     fn write_kv(&self, pool: &mut Self::KvPool, layer: usize, k: &Self::Tensor, v: &Self::Tensor, slots: &[u32]) -> Result<(), TensorError>;
     /// Causal attention of each token's query heads over its sequence's cached K/V.
     fn attention(&self, pool: &Self::KvPool, layer: usize, q: &Self::Tensor, heads: usize, batch: &AttentionBatch, out: &mut Self::Tensor) -> Result<(), TensorError>;
+    /// LoRA delta for each segment's tokens: `y[t] += scale · (x[t] · Aᵀ) · Bᵀ`; `x` is
+    /// `[tokens, in_f]`, `y` is `[tokens, out_f]`; segments sorted and disjoint.
+    fn lora(&self, pool: &Self::PagePool, x: &Self::Tensor, y: &mut Self::Tensor, in_f: usize, out_f: usize, segments: &[LoraSegment<'_>]) -> Result<(), TensorError>;
     /// `out[i, :] = x[rows[i], :]` for rows of width `width`.
     fn gather_rows(&self, x: &Self::Tensor, width: usize, rows: &[u32], out: &mut Self::Tensor) -> Result<(), TensorError>;
 }

@@ -1,6 +1,7 @@
 //! [`Backend`] for the CPU: activations are `Vec<f32>`, weights stay memory-mapped.
 
-use crate::backend::{AttentionBatch, Backend, KvLayout, RopeTable};
+use crate::backend::{AttentionBatch, Backend, KvLayout, LoraSegment, RopeTable};
+use crate::cpu::lora::{lora_apply, CpuPagePool};
 use crate::cpu::{matmul, ops};
 use crate::error::TensorError;
 use crate::storage::Matrix;
@@ -27,6 +28,7 @@ impl Backend for CpuBackend {
     type Tensor = Vec<f32>;
     type Weight = Matrix;
     type KvPool = CpuKvPool;
+    type PagePool = CpuPagePool;
 
     fn name(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())
@@ -55,6 +57,50 @@ impl Backend for CpuBackend {
             k: (0..layout.num_layers).map(|_| vec![0.0; per_layer]).collect(),
             v: (0..layout.num_layers).map(|_| vec![0.0; per_layer]).collect(),
         })
+    }
+
+    fn new_page_pool(&self, page_floats: usize, pages: usize) -> Result<CpuPagePool, TensorError> {
+        check("new_page_pool", page_floats > 0, || "page size 0".into())?;
+        Ok(CpuPagePool::new(page_floats, pages))
+    }
+
+    fn write_pages(&self, pool: &mut CpuPagePool, pages: &[u32], data: &[f32]) -> Result<(), TensorError> {
+        let p = pool.page;
+        check("write_pages", data.len() == pages.len() * p, || format!("{} floats for {} pages of {p}", data.len(), pages.len()))?;
+        let n = pool.num_pages();
+        for (&id, chunk) in pages.iter().zip(data.chunks(p)) {
+            if id as usize >= n {
+                return Err(TensorError::Range(format!("page {id} ≥ pool of {n}")));
+            }
+            pool.data[id as usize * p..(id as usize + 1) * p].copy_from_slice(chunk);
+        }
+        Ok(())
+    }
+
+    fn download_weight(&self, w: &Matrix) -> Result<Matrix, TensorError> {
+        Ok(w.clone())
+    }
+
+    fn lora(&self, pool: &CpuPagePool, x: &Vec<f32>, y: &mut Vec<f32>, in_f: usize, out_f: usize, segments: &[LoraSegment<'_>]) -> Result<(), TensorError> {
+        let p = pool.page;
+        let tokens = x.len() / in_f.max(1);
+        check("lora", in_f % p == 0 && out_f % p == 0 && x.len() == tokens * in_f && y.len() == tokens * out_f, || {
+            format!("x {} y {} for in {in_f} out {out_f} page {p}", x.len(), y.len())
+        })?;
+        let mut end = 0;
+        let n = pool.num_pages();
+        for s in segments {
+            let m = s.module;
+            let ok = s.start >= end
+                && s.start + s.len <= tokens
+                && m.a_pages.len() == m.rank * in_f / p
+                && m.b_pages.len() == m.rank * out_f / p
+                && m.a_pages.iter().chain(&m.b_pages).all(|&id| (id as usize) < n);
+            check("lora", ok, || format!("segment {}+{} (rank {}) does not fit the batch or the pool", s.start, s.len, m.rank))?;
+            end = s.start + s.len;
+        }
+        lora_apply(pool, x, y, in_f, out_f, segments);
+        Ok(())
     }
 
     fn embed(&self, table: &Matrix, ids: &[u32], out: &mut Vec<f32>) -> Result<(), TensorError> {

@@ -2,9 +2,11 @@
 //! work split across cores with rayon.
 
 pub mod backend;
+pub mod lora;
 pub mod matmul;
 pub mod ops;
 mod simd;
 
 pub use backend::{CpuBackend, CpuKvPool};
+pub use lora::CpuPagePool;
 pub use matmul::{matmul, matmul_ref};
