@@ -1,17 +1,188 @@
 //! `out[m, n] = x[m, k] · W[n, k]ᵀ` with W in f32, f16 or bf16 (widened in the kernel).
+//!
+//! Two paths, picked by the number of x rows `m`:
+//! * small m (decode): [`simd::gemv_block`] streams each weight row from memory once and dots it
+//!   against every row of x; rows of W are split across cores. Memory-bandwidth bound.
+//! * large m (prefill): compute bound; W is widened to f32 panel by panel and handed to the
+//!   `gemm` crate's packed, cache-blocked f32 kernel.
 
-use crate::storage::Matrix;
+use std::cell::Cell;
 
-/// Fast path (placeholder until the tuned kernels land): delegates to the reference.
+use rayon::prelude::*;
+
+use super::simd::{self, Weight};
+use crate::storage::{Matrix, MatrixData};
+
+/// From this many x rows on, the `gemm` crate's packed kernel takes over. Both paths run near
+/// the AVX2 FMA peak from m ≈ 16 on; the streaming kernel is as fast or faster up to m ≈ 256
+/// (k = 896), `gemm` pulls ahead above (measured on 2 Zen 5 cores, see docs/BENCHMARKS.md).
+pub const GEMM_MIN_M: usize = 256;
+
+/// Weight bytes below which the streaming path stays on the calling thread: rayon's fork/join
+/// (a few µs) would cost more than it saves.
+const PAR_MIN_BYTES: usize = 128 << 10;
+
+/// Smallest weight slice (bytes) given to one rayon task in the streaming path.
+const TASK_MIN_BYTES: usize = 64 << 10;
+
+/// f32 elements of widened weight per `gemm` call: large enough that the packing and per-call
+/// overhead vanish, small enough that the scratch stays modest for a 150k-row LM head.
+const PANEL_ELEMS: usize = 4 << 20;
+
+/// Fast `out = x · Wᵀ`: `x` is `[m, w.cols]`, `out` is `[m, w.rows]`, both row-major.
 pub fn matmul(x: &[f32], m: usize, w: &Matrix, out: &mut [f32]) {
-    matmul_ref(x, m, w, out)
+    let (n, k) = (w.rows, w.cols);
+    assert_eq!(x.len(), m * k, "matmul: x has {} elements, expected {m}×{k}", x.len());
+    assert_eq!(
+        out.len(),
+        m * n,
+        "matmul: out has {} elements, expected {m}×{n}",
+        out.len()
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        out.fill(0.0);
+        return;
+    }
+    match &w.data {
+        MatrixData::F32(s) => matmul_typed(x, m, k, n, s, out),
+        MatrixData::F16(s) => matmul_typed(x, m, k, n, s, out),
+        MatrixData::BF16(s) => matmul_typed(x, m, k, n, s, out),
+    }
+}
+
+fn matmul_typed<T: Weight>(x: &[f32], m: usize, k: usize, n: usize, w: &[T], out: &mut [f32]) {
+    if m >= GEMM_MIN_M {
+        matmul_gemm(x, m, k, n, w, out);
+    } else {
+        matmul_stream(x, m, k, n, w, out);
+    }
+}
+
+/// Weight-streaming path, parallel over output features (rows of W).
+fn matmul_stream<T: Weight>(x: &[f32], m: usize, k: usize, n: usize, w: &[T], out: &mut [f32]) {
+    let row_bytes = k * std::mem::size_of::<T>();
+    if n * row_bytes < PAR_MIN_BYTES {
+        simd::gemv_block(x, m, k, w, out, n);
+        return;
+    }
+    // ~8 tasks per thread so work stealing evens out a noisy neighbour, but never slices so
+    // thin that task overhead shows; a multiple of 4 rows keeps the 4-row tiles full.
+    let tasks = 8 * rayon::current_num_threads();
+    let rows = n
+        .div_ceil(tasks)
+        .max(TASK_MIN_BYTES.div_ceil(row_bytes))
+        .next_multiple_of(4);
+    if m == 1 {
+        // One x row: each task's outputs are a contiguous slice of `out`.
+        out.par_chunks_mut(rows)
+            .zip(w.par_chunks(rows * k))
+            .for_each(|(o, wc)| simd::gemv_block(x, 1, k, wc, o, o.len()));
+        return;
+    }
+    let dst = SendPtr(out.as_mut_ptr());
+    w.par_chunks(rows * k).enumerate().for_each(|(t, wc)| {
+        let (j0, nr) = (t * rows, wc.len() / k);
+        let mut local = vec![0.0f32; m * nr];
+        simd::gemv_block(x, m, k, wc, &mut local, nr);
+        for (i, src) in local.chunks_exact(nr).enumerate() {
+            // SAFETY: `out` is exclusively borrowed for this whole call and has m·n elements;
+            // task t writes only columns j0..j0 + nr (≤ n) of each row i < m, and these column
+            // ranges are disjoint between tasks, so no two threads touch the same element.
+            unsafe {
+                std::ptr::copy_nonoverlapping(src.as_ptr(), dst.get().add(i * n + j0), nr);
+            }
+        }
+    });
+}
+
+/// Raw output pointer shared by rayon tasks that write disjoint parts of it.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: only used for disjoint writes while the owning `&mut [f32]` is held by the caller.
+unsafe impl Send for SendPtr {}
+// SAFETY: as above; the pointer itself is never used to create overlapping references.
+unsafe impl Sync for SendPtr {}
+impl SendPtr {
+    // A method (not field access) so closures capture the whole Send+Sync wrapper.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+thread_local! {
+    /// Reused widening buffer: fresh pages for every call would cost more page faults than the
+    /// conversion itself. Taken out while in use, so a nested call just allocates its own.
+    static SCRATCH: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+}
+
+/// Compute-bound path: the `gemm` crate on f32, widening non-f32 weights panel by panel.
+fn matmul_gemm<T: Weight>(x: &[f32], m: usize, k: usize, n: usize, w: &[T], out: &mut [f32]) {
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
+        gemm_f32(x, m, k, n, bytemuck::cast_slice(w), 0, n, out);
+        return;
+    }
+    let panel_rows = (PANEL_ELEMS / k).clamp(1, n);
+    let mut scratch = SCRATCH.take();
+    scratch.resize(panel_rows * k, 0.0);
+    for j0 in (0..n).step_by(panel_rows) {
+        let nr = panel_rows.min(n - j0);
+        let (src, dst) = (&w[j0 * k..(j0 + nr) * k], &mut scratch[..nr * k]);
+        let chunk = (64 << 10).max(k);
+        dst.par_chunks_mut(chunk)
+            .zip(src.par_chunks(chunk))
+            .for_each(|(d, s)| simd::widen(s, d));
+        gemm_f32(x, m, k, n, dst, j0, nr, out);
+    }
+    SCRATCH.set(scratch);
+}
+
+/// `out[:, j0..j0 + nr] = x · wᵀ` where `w` is the `[nr, k]` f32 panel of rows j0.. of W.
+#[allow(clippy::too_many_arguments)]
+fn gemm_f32(x: &[f32], m: usize, k: usize, n: usize, w: &[f32], j0: usize, nr: usize, out: &mut [f32]) {
+    assert!(x.len() >= m * k && w.len() >= nr * k && j0 + nr <= n && out.len() >= m * n);
+    let dst = out[j0..].as_mut_ptr();
+    // SAFETY: gemm reads x as [m, k] (row stride k, col stride 1) and the panel as the [k, nr]
+    // matrix wᵀ (row stride 1, col stride k), and writes the [m, nr] block of `out` starting at
+    // column j0 with row stride n; the assert above keeps all of these in bounds. With
+    // read_dst = false the old contents of `out` are ignored (alpha unused), dst = 1·x·wᵀ.
+    unsafe {
+        gemm::gemm(
+            m,
+            nr,
+            k,
+            dst,
+            1,
+            n as isize,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            k as isize,
+            1,
+            0.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(0),
+        )
+    }
 }
 
 /// Naive reference: the oracle the fast kernels are tested against.
 pub fn matmul_ref(x: &[f32], m: usize, w: &Matrix, out: &mut [f32]) {
     let (n, k) = (w.rows, w.cols);
     assert_eq!(x.len(), m * k, "matmul: x has {} elements, expected {m}×{k}", x.len());
-    assert_eq!(out.len(), m * n, "matmul: out has {} elements, expected {m}×{n}", out.len());
+    assert_eq!(
+        out.len(),
+        m * n,
+        "matmul: out has {} elements, expected {m}×{n}",
+        out.len()
+    );
     let mut row = vec![0.0f32; k];
     for j in 0..n {
         w.row_f32(j, &mut row);

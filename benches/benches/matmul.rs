@@ -1,0 +1,121 @@
+//! Matmul kernel throughput on the Qwen2.5-0.5B weight shapes.
+//!
+//! `cargo bench -p quiver-benches --bench matmul [-- FILTER...]`: each FILTER (e.g. `lm_head`,
+//! `bf16`, `m=1`) keeps only rows whose label contains it. Weights rotate through enough
+//! copies to exceed the L3 cache, so small matrices are read from DRAM as in real decode.
+
+use std::time::{Duration, Instant};
+
+use half::{bf16, f16};
+use quiver_benches::measure_read_bandwidth_gbps;
+use quiver_tensor::cpu::matmul;
+use quiver_tensor::{DType, Matrix, MatrixData, TypedSlice};
+
+const SHAPES: [(&str, usize, usize); 5] = [
+    ("q/o 896x896", 896, 896),
+    ("k/v 128x896", 128, 896),
+    ("gate/up 4864x896", 4864, 896),
+    ("down 896x4864", 896, 4864),
+    ("lm_head 151936x896", 151936, 896),
+];
+const MS: [usize; 4] = [1, 8, 32, 512];
+/// Weight copies cycled through add up to at least this many bytes (4× the 32 MiB L3).
+const COLD_BYTES: usize = 128 << 20;
+/// Per-row time budget; every row runs at least `MIN_REPS` timed calls.
+const ROW_BUDGET: Duration = Duration::from_millis(400);
+const MIN_REPS: usize = 3;
+
+fn main() {
+    let filters: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let threads = rayon::current_num_threads();
+    let bw = measure_read_bandwidth_gbps(threads);
+    println!("streaming read bandwidth, {threads} threads: {bw:.1} GB/s\n");
+    println!(
+        "{:<20} {:>5} {:>4} {:>10} {:>10} {:>8} {:>9} {:>6}",
+        "shape (n x k)", "dtype", "m", "best", "median", "GB/s", "GFLOP/s", "%BW"
+    );
+    let mut seed = 1u64;
+    for (name, n, k) in SHAPES {
+        for dtype in [DType::BF16, DType::F16, DType::F32] {
+            let label = |m: usize| format!("{name} {dtype} m={m}");
+            let ms: Vec<usize> = MS
+                .into_iter()
+                .filter(|&m| filters.iter().all(|f| label(m).contains(f.as_str())))
+                .collect();
+            if ms.is_empty() {
+                continue;
+            }
+            let w = random_matrix(n, k, dtype, &mut seed);
+            let copies: Vec<Matrix> = (0..COLD_BYTES.div_ceil(w.bytes())).map(|_| deep_copy(&w)).collect();
+            drop(w);
+            for m in ms {
+                let x = random_vec(m * k, &mut seed);
+                let mut out = vec![0.0f32; m * n];
+                matmul(&x, m, &copies[0], &mut out); // warm-up: thread pool, scratch buffers
+                let mut times = Vec::new();
+                let start = Instant::now();
+                while times.len() < MIN_REPS || start.elapsed() < ROW_BUDGET {
+                    let w = &copies[times.len() % copies.len()];
+                    let t = Instant::now();
+                    matmul(&x, m, w, &mut out);
+                    times.push(t.elapsed().as_secs_f64());
+                }
+                std::hint::black_box(&out);
+                times.sort_by(f64::total_cmp);
+                let (best, median) = (times[0], times[times.len() / 2]);
+                let gbps = copies[0].bytes() as f64 / best / 1e9;
+                let gflops = 2.0 * (m * n * k) as f64 / best / 1e9;
+                let pct = if m == 1 {
+                    format!("{:.0}%", 100.0 * gbps / bw)
+                } else {
+                    "-".into()
+                };
+                println!(
+                    "{name:<20} {dtype:>5} {m:>4} {:>10} {:>10} {gbps:>8.1} {gflops:>9.1} {pct:>6}",
+                    fmt_time(best),
+                    fmt_time(median)
+                );
+            }
+        }
+    }
+}
+
+fn fmt_time(s: f64) -> String {
+    if s < 1e-3 {
+        format!("{:.1} µs", s * 1e6)
+    } else {
+        format!("{:.2} ms", s * 1e3)
+    }
+}
+
+fn random_vec(len: usize, seed: &mut u64) -> Vec<f32> {
+    (0..len)
+        .map(|_| {
+            // xorshift64; values in [-1, 1).
+            *seed ^= *seed << 13;
+            *seed ^= *seed >> 7;
+            *seed ^= *seed << 17;
+            (*seed >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+fn random_matrix(n: usize, k: usize, dtype: DType, seed: &mut u64) -> Matrix {
+    let v = random_vec(n * k, seed);
+    let data = match dtype {
+        DType::F32 => MatrixData::F32(TypedSlice::from_vec(v)),
+        DType::F16 => MatrixData::F16(TypedSlice::from_vec(v.iter().map(|&a| f16::from_f32(a)).collect())),
+        DType::BF16 => MatrixData::BF16(TypedSlice::from_vec(v.iter().map(|&a| bf16::from_f32(a)).collect())),
+    };
+    Matrix::new(n, k, data).unwrap()
+}
+
+/// A copy with its own memory (`Matrix::clone` shares the buffer).
+fn deep_copy(w: &Matrix) -> Matrix {
+    let data = match &w.data {
+        MatrixData::F32(s) => MatrixData::F32(TypedSlice::from_vec(s.to_vec())),
+        MatrixData::F16(s) => MatrixData::F16(TypedSlice::from_vec(s.to_vec())),
+        MatrixData::BF16(s) => MatrixData::BF16(TypedSlice::from_vec(s.to_vec())),
+    };
+    Matrix::new(w.rows, w.cols, data).unwrap()
+}
