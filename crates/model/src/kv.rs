@@ -1,7 +1,10 @@
 //! Host-side bookkeeping of the paged KV cache: a free list of blocks, each sequence's block
 //! table, and the builder that lays a step's tokens out as one ragged [`ForwardInput`].
 
+use std::sync::Arc;
+
 use crate::llama::ForwardInput;
+use crate::lora::{AdapterRun, LoraAdapter};
 
 /// Fixed pool of KV blocks; a block is `block_size` token slots in every layer.
 #[derive(Debug)]
@@ -31,7 +34,11 @@ impl BlockAllocator {
     fn alloc(&mut self) -> Option<u32> {
         self.free.pop()
     }
-    fn release(&mut self, blocks: impl IntoIterator<Item = u32>) {
+    /// `n` blocks, or none at all if fewer are free.
+    pub fn alloc_many(&mut self, n: usize) -> Option<Vec<u32>> {
+        (n <= self.free.len()).then(|| self.free.split_off(self.free.len() - n))
+    }
+    pub fn release(&mut self, blocks: impl IntoIterator<Item = u32>) {
         self.free.extend(blocks);
         debug_assert!(self.free.len() <= self.total, "a block was released twice");
     }
@@ -81,6 +88,26 @@ impl BatchBuilder {
     /// Appends `tokens` as the next positions of `seq` (room must have been reserved) and
     /// returns the row of the last token, whose logits are requested when `want_logits`.
     pub fn push(&mut self, seq: &mut SequenceCache, block_size: usize, tokens: &[u32], want_logits: bool) -> u32 {
+        self.push_with_adapter(seq, block_size, tokens, want_logits, None)
+    }
+
+    /// [`push`](Self::push) for tokens that run through `adapter`; consecutive tokens on the same
+    /// adapter form one run (one SGMV segment).
+    pub fn push_with_adapter(
+        &mut self,
+        seq: &mut SequenceCache,
+        block_size: usize,
+        tokens: &[u32],
+        want_logits: bool,
+        adapter: Option<&Arc<LoraAdapter>>,
+    ) -> u32 {
+        if let Some(adapter) = adapter {
+            let start = self.input.tokens.len();
+            match self.input.lora.last_mut() {
+                Some(run) if run.start + run.len == start && Arc::ptr_eq(&run.adapter, adapter) => run.len += tokens.len(),
+                _ => self.input.lora.push(AdapterRun { start, len: tokens.len(), adapter: adapter.clone() }),
+            }
+        }
         let a = &mut self.input.attn;
         let sid = a.block_tables.len() as u32;
         a.block_tables.push(seq.block_table.clone());

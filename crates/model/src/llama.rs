@@ -3,10 +3,11 @@
 
 use std::path::Path;
 
-use quiver_tensor::{AttentionBatch, Backend, KvLayout, RopeTable};
+use quiver_tensor::{AttentionBatch, Backend, KvLayout, LoraSegment, RopeTable};
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
+use crate::lora::{AdapterRun, ModuleKind};
 use crate::rope::rope_table;
 use crate::weights::WeightStore;
 
@@ -25,14 +26,24 @@ impl<B: Backend> Linear<B> {
         Ok(Linear { weight, bias, in_features: in_f, out_features: out_f })
     }
 
-    pub fn forward(&self, b: &B, x: &B::Tensor, rows: usize) -> Result<B::Tensor> {
+    /// Base projection plus the LoRA delta of every segment (tokens outside them: base only).
+    pub fn forward(&self, b: &B, x: &B::Tensor, rows: usize, lora: Option<Lora<'_, B>>) -> Result<B::Tensor> {
         let mut out = b.zeros(rows * self.out_features)?;
         b.matmul(x, rows, &self.weight, &mut out)?;
         if let Some(bias) = &self.bias {
             b.add_bias(&mut out, bias)?;
         }
+        if let Some(l) = lora.filter(|l| !l.segments.is_empty()) {
+            b.lora(l.pool, x, &mut out, self.in_features, self.out_features, &l.segments)?;
+        }
         Ok(out)
     }
+}
+
+/// The adapter segments that apply to one projection of one layer in this batch.
+pub struct Lora<'a, B: Backend> {
+    pub pool: &'a B::PagePool,
+    pub segments: Vec<LoraSegment<'a>>,
 }
 
 pub struct Layer<B: Backend> {
@@ -66,6 +77,8 @@ pub struct ForwardInput {
     pub attn: AttentionBatch,
     /// Rows (token indices) whose logits are wanted, usually each sequence's last token.
     pub logits_rows: Vec<u32>,
+    /// Runs of tokens that use an adapter, sorted and disjoint; other tokens use the base model.
+    pub lora: Vec<AdapterRun>,
 }
 
 impl<B: Backend> Llama<B> {
@@ -154,13 +167,42 @@ impl<B: Backend> Llama<B> {
         if let Some(r) = input.logits_rows.iter().find(|&&r| r as usize >= n) {
             return Err(ModelError::Input(format!("logits row {r} outside a batch of {n} tokens")));
         }
+        let mut end = 0;
+        for run in &input.lora {
+            if run.start < end || run.start + run.len > n {
+                return Err(ModelError::Input(format!("adapter run {}+{} overlaps or leaves the batch", run.start, run.len)));
+            }
+            if run.adapter.layers.len() != self.cfg.num_layers {
+                return Err(ModelError::Input(format!("adapter `{}` was built for another model", run.adapter.name)));
+            }
+            end = run.start + run.len;
+        }
         Ok(())
+    }
+
+    fn lora<'a>(&self, input: &'a ForwardInput, pool: Option<&'a B::PagePool>, layer: usize, kind: ModuleKind) -> Option<Lora<'a, B>> {
+        let pool = pool?;
+        let segments = input
+            .lora
+            .iter()
+            .filter_map(|r| Some(LoraSegment { start: r.start, len: r.len, module: r.adapter.module(layer, kind)? }))
+            .collect();
+        Some(Lora { pool, segments })
     }
 
     /// Runs every token of `input` through the model, writing their K/V into `kv`, and returns
     /// the logits `[logits_rows.len(), vocab]` of the requested rows.
     pub fn forward(&self, input: &ForwardInput, kv: &mut B::KvPool) -> Result<B::Tensor> {
+        self.forward_with_adapters(input, kv, None)
+    }
+
+    /// [`forward`](Self::forward) with the adapter runs of `input` read from `pages`.
+    pub fn forward_with_adapters(&self, input: &ForwardInput, kv: &mut B::KvPool, pages: Option<&B::PagePool>) -> Result<B::Tensor> {
         self.validate(input)?;
+        if !input.lora.is_empty() && pages.is_none() {
+            return Err(ModelError::Input("batch uses adapters but no page pool was given".into()));
+        }
+        let lora = |layer, kind| self.lora(input, pages, layer, kind);
         let b = &self.backend;
         let cfg = &self.cfg;
         let (n, h, hd) = (input.tokens.len(), cfg.hidden_size, cfg.head_dim);
@@ -171,19 +213,19 @@ impl<B: Backend> Llama<B> {
         let mut attn = b.zeros(n * cfg.num_heads * hd)?;
         for (li, layer) in self.layers.iter().enumerate() {
             b.rms_norm(&hidden, &layer.input_norm, cfg.rms_norm_eps, &mut normed)?;
-            let mut q = layer.q.forward(b, &normed, n)?;
-            let mut k = layer.k.forward(b, &normed, n)?;
-            let v = layer.v.forward(b, &normed, n)?;
+            let mut q = layer.q.forward(b, &normed, n, lora(li, ModuleKind::Q))?;
+            let mut k = layer.k.forward(b, &normed, n, lora(li, ModuleKind::K))?;
+            let v = layer.v.forward(b, &normed, n, lora(li, ModuleKind::V))?;
             b.rope(&mut q, cfg.num_heads, hd, positions, &self.rope)?;
             b.rope(&mut k, cfg.num_kv_heads, hd, positions, &self.rope)?;
             b.write_kv(kv, li, &k, &v, &input.attn.slots)?;
             b.attention(kv, li, &q, cfg.num_heads, &input.attn, &mut attn)?;
-            b.add(&mut hidden, &layer.o.forward(b, &attn, n)?)?;
+            b.add(&mut hidden, &layer.o.forward(b, &attn, n, lora(li, ModuleKind::O))?)?;
 
             b.rms_norm(&hidden, &layer.post_norm, cfg.rms_norm_eps, &mut normed)?;
-            let mut gate = layer.gate.forward(b, &normed, n)?;
-            b.silu_mul(&mut gate, &layer.up.forward(b, &normed, n)?)?;
-            b.add(&mut hidden, &layer.down.forward(b, &gate, n)?)?;
+            let mut gate = layer.gate.forward(b, &normed, n, lora(li, ModuleKind::Gate))?;
+            b.silu_mul(&mut gate, &layer.up.forward(b, &normed, n, lora(li, ModuleKind::Up))?)?;
+            b.add(&mut hidden, &layer.down.forward(b, &gate, n, lora(li, ModuleKind::Down))?)?;
         }
         // Only the rows whose logits are wanted go through the final norm and the LM head.
         let rows = input.logits_rows.len();

@@ -1,0 +1,179 @@
+//! LoRA adapters as the model sees them: per layer and projection, a rank, a scale and the
+//! pages holding A and Bᵀ. The model applies them as a decorator on each linear; which tokens
+//! use which adapter is a list of runs in the batch.
+
+use std::sync::Arc;
+
+use quiver_tensor::{Backend, LoraModule};
+
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+use crate::kv::BlockAllocator;
+
+/// The seven projections an adapter may target, in PEFT's names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ModuleKind {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl ModuleKind {
+    pub const ALL: [ModuleKind; 7] =
+        [ModuleKind::Q, ModuleKind::K, ModuleKind::V, ModuleKind::O, ModuleKind::Gate, ModuleKind::Up, ModuleKind::Down];
+
+    pub fn proj_name(self) -> &'static str {
+        match self {
+            ModuleKind::Q => "q_proj",
+            ModuleKind::K => "k_proj",
+            ModuleKind::V => "v_proj",
+            ModuleKind::O => "o_proj",
+            ModuleKind::Gate => "gate_proj",
+            ModuleKind::Up => "up_proj",
+            ModuleKind::Down => "down_proj",
+        }
+    }
+
+    pub fn from_proj_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.proj_name() == name)
+    }
+
+    /// `self_attn` or `mlp`.
+    pub fn parent(self) -> &'static str {
+        match self {
+            ModuleKind::Q | ModuleKind::K | ModuleKind::V | ModuleKind::O => "self_attn",
+            _ => "mlp",
+        }
+    }
+
+    /// Module path inside the model, e.g. `model.layers.3.self_attn.q_proj`.
+    pub fn path(self, layer: usize) -> String {
+        format!("model.layers.{layer}.{}.{}", self.parent(), self.proj_name())
+    }
+
+    /// `(in_features, out_features)` of this projection.
+    pub fn dims(self, cfg: &ModelConfig) -> (usize, usize) {
+        let (h, q, kv, i) = (cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size);
+        match self {
+            ModuleKind::Q => (h, q),
+            ModuleKind::K | ModuleKind::V => (h, kv),
+            ModuleKind::O => (q, h),
+            ModuleKind::Gate | ModuleKind::Up => (h, i),
+            ModuleKind::Down => (i, h),
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Page size (in floats) for adapter weights: a divisor of every projection dimension, so rows
+/// split into whole pages; at most 256 floats.
+pub fn lora_page_size(cfg: &ModelConfig) -> usize {
+    fn gcd(a: usize, b: usize) -> usize {
+        if b == 0 {
+            a
+        } else {
+            gcd(b, a % b)
+        }
+    }
+    let dims = ModuleKind::ALL.iter().flat_map(|k| {
+        let (i, o) = k.dims(cfg);
+        [i, o]
+    });
+    let mut g = dims.fold(0, gcd);
+    while g > 256 && g % 2 == 0 {
+        g /= 2;
+    }
+    g.max(1)
+}
+
+/// One adapted projection in host memory, validated: `a` is `[rank, in]`, `b` is `[out, rank]`.
+#[derive(Debug, Clone)]
+pub struct HostLoraModule {
+    pub layer: usize,
+    pub kind: ModuleKind,
+    pub rank: usize,
+    pub scale: f32,
+    pub a: Vec<f32>,
+    pub b: Vec<f32>,
+}
+
+/// An adapter resident in a page pool. Immutable; in-flight requests hold it by `Arc`.
+#[derive(Debug)]
+pub struct LoraAdapter {
+    pub name: String,
+    /// `layers[l][kind.index()]`.
+    pub layers: Vec<[Option<LoraModule>; 7]>,
+    pages: Vec<u32>,
+}
+
+impl LoraAdapter {
+    /// Copies `modules` into freshly allocated pages of `pool`.
+    pub fn upload<B: Backend>(
+        name: &str,
+        modules: &[HostLoraModule],
+        cfg: &ModelConfig,
+        backend: &B,
+        pool: &mut B::PagePool,
+        pages: &mut BlockAllocator,
+    ) -> Result<Self> {
+        let page = pages.block_size();
+        let need: usize = modules
+            .iter()
+            .map(|m| {
+                let (i, o) = m.kind.dims(cfg);
+                m.rank * (i + o) / page
+            })
+            .sum();
+        let all = pages.alloc_many(need).ok_or_else(|| {
+            ModelError::Input(format!("adapter `{name}` needs {need} pages, {} free", pages.num_free()))
+        })?;
+        let mut adapter = LoraAdapter { name: name.to_string(), layers: vec![Default::default(); cfg.num_layers], pages: all };
+        let mut next = 0;
+        let mut take = |n: usize| {
+            next += n;
+            adapter.pages[next - n..next].to_vec()
+        };
+        let mut placed = Vec::new();
+        for m in modules {
+            let (in_f, out_f) = m.kind.dims(cfg);
+            let a_pages = take(m.rank * in_f / page);
+            let b_pages = take(m.rank * out_f / page);
+            backend.write_pages(pool, &a_pages, &m.a)?;
+            let bt: Vec<f32> = (0..m.rank).flat_map(|j| m.b.iter().skip(j).step_by(m.rank).copied()).collect();
+            backend.write_pages(pool, &b_pages, &bt)?;
+            placed.push((m.layer, m.kind, LoraModule { rank: m.rank, scale: m.scale, a_pages, b_pages }));
+        }
+        for (layer, kind, module) in placed {
+            adapter.layers[layer][kind.index()] = Some(module);
+        }
+        Ok(adapter)
+    }
+
+    /// Returns the adapter's pages to the allocator.
+    pub fn release(self, pages: &mut BlockAllocator) {
+        pages.release(self.pages);
+    }
+
+    pub fn num_pages(&self) -> usize {
+        self.pages.len()
+    }
+
+    pub fn module(&self, layer: usize, kind: ModuleKind) -> Option<&LoraModule> {
+        self.layers.get(layer).and_then(|l| l[kind.index()].as_ref())
+    }
+}
+
+/// Tokens `start..start + len` of a batch use `adapter`.
+#[derive(Debug, Clone)]
+pub struct AdapterRun {
+    pub start: usize,
+    pub len: usize,
+    pub adapter: Arc<LoraAdapter>,
+}
