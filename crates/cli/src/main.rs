@@ -73,7 +73,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let t1 = Instant::now();
     let mut first: Option<f64> = None;
     let mut failed = None;
-    let out = generate_greedy(&bundle.model, &prompt_ids, args.max_tokens, &bundle.eos_token_ids, |tok| {
+    let out = generate_greedy(&bundle.model, &prompt_ids, args.max_tokens, &bundle.eos_token_ids, None, |tok| {
         first.get_or_insert_with(|| t1.elapsed().as_secs_f64());
         match decoder.push(&bundle.tokenizer, tok) {
             Ok(Some(piece)) => {

@@ -1,10 +1,16 @@
 //! Greedy generation for one prompt: the `quiver generate` command and the golden tests.
 
+use std::sync::Arc;
+
 use quiver_tensor::Backend;
 
 use crate::error::{ModelError, Result};
 use crate::kv::{BatchBuilder, BlockAllocator, SequenceCache};
 use crate::llama::Llama;
+use crate::lora::LoraAdapter;
+
+/// An adapter resident in `pool`, for [`generate_greedy`].
+pub type WithAdapter<'a, B> = Option<(&'a <B as Backend>::PagePool, &'a Arc<LoraAdapter>)>;
 
 pub const BLOCK_SIZE: usize = 16;
 
@@ -19,13 +25,14 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
-/// Prefills `prompt` and decodes up to `max_tokens` greedily, stopping after any of `stop`.
-/// `on_token` sees each new token as it is produced.
+/// Prefills `prompt` and decodes up to `max_tokens` greedily (through `adapter` if given),
+/// stopping after any of `stop`. `on_token` sees each new token as it is produced.
 pub fn generate_greedy<B: Backend>(
     model: &Llama<B>,
     prompt: &[u32],
     max_tokens: usize,
     stop: &[u32],
+    adapter: WithAdapter<'_, B>,
     mut on_token: impl FnMut(u32),
 ) -> Result<Vec<u32>> {
     if prompt.is_empty() {
@@ -43,8 +50,9 @@ pub fn generate_greedy<B: Backend>(
     while out.len() < max_tokens {
         seq.reserve(&mut alloc, next.len()).map_err(|_| ModelError::Input("KV cache exhausted".into()))?;
         let mut batch = BatchBuilder::new();
-        batch.push(&mut seq, BLOCK_SIZE, &next, true);
-        let logits = model.backend.download(&model.forward(&batch.finish(), &mut kv)?)?;
+        batch.push_with_adapter(&mut seq, BLOCK_SIZE, &next, true, adapter.map(|(_, a)| a));
+        let logits = model.forward_with_adapters(&batch.finish(), &mut kv, adapter.map(|(p, _)| p))?;
+        let logits = model.backend.download(&logits)?;
         let token = argmax(&logits);
         out.push(token);
         on_token(token);

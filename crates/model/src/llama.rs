@@ -3,11 +3,11 @@
 
 use std::path::Path;
 
-use quiver_tensor::{AttentionBatch, Backend, KvLayout, LoraSegment, RopeTable};
+use quiver_tensor::{AttentionBatch, Backend, KvLayout, LoraSegment, Matrix, RopeTable};
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
-use crate::lora::{AdapterRun, ModuleKind};
+use crate::lora::{AdapterRun, HostLoraModule, ModuleKind};
 use crate::rope::rope_table;
 use crate::weights::WeightStore;
 
@@ -58,6 +58,38 @@ pub struct Layer<B: Backend> {
     pub down: Linear<B>,
 }
 
+impl<B: Backend> Layer<B> {
+    pub fn linear(&self, kind: ModuleKind) -> &Linear<B> {
+        match kind {
+            ModuleKind::Q => &self.q,
+            ModuleKind::K => &self.k,
+            ModuleKind::V => &self.v,
+            ModuleKind::O => &self.o,
+            ModuleKind::Gate => &self.gate,
+            ModuleKind::Up => &self.up,
+            ModuleKind::Down => &self.down,
+        }
+    }
+
+    fn linear_mut(&mut self, kind: ModuleKind) -> &mut Linear<B> {
+        match kind {
+            ModuleKind::Q => &mut self.q,
+            ModuleKind::K => &mut self.k,
+            ModuleKind::V => &mut self.v,
+            ModuleKind::O => &mut self.o,
+            ModuleKind::Gate => &mut self.gate,
+            ModuleKind::Up => &mut self.up,
+            ModuleKind::Down => &mut self.down,
+        }
+    }
+}
+
+/// The base weights an adapter merge replaced, kept to restore them exactly.
+struct Merged<B: Backend> {
+    name: String,
+    originals: Vec<(usize, ModuleKind, B::Weight)>,
+}
+
 pub struct Llama<B: Backend> {
     pub cfg: ModelConfig,
     pub backend: B,
@@ -68,6 +100,7 @@ pub struct Llama<B: Backend> {
     lm_head: Option<B::Weight>,
     rope: RopeTable,
     weight_bytes: usize,
+    merged: Option<Merged<B>>,
 }
 
 /// One step's work: every token of every sequence in the batch, flat.
@@ -122,12 +155,57 @@ impl<B: Backend> Llama<B> {
         };
         let embed = b.upload_weight(embed_m)?;
         let rope = rope_table(&cfg, max_positions.min(cfg.max_position_embeddings));
-        Ok(Llama { cfg, backend, embed, layers, norm, lm_head, rope, weight_bytes })
+        Ok(Llama { cfg, backend, embed, layers, norm, lm_head, rope, weight_bytes, merged: None })
     }
 
     /// Bytes of weights one decode step streams (embedding matrix once, as the LM head).
     pub fn weight_bytes(&self) -> usize {
         self.weight_bytes
+    }
+
+    /// Folds an adapter into the base weights (`W += scale · B · A`, stored back in the weight's
+    /// dtype) so that it costs nothing per token; [`unmerge`](Self::unmerge) restores the exact
+    /// originals. One adapter at a time.
+    pub fn merge(&mut self, name: &str, modules: &[HostLoraModule]) -> Result<()> {
+        if let Some(m) = &self.merged {
+            return Err(ModelError::Input(format!("adapter `{}` is already merged; unmerge it first", m.name)));
+        }
+        let mut originals = Vec::with_capacity(modules.len());
+        for m in modules {
+            let (in_f, out_f) = m.kind.dims(&self.cfg);
+            if m.layer >= self.layers.len() || m.a.len() != m.rank * in_f || m.b.len() != out_f * m.rank {
+                return Err(ModelError::Input(format!("adapter `{name}`: module {} does not fit the model", m.kind.path(m.layer))));
+            }
+            let lin = self.layers[m.layer].linear(m.kind);
+            let base = self.backend.download_weight(&lin.weight)?;
+            let mut w = base.to_f32_vec();
+            for (o, row) in w.chunks_mut(in_f).enumerate() {
+                for j in 0..m.rank {
+                    let coef = m.scale * m.b[o * m.rank + j];
+                    for (wi, ai) in row.iter_mut().zip(&m.a[j * in_f..(j + 1) * in_f]) {
+                        *wi += coef * ai;
+                    }
+                }
+            }
+            let merged = self.backend.upload_weight(Matrix::from_f32_as(base.dtype(), out_f, in_f, w)?)?;
+            let old = std::mem::replace(&mut self.layers[m.layer].linear_mut(m.kind).weight, merged);
+            originals.push((m.layer, m.kind, old));
+        }
+        self.merged = Some(Merged { name: name.to_string(), originals });
+        Ok(())
+    }
+
+    /// Restores the base weights; returns the name of the adapter that was merged.
+    pub fn unmerge(&mut self) -> Option<String> {
+        let m = self.merged.take()?;
+        for (layer, kind, w) in m.originals {
+            self.layers[layer].linear_mut(kind).weight = w;
+        }
+        Some(m.name)
+    }
+
+    pub fn merged_adapter(&self) -> Option<&str> {
+        self.merged.as_ref().map(|m| m.name.as_str())
     }
 
     pub fn backend_name(&self) -> String {

@@ -45,7 +45,7 @@ fn check_model(name: &str) -> Result<()> {
         let ids = bundle.tokenizer.encode(&p.text, true)?;
         ensure!(ids == p.ids, "{name} prompt {i}: token ids {ids:?}, transformers {:?}", p.ids);
         // One prompt alone: prefill logits and the greedy continuation (KV cache, one token a step).
-        let got = generate_greedy(model, &p.ids, p.greedy.len(), &[], |_| {})?;
+        let got = generate_greedy(model, &p.ids, p.greedy.len(), &[], None, |_| {})?;
         check_greedy(name, i, &got, &golden)?;
     }
 

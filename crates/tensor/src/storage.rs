@@ -119,6 +119,16 @@ impl Matrix {
         Self::new(rows, cols, MatrixData::F32(TypedSlice::from_vec(v)))
     }
 
+    /// f32 values stored as `dtype` (rounded to nearest for the half types).
+    pub fn from_f32_as(dtype: DType, rows: usize, cols: usize, v: Vec<f32>) -> Result<Self, TensorError> {
+        let data = match dtype {
+            DType::F32 => MatrixData::F32(TypedSlice::from_vec(v)),
+            DType::F16 => MatrixData::F16(TypedSlice::from_vec(v.iter().map(|&x| f16::from_f32(x)).collect())),
+            DType::BF16 => MatrixData::BF16(TypedSlice::from_vec(v.iter().map(|&x| bf16::from_f32(x)).collect())),
+        };
+        Self::new(rows, cols, data)
+    }
+
     pub fn dtype(&self) -> DType {
         match self.data {
             MatrixData::F32(_) => DType::F32,

@@ -11,17 +11,12 @@ use crate::tokenizer::SpecialIds;
 /// Rebuilds objects with sorted keys. serde_json keeps insertion order when some crate in
 /// the build enables `preserve_order`, so sorting ourselves keeps the bytes independent of
 /// which workspace crates are compiled alongside the test kit.
-fn canonical(v: Value) -> Value {
+pub(crate) fn canonical(v: Value) -> Value {
     match v {
         Value::Object(m) => {
             let mut entries: Vec<(String, Value)> = m.into_iter().collect();
             entries.sort_by(|a, b| a.0.cmp(&b.0));
-            Value::Object(
-                entries
-                    .into_iter()
-                    .map(|(k, v)| (k, canonical(v)))
-                    .collect(),
-            )
+            Value::Object(entries.into_iter().map(|(k, v)| (k, canonical(v))).collect())
         }
         Value::Array(a) => Value::Array(a.into_iter().map(canonical).collect()),
         other => other,

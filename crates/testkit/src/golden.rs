@@ -58,17 +58,12 @@ pub struct Golden {
 pub fn goldens_dir() -> PathBuf {
     // CARGO_MANIFEST_DIR is <root>/crates/testkit.
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest
-        .ancestors()
-        .nth(2)
-        .unwrap_or(manifest)
-        .join("tests/goldens")
+    manifest.ancestors().nth(2).unwrap_or(manifest).join("tests/goldens")
 }
 
 pub fn load_golden(name: &str) -> Result<Golden> {
     let path = goldens_dir().join(format!("{name}.json"));
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("reading golden {}", path.display()))?;
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading golden {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("parsing golden {}", path.display()))
 }
 
@@ -80,12 +75,8 @@ pub fn file_hashes(dir: &Path) -> Result<BTreeMap<String, String>> {
         if !entry.file_type()?.is_file() {
             continue;
         }
-        let bytes = std::fs::read(entry.path())
-            .with_context(|| format!("reading {}", entry.path().display()))?;
-        let hex: String = Sha256::digest(&bytes)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let bytes = std::fs::read(entry.path()).with_context(|| format!("reading {}", entry.path().display()))?;
+        let hex: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
         out.insert(entry.file_name().to_string_lossy().into_owned(), hex);
     }
     Ok(out)
@@ -102,27 +93,34 @@ pub fn materialize(name: &str) -> Result<(tempfile::TempDir, Golden)> {
         .context("creating temp dir")?;
     write_model(&spec, dir.path())?;
     let hashes = file_hashes(dir.path())?;
-    if hashes != golden.files {
-        let mut diffs = Vec::new();
-        for (f, h) in &golden.files {
-            match hashes.get(f) {
-                None => diffs.push(format!("{f}: missing")),
-                Some(x) if x != h => diffs.push(format!("{f}: sha256 {x}, golden {h}")),
-                _ => {}
-            }
-        }
-        diffs.extend(
-            hashes
-                .keys()
-                .filter(|f| !golden.files.contains_key(*f))
-                .map(|f| format!("{f}: not in golden")),
-        );
+    if let Some(diffs) = hash_diffs(&hashes, &golden.files) {
         bail!(
             "model files for {name} differ from the ones its golden was computed on \
-             ({}). The test kit changed: regenerate the goldens with \
-             `python tests/oracle/make_goldens.py` (see its docstring) and commit them.",
-            diffs.join("; ")
+             ({diffs}). The test kit changed: regenerate the goldens with \
+             `python tests/oracle/make_goldens.py` (see its docstring) and commit them."
         );
     }
     Ok((dir, golden))
+}
+
+/// What differs between the written files' hashes and the golden's, or `None`.
+pub(crate) fn hash_diffs(hashes: &BTreeMap<String, String>, golden: &BTreeMap<String, String>) -> Option<String> {
+    if hashes == golden {
+        return None;
+    }
+    let mut diffs = Vec::new();
+    for (f, h) in golden {
+        match hashes.get(f) {
+            None => diffs.push(format!("{f}: missing")),
+            Some(x) if x != h => diffs.push(format!("{f}: sha256 {x}, golden {h}")),
+            _ => {}
+        }
+    }
+    diffs.extend(
+        hashes
+            .keys()
+            .filter(|f| !golden.contains_key(*f))
+            .map(|f| format!("{f}: not in golden")),
+    );
+    Some(diffs.join("; "))
 }

@@ -2,12 +2,18 @@
 //! (safetensors + configs + tokenizer) and reads the transformers golden outputs computed
 //! on them by `tests/oracle/make_goldens.py`.
 //!
+//! It also writes deterministic PEFT LoRA adapters for those models ([`write_adapter`]) and
+//! reads the transformers + PEFT goldens computed on them by
+//! `tests/oracle/make_lora_goldens.py` ([`materialize_lora`]).
+//!
 //! Every file is byte-identical on every run and machine; goldens record the sha256 of each
 //! file, so a change here is caught by [`materialize`] instead of silently drifting.
 
+mod adapter;
 mod config;
 mod corpus;
 mod golden;
+mod lora_golden;
 mod spec;
 mod tokenizer;
 mod weights;
@@ -16,27 +22,30 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
+pub use adapter::{
+    adapter_config_json, adapter_spec_by_name, golden_adapter_specs, write_adapter, write_lora_goldens, AdapterSpec,
+    LoraModule, Targets,
+};
 pub use config::{config_json, generation_config_json};
 pub use corpus::CORPUS;
 pub use golden::{
-    file_hashes, goldens_dir, load_golden, materialize, ChatMessage, Generator, Golden, GoldenChat,
-    GoldenPrompt,
+    file_hashes, goldens_dir, load_golden, materialize, ChatMessage, Generator, Golden, GoldenChat, GoldenPrompt,
+};
+pub use lora_golden::{
+    load_lora_golden, materialize_lora, GoldenAdapter, LoraGenerator, LoraGolden, LoraMixed, LoraSingle, MixedRow,
 };
 pub use spec::{
-    golden_specs, qwen25_05b_spec, spec_by_name, Arch, ConfigForm, DType, ModelSpec, Rope,
-    TokenizerFlavor,
+    golden_specs, qwen25_05b_spec, spec_by_name, Arch, ConfigForm, DType, ModelSpec, Rope, TokenizerFlavor,
 };
 pub use tokenizer::{
-    build_tokenizer, special_ids, SpecialIds, BPE_VOCAB_SIZE, CHATML_CHAT_TEMPLATE,
-    LLAMA_CHAT_TEMPLATE,
+    build_tokenizer, special_ids, SpecialIds, BPE_VOCAB_SIZE, CHATML_CHAT_TEMPLATE, LLAMA_CHAT_TEMPLATE,
 };
 pub use weights::{shard_file_name, tensor_specs, tensor_values, Init, TensorSpec};
 
 impl ModelSpec {
     /// Embedding rows: the explicit vocab size, else the tokenizer's.
     pub fn vocab_size(&self) -> usize {
-        self.vocab_size
-            .unwrap_or_else(|| tokenizer::vocab_size(self.tokenizer))
+        self.vocab_size.unwrap_or_else(|| tokenizer::vocab_size(self.tokenizer))
     }
 }
 
@@ -54,10 +63,7 @@ pub fn write_model(spec: &ModelSpec, dir: &Path) -> Result<Vec<String>> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let ids = special_ids(spec.tokenizer);
     config::write_json(&dir.join("config.json"), &config_json(spec, vocab, &ids))?;
-    config::write_json(
-        &dir.join("generation_config.json"),
-        &generation_config_json(spec, &ids),
-    )?;
+    config::write_json(&dir.join("generation_config.json"), &generation_config_json(spec, &ids))?;
     let mut files = vec!["config.json".to_string(), "generation_config.json".into()];
     files.extend(tokenizer::write_tokenizer_files(spec, dir)?);
     files.extend(weights::write_weights(spec, vocab, dir)?);

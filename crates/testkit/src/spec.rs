@@ -146,23 +146,18 @@ impl ModelSpec {
     }
 
     pub fn head_dim(&self) -> usize {
-        self.head_dim
-            .unwrap_or(self.hidden_size / self.num_heads.max(1))
+        self.head_dim.unwrap_or(self.hidden_size / self.num_heads.max(1))
     }
 
     /// True when config.json must carry `head_dim` because it is not hidden/heads.
     pub fn explicit_head_dim(&self) -> bool {
-        self.head_dim
-            .is_some_and(|d| d * self.num_heads != self.hidden_size)
+        self.head_dim.is_some_and(|d| d * self.num_heads != self.hidden_size)
     }
 
     /// Rejects combinations transformers would load differently from what we write.
     pub fn validate(&self) -> Result<()> {
         let n = &self.name;
-        if self.num_heads == 0
-            || self.num_kv_heads == 0
-            || !self.num_heads.is_multiple_of(self.num_kv_heads)
-        {
+        if self.num_heads == 0 || self.num_kv_heads == 0 || !self.num_heads.is_multiple_of(self.num_kv_heads) {
             bail!("{n}: num_heads must be a positive multiple of num_kv_heads");
         }
         if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_heads) {

@@ -83,7 +83,8 @@ fn to_anyhow(e: tokenizers::Error) -> anyhow::Error {
 }
 
 /// The pre-tokenizer regex of Qwen2 (also what transformers' `Qwen2Tokenizer` rebuilds).
-pub const QWEN2_PRETOKENIZE_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+pub const QWEN2_PRETOKENIZE_REGEX: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// An untrained tokenizer with the flavor's normalizer, pre-tokenizer and decoder.
 ///
@@ -134,9 +135,7 @@ fn train_base(flavor: TokenizerFlavor) -> Result<Tokenizer> {
         .map_err(to_anyhow)?;
     let got = tok.get_vocab_size(false);
     if got != BPE_VOCAB_SIZE {
-        return Err(anyhow!(
-            "BPE training produced {got} tokens, expected {BPE_VOCAB_SIZE}"
-        ));
+        return Err(anyhow!("BPE training produced {got} tokens, expected {BPE_VOCAB_SIZE}"));
     }
     Ok(tok)
 }
@@ -165,15 +164,9 @@ pub fn specials(flavor: TokenizerFlavor) -> &'static [&'static str] {
 /// The complete tokenizer of a flavor, ready to encode or serialize.
 pub fn build_tokenizer(flavor: TokenizerFlavor) -> Result<Tokenizer> {
     let mut tok = base(flavor)?.clone();
-    let added: Vec<AddedToken> = specials(flavor)
-        .iter()
-        .map(|s| AddedToken::from(*s, true))
-        .collect();
+    let added: Vec<AddedToken> = specials(flavor).iter().map(|s| AddedToken::from(*s, true)).collect();
     tok.add_special_tokens(&added);
-    let id = |s: &str| {
-        tok.token_to_id(s)
-            .ok_or_else(|| anyhow!("special token {s} missing"))
-    };
+    let id = |s: &str| tok.token_to_id(s).ok_or_else(|| anyhow!("special token {s} missing"));
     match flavor {
         TokenizerFlavor::Llama => {
             let bos = LLAMA_SPECIALS[0];
@@ -198,9 +191,7 @@ pub fn build_tokenizer(flavor: TokenizerFlavor) -> Result<Tokenizer> {
 /// Serialized `tokenizer.json`. The tokenizers crate writes vocab and merges in id order and
 /// maps with sorted keys, so this is stable.
 pub fn tokenizer_json(flavor: TokenizerFlavor) -> Result<String> {
-    let mut s = build_tokenizer(flavor)?
-        .to_string(true)
-        .map_err(to_anyhow)?;
+    let mut s = build_tokenizer(flavor)?.to_string(true).map_err(to_anyhow)?;
     s.push('\n');
     Ok(s)
 }
@@ -212,10 +203,7 @@ pub fn vocab_size(flavor: TokenizerFlavor) -> usize {
 
 /// Id of special token `i` of the flavor: they follow the BPE vocabulary in order.
 fn special_id(flavor: TokenizerFlavor, name: &str) -> u32 {
-    let i = specials(flavor)
-        .iter()
-        .position(|s| *s == name)
-        .unwrap_or(0);
+    let i = specials(flavor).iter().position(|s| *s == name).unwrap_or(0);
     (BPE_VOCAB_SIZE + i) as u32
 }
 
@@ -306,12 +294,8 @@ pub fn special_tokens_map_json(flavor: TokenizerFlavor) -> Value {
 /// Writes tokenizer.json, tokenizer_config.json and special_tokens_map.json.
 pub fn write_tokenizer_files(spec: &ModelSpec, dir: &Path) -> Result<Vec<String>> {
     let path = dir.join("tokenizer.json");
-    std::fs::write(&path, tokenizer_json(spec.tokenizer)?)
-        .with_context(|| format!("writing {}", path.display()))?;
-    write_json(
-        &dir.join("tokenizer_config.json"),
-        &tokenizer_config_json(spec),
-    )?;
+    std::fs::write(&path, tokenizer_json(spec.tokenizer)?).with_context(|| format!("writing {}", path.display()))?;
+    write_json(&dir.join("tokenizer_config.json"), &tokenizer_config_json(spec))?;
     write_json(
         &dir.join("special_tokens_map.json"),
         &special_tokens_map_json(spec.tokenizer),

@@ -79,18 +79,12 @@ pub fn tensor_specs(spec: &ModelSpec, vocab: usize) -> Vec<TensorSpec> {
     let norm = |name: String| TensorSpec {
         name,
         shape: vec![h],
-        init: Init {
-            mean: 1.0,
-            std: 0.1,
-        },
+        init: Init { mean: 1.0, std: 0.1 },
     };
     let bias = |name: String, n: usize| TensorSpec {
         name,
         shape: vec![n],
-        init: Init {
-            mean: 0.0,
-            std: 0.1,
-        },
+        init: Init { mean: 0.0, std: 0.1 },
     };
     // Layer 0 sees the embeddings through RMSNorm, so their scale only sets how much of the
     // raw token survives in the residual stream. At std 1 it dominates, and a tied model
@@ -100,10 +94,7 @@ pub fn tensor_specs(spec: &ModelSpec, vocab: usize) -> Vec<TensorSpec> {
         TensorSpec {
             name: "model.embed_tokens.weight".into(),
             shape: vec![vocab, h],
-            init: Init {
-                mean: 0.0,
-                std: 0.3,
-            },
+            init: Init { mean: 0.0, std: 0.3 },
         },
         norm("model.norm.weight".into()),
     ];
@@ -169,10 +160,10 @@ fn fill(out: &mut [u8], t: &TensorSpec, dtype: DType, seed: u64) {
 
 /// A tensor whose bytes are generated only when safetensors asks for them, so writing a
 /// large model holds one tensor in memory at a time.
-struct LazyTensor<'a> {
-    spec: &'a TensorSpec,
-    dtype: DType,
-    seed: u64,
+pub(crate) struct LazyTensor<'a> {
+    pub(crate) spec: &'a TensorSpec,
+    pub(crate) dtype: DType,
+    pub(crate) seed: u64,
 }
 
 impl View for LazyTensor<'_> {
@@ -240,7 +231,7 @@ fn split_shards(tensors: &[TensorSpec], n: usize, dsize: usize) -> Vec<Vec<&Tens
 
 /// safetensors persists a 0600 temp file; give it the usual 0644 so the model dir can be
 /// shared (e.g. read by the oracle under another user).
-fn make_readable(path: &Path) -> Result<()> {
+pub(crate) fn make_readable(path: &Path) -> Result<()> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -271,9 +262,7 @@ pub fn write_weights(spec: &ModelSpec, vocab: usize, dir: &Path) -> Result<Vec<S
             (t.name.clone(), view)
         });
         // One metadata key, so the header serialization is deterministic.
-        let meta = [("format".to_string(), "pt".to_string())]
-            .into_iter()
-            .collect();
+        let meta = [("format".to_string(), "pt".to_string())].into_iter().collect();
         let path = dir.join(&file);
         safetensors::serialize_to_file(views, Some(meta), &path)
             .with_context(|| format!("writing {}", path.display()))?;
