@@ -6,8 +6,10 @@
 //! * `target_modules` list: a module is adapted when its full name equals an entry or ends
 //!   with `.` + entry; then, only if it matched by suffix, `layers_to_transform` restricts
 //!   the layer index (the first `.<name>.<digits>.` segment of the module name);
-//! * `target_modules` string: `re.fullmatch(pattern, module_name)`, layers not filtered;
-//! * `"all-linear"`: every linear layer except the output head, layers not filtered;
+//! * `target_modules` string: `re.fullmatch(pattern, module_name)`;
+//! * `"all-linear"`: every linear layer except the output head;
+//! * `layers_to_transform` with a string target (regex or `"all-linear"`) is refused, as
+//!   PEFT's `LoraConfig` refuses it;
 //! * `rank_pattern` / `alpha_pattern`: the first key `k` (in the file's key order, sorted
 //!   here) with `re.match(rf"(.*\.)?({k})$", module_name)` overrides `r` / `lora_alpha`.
 //!
@@ -162,6 +164,12 @@ impl AdapterSpec {
     /// The modules PEFT adapts under this config, in model order.
     pub fn modules(&self) -> Result<Vec<LoraModule>> {
         let model = self.base_spec()?;
+        if self.layers_to_transform.is_some() && !matches!(self.target, Targets::List(_)) {
+            bail!(
+                "{}: `layers_to_transform` cannot be used when `target_modules` is a str (PEFT)",
+                self.name
+            );
+        }
         let mut out = Vec::new();
         for (name, in_features, out_features) in linear_modules(&model) {
             if !self.targeted(&name)? {

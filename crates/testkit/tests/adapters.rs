@@ -271,11 +271,18 @@ fn peft_targeting_corner_cases() -> Result<()> {
     let s = mk(list(&["model.layers.0.self_attn.q_proj", "v_proj"]), Some(vec![1]));
     let want: BTreeSet<String> = modules(&[0], &["q"]).into_iter().chain(modules(&[1], &["v"])).collect();
     assert_eq!(names(&s)?, want);
-    // A regex string must match the whole name and ignores layers_to_transform.
+    // A regex string must match the whole name; PEFT refuses it with layers_to_transform,
+    // and so does "all-linear".
     assert_eq!(
-        names(&mk(Targets::Regex(r".*\.(q|k)_proj".into()), Some(vec![1])))?,
+        names(&mk(Targets::Regex(r".*\.(q|k)_proj".into()), None))?,
         modules(&[0, 1], &["q", "k"])
     );
+    assert!(mk(Targets::Regex(r".*\.(q|k)_proj".into()), Some(vec![1]))
+        .modules()
+        .is_err());
+    assert!(mk(Targets::AllLinear, Some(vec![1])).modules().is_err());
+    // An empty layers_to_transform list filters nothing.
+    assert_eq!(names(&mk(list(&["q_proj"]), Some(vec![])))?, modules(&[0, 1], &["q"]));
     assert!(mk(Targets::Regex("q_proj".into()), None).modules().is_err());
     // lm_head is never adapted by all-linear; targeting it explicitly is refused.
     assert!(mk(list(&["lm_head"]), None).modules().is_err());
