@@ -6,26 +6,12 @@
 //!
 //! QUIVER_BENCH_MODEL=DIR uses an existing model directory instead of writing one.
 
-use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::Context;
-use quiver_benches::measure_read_bandwidth_gbps;
+use quiver_benches::{bench_model_dir, measure_read_bandwidth_gbps};
 use quiver_model::generate::BLOCK_SIZE;
 use quiver_model::{BatchBuilder, BlockAllocator, Llama, ModelBundle, SequenceCache};
 use quiver_tensor::cpu::CpuBackend;
-
-fn model_dir() -> anyhow::Result<PathBuf> {
-    if let Ok(dir) = std::env::var("QUIVER_BENCH_MODEL") {
-        return Ok(dir.into());
-    }
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench-models/qwen2.5-0.5b");
-    if !dir.join("config.json").exists() {
-        let spec = quiver_testkit::qwen25_05b_spec();
-        quiver_testkit::write_model(&spec, &dir).context("writing the benchmark model")?;
-    }
-    Ok(dir)
-}
 
 /// Deterministic prompt ids spread over the small tokenizer's range.
 fn prompt(len: usize, salt: u32) -> Vec<u32> {
@@ -77,7 +63,7 @@ fn best_of(n: usize, mut f: impl FnMut() -> anyhow::Result<f64>) -> anyhow::Resu
 }
 
 fn main() -> anyhow::Result<()> {
-    let dir = model_dir()?;
+    let dir = bench_model_dir()?;
     let bundle = ModelBundle::load(CpuBackend, &dir, Some(2048))?;
     let model = &bundle.model;
     let gbps = measure_read_bandwidth_gbps(2);

@@ -3,3 +3,17 @@
 pub mod bandwidth;
 
 pub use bandwidth::measure_read_bandwidth_gbps;
+
+/// The Qwen2.5-0.5B-shaped test-kit model (random bf16 weights), written once under `target/`;
+/// `QUIVER_BENCH_MODEL=DIR` uses an existing directory instead.
+pub fn bench_model_dir() -> anyhow::Result<std::path::PathBuf> {
+    use anyhow::Context;
+    if let Ok(dir) = std::env::var("QUIVER_BENCH_MODEL") {
+        return Ok(dir.into());
+    }
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench-models/qwen2.5-0.5b");
+    if !dir.join("config.json").exists() {
+        quiver_testkit::write_model(&quiver_testkit::qwen25_05b_spec(), &dir).context("writing the benchmark model")?;
+    }
+    Ok(dir)
+}

@@ -1,0 +1,133 @@
+//! The LoRA tax: decode throughput of a batch of 32 rows on the Qwen2.5-0.5B-shaped model,
+//! (a) base only, (b) all rows on one rank-16 all-linear adapter, (c) 32 different rank-16
+//! adapters, (d) 32 adapters of mixed ranks 8–64; merged mode for (b); and a micro-benchmark of
+//! the shrink/expand kernel against the bytes of adapter pages it must read.
+//!
+//!     cargo bench -p quiver-benches --bench lora
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::anyhow;
+use quiver_benches::{bench_model_dir, measure_read_bandwidth_gbps};
+use quiver_model::generate::BLOCK_SIZE;
+use quiver_model::{
+    lora_page_size, BatchBuilder, BlockAllocator, HostLoraModule, Llama, LoraAdapter, ModelBundle, ModelConfig,
+    ModuleKind, SequenceCache,
+};
+use quiver_tensor::cpu::{CpuBackend, CpuPagePool};
+use quiver_tensor::{Backend, LoraSegment};
+
+const BATCH: usize = 32;
+
+/// A random all-linear adapter of `rank` (values small enough to keep activations sane).
+fn random_adapter(cfg: &ModelConfig, rank: usize, seed: u64) -> Vec<HostLoraModule> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut rnd = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.02
+    };
+    let mut out = Vec::new();
+    for layer in 0..cfg.num_layers {
+        for kind in ModuleKind::ALL {
+            let (i, o) = kind.dims(cfg);
+            let a = (0..rank * i).map(|_| rnd()).collect();
+            let b = (0..o * rank).map(|_| rnd()).collect();
+            out.push(HostLoraModule { layer, kind, rank, scale: 2.0, a, b });
+        }
+    }
+    out
+}
+
+/// Decode tokens/s of `BATCH` rows, row `i` on `adapters[i]` (None = base).
+fn decode_tps(model: &Llama<CpuBackend>, pool: &CpuPagePool, adapters: &[Option<Arc<LoraAdapter>>], steps: usize) -> anyhow::Result<f64> {
+    let prompt_len = 16;
+    let blocks = BATCH * (prompt_len + steps).div_ceil(BLOCK_SIZE);
+    let mut alloc = BlockAllocator::new(blocks, BLOCK_SIZE);
+    let mut kv = model.new_kv_pool(blocks, BLOCK_SIZE)?;
+    let mut seqs = vec![SequenceCache::default(); BATCH];
+    let mut b = BatchBuilder::new();
+    for (i, s) in seqs.iter_mut().enumerate() {
+        s.reserve(&mut alloc, prompt_len + steps).map_err(|_| anyhow!("out of KV blocks"))?;
+        let prompt: Vec<u32> = (0..prompt_len as u32).map(|t| (t * 31 + i as u32 * 7) % 500 + 3).collect();
+        b.push_with_adapter(s, BLOCK_SIZE, &prompt, true, adapters[i].as_ref());
+    }
+    model.forward_with_adapters(&b.finish(), &mut kv, Some(pool))?;
+    let t = Instant::now();
+    for step in 0..steps {
+        let mut b = BatchBuilder::new();
+        for (i, s) in seqs.iter_mut().enumerate() {
+            b.push_with_adapter(s, BLOCK_SIZE, &[(step as u32 * 13) % 500 + 3], true, adapters[i].as_ref());
+        }
+        model.forward_with_adapters(&b.finish(), &mut kv, Some(pool))?;
+    }
+    Ok((BATCH * steps) as f64 / t.elapsed().as_secs_f64())
+}
+
+fn main() -> anyhow::Result<()> {
+    let dir = bench_model_dir()?;
+    let mut bundle = ModelBundle::load(CpuBackend, &dir, Some(2048))?;
+    let cfg = bundle.model.cfg.clone();
+    let page = lora_page_size(&cfg);
+    let per_rank_pages: usize = ModuleKind::ALL.iter().map(|k| (k.dims(&cfg).0 + k.dims(&cfg).1) / page).sum::<usize>() * cfg.num_layers;
+    // 32 rank-16 adapters, 1 more rank-16 for (b), and 32 of ranks 8..64 for (d).
+    let mixed_ranks: Vec<usize> = (0..BATCH).map(|i| [8, 16, 32, 64][i % 4]).collect();
+    let total_rank = 33 * 16 + mixed_ranks.iter().sum::<usize>();
+    let mut pages = BlockAllocator::new(per_rank_pages * total_rank, page);
+    let mut pool = bundle.model.backend.new_page_pool(page, pages.total())?;
+    println!(
+        "model: {} · page {page} floats · adapter pool {:.2} GB (f32)",
+        dir.display(),
+        (pages.total() * page * 4) as f64 / 1e9
+    );
+    let mut upload = |name: &str, rank: usize, seed: u64| -> anyhow::Result<Arc<LoraAdapter>> {
+        let host = random_adapter(&cfg, rank, seed);
+        Ok(Arc::new(LoraAdapter::upload(name, &host, &cfg, &bundle.model.backend, &mut pool, &mut pages)?))
+    };
+    let one = upload("one", 16, 1)?;
+    let distinct: Vec<_> = (0..BATCH).map(|i| upload(&format!("r16-{i}"), 16, 100 + i as u64).map(Some)).collect::<Result<_, _>>()?;
+    let mixed: Vec<_> =
+        mixed_ranks.iter().enumerate().map(|(i, &r)| upload(&format!("mixed-{i}"), r, 200 + i as u64).map(Some)).collect::<Result<_, _>>()?;
+    let best = |model: &Llama<CpuBackend>, adapters: &[Option<Arc<LoraAdapter>>]| -> anyhow::Result<f64> {
+        let mut b = 0.0f64;
+        for _ in 0..3 {
+            b = b.max(decode_tps(model, &pool, adapters, 8)?);
+        }
+        Ok(b)
+    };
+    let base = best(&bundle.model, &vec![None; BATCH])?;
+    let same = best(&bundle.model, &vec![Some(one.clone()); BATCH])?;
+    let diff = best(&bundle.model, &distinct)?;
+    let mix = best(&bundle.model, &mixed)?;
+    println!("\n| decode, batch {BATCH} | tokens/s | vs base |");
+    println!("|---|---:|---:|");
+    println!("| (a) base only | {base:.1} | 1.00 |");
+    println!("| (b) one rank-16 all-linear adapter | {same:.1} | {:.2} |", same / base);
+    println!("| (c) 32 different rank-16 adapters | {diff:.1} | {:.2} |", diff / base);
+    println!("| (d) 32 adapters, ranks 8/16/32/64 | {mix:.1} | {:.2} |", mix / base);
+    let host = random_adapter(&cfg, 16, 1);
+    bundle.model.merge("one", &host)?;
+    let merged = best(&bundle.model, &vec![None; BATCH])?;
+    bundle.model.unmerge();
+    println!("| (b') the same adapter merged into the base | {merged:.1} | {:.2} |", merged / base);
+
+    // Kernel micro-benchmark: 32 single-token segments (BGMV) on the gate projection of layer
+    // 0, each on its own rank-16 adapter; every adapter's A and Bᵀ pages must be read once.
+    let (in_f, out_f) = ModuleKind::Gate.dims(&cfg);
+    let modules: Vec<_> = distinct.iter().flatten().map(|a| a.module(0, ModuleKind::Gate).cloned()).collect::<Option<Vec<_>>>().ok_or_else(|| anyhow!("module"))?;
+    let segments: Vec<LoraSegment> = modules.iter().enumerate().map(|(i, m)| LoraSegment { start: i, len: 1, module: m }).collect();
+    let x = vec![0.01f32; BATCH * in_f];
+    let mut y = vec![0.0f32; BATCH * out_f];
+    let bytes = (BATCH * 16 * (in_f + out_f) * 4) as f64;
+    let reps = 50;
+    let t = Instant::now();
+    for _ in 0..reps {
+        bundle.model.backend.lora(&pool, &x, &mut y, in_f, out_f, &segments)?;
+    }
+    let secs = t.elapsed().as_secs_f64() / reps as f64;
+    let gbps = measure_read_bandwidth_gbps(2);
+    println!("\nBGMV gate_proj ({in_f}→{out_f}), 32 tokens × 32 rank-16 adapters: {:.1} µs, {:.1} GB/s of pages read ({:.0}% of the {gbps:.1} GB/s streaming bandwidth)", secs * 1e6, bytes / secs / 1e9, 100.0 * bytes / secs / 1e9 / gbps);
+    Ok(())
+}
