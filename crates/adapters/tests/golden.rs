@@ -13,7 +13,7 @@ use quiver_adapters::{load_peft_adapter, HostAdapter};
 use quiver_model::generate::{generate_greedy, BLOCK_SIZE};
 use quiver_model::{lora_page_size, BatchBuilder, BlockAllocator, LoraAdapter, ModelBundle, SequenceCache};
 use quiver_tensor::cpu::{CpuBackend, CpuPagePool};
-use quiver_tensor::Backend;
+use quiver_tensor::{Backend, DType};
 use quiver_testkit::{load_golden, materialize_lora};
 
 const LOGIT_TOL: f32 = 1e-3;
@@ -38,7 +38,7 @@ fn load(base: &str) -> Result<(tempfile::TempDir, quiver_testkit::LoraGolden, Lo
     let cfg = bundle.model.cfg.clone();
     let page = lora_page_size(&cfg);
     let mut pages = BlockAllocator::new(16384, page);
-    let mut pool = bundle.model.backend.new_page_pool(page, pages.total())?;
+    let mut pool = bundle.model.backend.new_page_pool(page, pages.total(), DType::F32)?;
     let (mut host, mut device) = (BTreeMap::new(), BTreeMap::new());
     for name in golden.adapters.keys() {
         let h = load_peft_adapter(name, &dir.path().join("adapters").join(name), &cfg)?;

@@ -2,7 +2,7 @@
 //! The CPU backend implements it with plain `Vec<f32>`s and is the oracle for the others.
 
 use crate::error::TensorError;
-use crate::storage::Matrix;
+use crate::storage::{DType, Matrix};
 
 /// Geometry of the paged KV cache: `num_blocks` blocks of `block_size` token slots, per layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,8 +88,10 @@ pub trait Backend: Send + Sync + 'static {
     fn zeros(&self, len: usize) -> Result<Self::Tensor, TensorError>;
     fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>, TensorError>;
     fn new_kv_pool(&self, layout: KvLayout) -> Result<Self::KvPool, TensorError>;
-    fn new_page_pool(&self, page_floats: usize, pages: usize) -> Result<Self::PagePool, TensorError>;
-    /// Copies `data` (`pages.len()` pages, back to back) into the given pages.
+    /// A pool of `pages` pages of `page_floats` values stored as `dtype` (f32 or bf16).
+    fn new_page_pool(&self, page_floats: usize, pages: usize, dtype: DType) -> Result<Self::PagePool, TensorError>;
+    /// Copies `data` (`pages.len()` pages, back to back) into the given pages, rounding to the
+    /// pool's dtype.
     fn write_pages(&self, pool: &mut Self::PagePool, pages: &[u32], data: &[f32]) -> Result<(), TensorError>;
     /// Returns a weight to host memory in its storage dtype (merging adapters into the base).
     fn download_weight(&self, w: &Self::Weight) -> Result<Matrix, TensorError>;

@@ -3,7 +3,7 @@
 
 use quiver_tensor::cpu::lora::lora_ref;
 use quiver_tensor::cpu::CpuBackend;
-use quiver_tensor::{Backend, LoraModule, LoraSegment};
+use quiver_tensor::{Backend, DType, LoraModule, LoraSegment};
 
 struct Rng(u64);
 impl Rng {
@@ -29,16 +29,33 @@ struct Dense {
 
 #[test]
 fn paged_lora_matches_dense_reference() {
+    check_against_reference(DType::F32);
+}
+
+/// bf16 pages: the reference uses the same bf16-rounded weights, so only summation order differs.
+#[test]
+fn bf16_pages_match_dense_reference() {
+    check_against_reference(DType::BF16);
+}
+
+fn round(v: Vec<f32>, dtype: DType) -> Vec<f32> {
+    match dtype {
+        DType::BF16 => v.into_iter().map(|x| half::bf16::from_f32(x).to_f32()).collect(),
+        _ => v,
+    }
+}
+
+fn check_against_reference(dtype: DType) {
     let cpu = CpuBackend;
     let (page, in_f, out_f) = (7, 21, 35); // odd sizes; the page divides both
     let mut rng = Rng(9);
-    let mut pool = cpu.new_page_pool(page, 400).unwrap();
+    let mut pool = cpu.new_page_pool(page, 400, dtype).unwrap();
     // Hand out pages in a scrambled order so no module is contiguous.
     let mut free: Vec<u32> = (0..400).map(|i| (i * 37 % 400) as u32).collect();
     let mut adapters = Vec::new();
     for (rank, scale) in [(1usize, 2.0f32), (3, 0.5), (8, 0.25)] {
-        let a = rng.vec(rank * in_f);
-        let b = rng.vec(out_f * rank);
+        let a = round(rng.vec(rank * in_f), dtype);
+        let b = round(rng.vec(out_f * rank), dtype);
         let a_pages: Vec<u32> = free.drain(..rank * in_f / page).collect();
         let b_pages: Vec<u32> = free.drain(..rank * out_f / page).collect();
         cpu.write_pages(&mut pool, &a_pages, &a).unwrap();
@@ -74,7 +91,8 @@ fn paged_lora_matches_dense_reference() {
 #[test]
 fn lora_rejects_overlapping_or_out_of_pool_segments() {
     let cpu = CpuBackend;
-    let pool = cpu.new_page_pool(2, 4).unwrap();
+    let pool = cpu.new_page_pool(2, 4, DType::F32).unwrap();
+    assert!(cpu.new_page_pool(2, 4, DType::F16).is_err(), "f16 pages are not supported and must say so");
     let m = LoraModule { rank: 1, scale: 1.0, a_pages: vec![0], b_pages: vec![1] };
     let bad = LoraModule { rank: 1, scale: 1.0, a_pages: vec![0], b_pages: vec![9] };
     let (x, mut y) = (vec![1.0; 6], vec![0.0; 6]);

@@ -4,7 +4,7 @@ use crate::backend::{AttentionBatch, Backend, KvLayout, LoraSegment, RopeTable};
 use crate::cpu::lora::{lora_apply, CpuPagePool};
 use crate::cpu::{matmul, ops};
 use crate::error::TensorError;
-use crate::storage::Matrix;
+use crate::storage::{DType, Matrix};
 
 #[derive(Debug, Default, Clone, Copy)]
 pub struct CpuBackend;
@@ -59,9 +59,9 @@ impl Backend for CpuBackend {
         })
     }
 
-    fn new_page_pool(&self, page_floats: usize, pages: usize) -> Result<CpuPagePool, TensorError> {
+    fn new_page_pool(&self, page_floats: usize, pages: usize, dtype: DType) -> Result<CpuPagePool, TensorError> {
         check("new_page_pool", page_floats > 0, || "page size 0".into())?;
-        Ok(CpuPagePool::new(page_floats, pages))
+        CpuPagePool::new(page_floats, pages, dtype)
     }
 
     fn write_pages(&self, pool: &mut CpuPagePool, pages: &[u32], data: &[f32]) -> Result<(), TensorError> {
@@ -72,7 +72,7 @@ impl Backend for CpuBackend {
             if id as usize >= n {
                 return Err(TensorError::Range(format!("page {id} ≥ pool of {n}")));
             }
-            pool.data[id as usize * p..(id as usize + 1) * p].copy_from_slice(chunk);
+            pool.write(id, chunk);
         }
         Ok(())
     }

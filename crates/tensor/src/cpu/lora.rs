@@ -7,28 +7,87 @@
 //! adapter: each page is loaded once and reused across the run's tokens) and BGMV (runs of one
 //! token, each on its own adapter). Tokens outside every run cost nothing.
 
+use half::bf16;
 use rayon::prelude::*;
 
 use crate::backend::{LoraModule, LoraSegment};
+use crate::storage::DType;
 
 /// Tokens per work item: enough to reuse each loaded page, small enough to spread over cores.
 const TILE: usize = 8;
 
-/// `pages` pages of `page` floats each.
+/// Page storage: f32 (exact for f32 adapters) or bf16 (half the memory and traffic; exact for
+/// bf16 adapters, what a bf16 base model serves with).
+pub enum PageData {
+    F32(Vec<f32>),
+    BF16(Vec<bf16>),
+}
+
+/// `pages` pages of `page` values each.
 pub struct CpuPagePool {
     pub page: usize,
-    pub data: Vec<f32>,
+    pub data: PageData,
+}
+
+/// A page element the kernels widen to f32 as they load it.
+pub trait PageElem: Copy + Send + Sync {
+    fn f(self) -> f32;
+}
+impl PageElem for f32 {
+    #[inline(always)]
+    fn f(self) -> f32 {
+        self
+    }
+}
+impl PageElem for bf16 {
+    #[inline(always)]
+    fn f(self) -> f32 {
+        // bf16 is the top half of an f32: a shift, which vectorises (to_f32 may not).
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
 }
 
 impl CpuPagePool {
-    pub fn new(page: usize, pages: usize) -> Self {
-        CpuPagePool { page, data: vec![0.0; page * pages] }
+    pub fn new(page: usize, pages: usize, dtype: DType) -> Result<Self, crate::TensorError> {
+        let data = match dtype {
+            DType::F32 => PageData::F32(vec![0.0; page * pages]),
+            DType::BF16 => PageData::BF16(vec![bf16::ZERO; page * pages]),
+            DType::F16 => return Err(crate::TensorError::DType { dtype: dtype.to_string(), what: "adapter pages (f32 or bf16)".into() }),
+        };
+        Ok(CpuPagePool { page, data })
+    }
+    pub fn dtype(&self) -> DType {
+        match self.data {
+            PageData::F32(_) => DType::F32,
+            PageData::BF16(_) => DType::BF16,
+        }
     }
     pub fn num_pages(&self) -> usize {
-        self.data.len() / self.page.max(1)
+        let len = match &self.data {
+            PageData::F32(v) => v.len(),
+            PageData::BF16(v) => v.len(),
+        };
+        len / self.page.max(1)
     }
-    #[inline]
-    fn get(&self, id: u32) -> &[f32] {
+    /// Stores `values` (one page) into page `id`, rounding to the pool's dtype.
+    pub fn write(&mut self, id: u32, values: &[f32]) {
+        let at = id as usize * self.page;
+        match &mut self.data {
+            PageData::F32(v) => v[at..at + self.page].copy_from_slice(values),
+            PageData::BF16(v) => v[at..at + self.page].iter_mut().zip(values).for_each(|(d, s)| *d = bf16::from_f32(*s)),
+        }
+    }
+}
+
+/// A typed view of the pool's pages.
+struct Pages<'a, T> {
+    page: usize,
+    data: &'a [T],
+}
+
+impl<T> Pages<'_, T> {
+    #[inline(always)]
+    fn get(&self, id: u32) -> &[T] {
         let at = id as usize * self.page;
         &self.data[at..at + self.page]
     }
@@ -53,7 +112,10 @@ pub fn lora_apply(pool: &CpuPagePool, x: &[f32], y: &mut [f32], in_f: usize, out
             start += len;
         }
     }
-    let run = |(start, m, rows): (usize, &LoraModule, &mut [f32])| tile(pool, x, rows, start, m, in_f, out_f);
+    let run = |(start, m, rows): (usize, &LoraModule, &mut [f32])| match &pool.data {
+        PageData::F32(data) => tile(&Pages { page: pool.page, data }, x, rows, start, m, in_f, out_f),
+        PageData::BF16(data) => tile(&Pages { page: pool.page, data }, x, rows, start, m, in_f, out_f),
+    };
     if work.len() > 1 {
         work.into_par_iter().for_each(run);
     } else {
@@ -72,20 +134,20 @@ fn has_avx2_fma() -> bool {
 }
 
 /// One tile of tokens on one module; the body is compiled twice, with and without AVX2/FMA.
-fn tile(pool: &CpuPagePool, x: &[f32], rows: &mut [f32], start: usize, m: &LoraModule, in_f: usize, out_f: usize) {
+fn tile<T: PageElem>(pool: &Pages<'_, T>, x: &[f32], rows: &mut [f32], start: usize, m: &LoraModule, in_f: usize, out_f: usize) {
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
         // SAFETY: the CPU supports AVX2 and FMA (checked at run time just above).
         unsafe { tile_avx2(pool, x, rows, start, m, in_f, out_f) };
         return;
     }
-    tile_body::<false>(pool, x, rows, start, m, in_f, out_f)
+    tile_body::<T, false>(pool, x, rows, start, m, in_f, out_f)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn tile_avx2(pool: &CpuPagePool, x: &[f32], rows: &mut [f32], start: usize, m: &LoraModule, in_f: usize, out_f: usize) {
-    tile_body::<true>(pool, x, rows, start, m, in_f, out_f)
+unsafe fn tile_avx2<T: PageElem>(pool: &Pages<'_, T>, x: &[f32], rows: &mut [f32], start: usize, m: &LoraModule, in_f: usize, out_f: usize) {
+    tile_body::<T, true>(pool, x, rows, start, m, in_f, out_f)
 }
 
 /// `a * b + c`, fused where the caller was compiled with FMA (`mul_add` is a libm call otherwise).
@@ -100,20 +162,20 @@ fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
 
 /// Dot product in 8 lanes (one AVX register; LLVM vectorises the lane loop).
 #[inline(always)]
-fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+fn dot<T: PageElem, const FMA: bool>(a: &[f32], b: &[T]) -> f32 {
     let mut lanes = [0.0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y.f()).sum();
     for (x, y) in ca.zip(cb) {
         for l in 0..8 {
-            lanes[l] = madd::<FMA>(x[l], y[l], lanes[l]);
+            lanes[l] = madd::<FMA>(x[l], y[l].f(), lanes[l]);
         }
     }
     lanes.iter().sum::<f32>() + tail
 }
 
 #[inline(always)]
-fn tile_body<const FMA: bool>(pool: &CpuPagePool, x: &[f32], rows: &mut [f32], start: usize, m: &LoraModule, in_f: usize, out_f: usize) {
+fn tile_body<T: PageElem, const FMA: bool>(pool: &Pages<'_, T>, x: &[f32], rows: &mut [f32], start: usize, m: &LoraModule, in_f: usize, out_f: usize) {
     let p = pool.page;
     let n = rows.len() / out_f;
     let (cin, cout) = (in_f / p, out_f / p);
@@ -130,7 +192,7 @@ fn tile_body<const FMA: bool>(pool: &CpuPagePool, x: &[f32], rows: &mut [f32], s
         for c in 0..cin {
             let page = pool.get(m.a_pages[j * cin + c]);
             for t in 0..n {
-                h[t * m.rank + j] += dot::<FMA>(&x[(start + t) * in_f + c * p..][..p], page);
+                h[t * m.rank + j] += dot::<T, FMA>(&x[(start + t) * in_f + c * p..][..p], page);
             }
         }
     }
@@ -141,7 +203,7 @@ fn tile_body<const FMA: bool>(pool: &CpuPagePool, x: &[f32], rows: &mut [f32], s
             for t in 0..n {
                 let coef = m.scale * h[t * m.rank + j];
                 for (y, b) in rows[t * out_f + c * p..][..p].iter_mut().zip(page) {
-                    *y = madd::<FMA>(coef, *b, *y);
+                    *y = madd::<FMA>(coef, b.f(), *y);
                 }
             }
         }
