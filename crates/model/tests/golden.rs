@@ -105,3 +105,40 @@ fn goldens_match_transformers() -> Result<()> {
     ensure!(failures.is_empty(), "{}", failures.join("\n"));
     Ok(())
 }
+
+/// f16 checkpoints load and run in f16 (widened in the kernels). The weights are rounded, so the
+/// golden holds only approximately: logits within 0.05 of the f32 model's.
+#[test]
+fn f16_checkpoint_runs_close_to_f32() -> Result<()> {
+    use safetensors::tensor::TensorView;
+    use safetensors::{Dtype, SafeTensors};
+    let (dir, golden) = materialize("llama-f32")?;
+    let path = dir.path().join("model.safetensors");
+    let bytes = std::fs::read(&path)?;
+    let st = SafeTensors::deserialize(&bytes)?;
+    let mut converted = Vec::new();
+    for (name, v) in st.tensors() {
+        ensure!(v.dtype() == Dtype::F32, "fixture is not f32");
+        let data: Vec<u8> = v
+            .data()
+            .chunks_exact(4)
+            .flat_map(|c| half::f16::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]])).to_le_bytes())
+            .collect();
+        converted.push((name, v.shape().to_vec(), data));
+    }
+    let views: Vec<(String, TensorView)> =
+        converted.iter().map(|(n, s, d)| Ok((n.clone(), TensorView::new(Dtype::F16, s.clone(), d)?))).collect::<Result<_>>()?;
+    std::fs::write(&path, safetensors::serialize(views, None)?)?;
+    let bundle = ModelBundle::load(CpuBackend, dir.path(), None)?;
+    let p = &golden.prompts[2];
+    let mut alloc = BlockAllocator::new(8, BLOCK_SIZE);
+    let mut kv = bundle.model.new_kv_pool(alloc.total(), BLOCK_SIZE)?;
+    let mut seq = SequenceCache::default();
+    seq.reserve(&mut alloc, p.ids.len()).map_err(|_| anyhow::anyhow!("out of blocks"))?;
+    let mut b = BatchBuilder::new();
+    b.push(&mut seq, BLOCK_SIZE, &p.ids, true);
+    let logits = bundle.model.backend.download(&bundle.model.forward(&b.finish(), &mut kv)?)?;
+    let d = max_abs_diff(&logits, &p.last_logits);
+    ensure!(d > 0.0 && d <= 0.05, "f16 logits differ from the f32 golden by {d}");
+    Ok(())
+}

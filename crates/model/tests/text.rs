@@ -85,3 +85,16 @@ fn trims_blocks_like_transformers() {
     let t = template("{% for m in messages %}\n  {{ m.content }}\n{% endfor %}");
     assert_eq!(t.render(&[json!({"content": "a"}), json!({"content": "b"})], false, None).unwrap(), "  a\n  b\n");
 }
+
+/// transformers 5 saves the template as `chat_template.jinja`; it wins over tokenizer_config.json.
+#[test]
+fn chat_template_jinja_file_takes_precedence() {
+    let dir = tempfile::tempdir().unwrap();
+    write_model(&spec_by_name("qwen2-f32-tied").unwrap(), dir.path()).unwrap();
+    let from_config = ChatTemplate::from_dir(dir.path()).unwrap().expect("the test kit writes a template");
+    let msgs = [json!({"role": "user", "content": "hi"})];
+    assert!(from_config.render(&msgs, true, None).unwrap().contains("<|im_start|>user"));
+    std::fs::write(dir.path().join("chat_template.jinja"), "{{ messages[0].content | upper }}!").unwrap();
+    let from_file = ChatTemplate::from_dir(dir.path()).unwrap().unwrap();
+    assert_eq!(from_file.render(&msgs, true, None).unwrap(), "HI!");
+}
