@@ -24,35 +24,30 @@ const MS: [usize; 4] = [1, 8, 32, 512];
 /// Weight copies cycled through add up to at least this many bytes (4× the 32 MiB L3).
 const COLD_BYTES: usize = 128 << 20;
 /// Per-row time budget; every row runs at least `MIN_REPS` timed calls.
-const ROW_BUDGET: Duration = Duration::from_millis(400);
+const ROW_BUDGET: Duration = Duration::from_millis(800);
 const MIN_REPS: usize = 3;
 
 fn main() {
     let filters: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
     let threads = rayon::current_num_threads();
-    let bw_start = measure_read_bandwidth_gbps(threads);
     // Run on a worker of the pool, as a forward pass should: a call from outside the pool pays
     // a cross-thread hand-off every time (measured separately below).
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-    let rows = pool.install(|| run_table(&filters));
-    // Probe again at the end and keep the better one: a busy neighbour only ever lowers it.
-    let bw_end = measure_read_bandwidth_gbps(threads);
-    let bw = bw_start.max(bw_end);
-    println!("streaming read bandwidth, {threads} threads: {bw:.1} GB/s (start {bw_start:.1}, end {bw_end:.1})\n");
+    let rows = pool.install(|| run_table(&filters, threads));
+    println!("{threads} threads; %BW = weight GB/s / read bandwidth probed just before the row\n");
     println!(
-        "{:<20} {:>5} {:>4} {:>10} {:>10} {:>8} {:>9} {:>6}",
-        "shape (n x k)", "dtype", "m", "best", "median", "GB/s", "GFLOP/s", "%BW"
+        "{:<20} {:>5} {:>4} {:>10} {:>10} {:>8} {:>9} {:>6} {:>6}",
+        "shape (n x k)", "dtype", "m", "best", "median", "GB/s", "GFLOP/s", "probe", "%BW"
     );
-    for (name, dtype, m, nk, bytes, best, median) in rows {
+    for (name, dtype, m, nk, bytes, best, median, bw) in rows {
         let gbps = bytes as f64 / best / 1e9;
         let gflops = 2.0 * (m * nk) as f64 / best / 1e9;
-        let pct = if m == 1 {
-            format!("{:.0}%", 100.0 * gbps / bw)
-        } else {
-            "-".into()
+        let (probe, pct) = match bw {
+            Some(bw) => (format!("{bw:.1}"), format!("{:.0}%", 100.0 * gbps / bw)),
+            None => ("-".into(), "-".into()),
         };
         println!(
-            "{name:<20} {dtype:>5} {m:>4} {:>10} {:>10} {gbps:>8.1} {gflops:>9.1} {pct:>6}",
+            "{name:<20} {dtype:>5} {m:>4} {:>10} {:>10} {gbps:>8.1} {gflops:>9.1} {probe:>6} {pct:>6}",
             fmt_time(best),
             fmt_time(median)
         );
@@ -67,9 +62,10 @@ fn main() {
     }
 }
 
-type Row = (&'static str, DType, usize, usize, usize, f64, f64);
+/// name, dtype, m, n·k, weight bytes, best s, median s, probed GB/s (m = 1 rows).
+type Row = (&'static str, DType, usize, usize, usize, f64, f64, Option<f64>);
 
-fn run_table(filters: &[String]) -> Vec<Row> {
+fn run_table(filters: &[String], threads: usize) -> Vec<Row> {
     let mut rows = Vec::new();
     let mut seed = 1u64;
     for (name, n, k) in SHAPES {
@@ -89,6 +85,9 @@ fn run_table(filters: &[String]) -> Vec<Row> {
             for m in ms {
                 let x = random_vec(m * k, &mut seed);
                 let mut out = vec![0.0f32; m * n];
+                // Batch-1 rows are compared with the bandwidth of the moment: on a shared machine
+                // it swings by 2× as neighbours come and go.
+                let bw = (m == 1).then(|| measure_read_bandwidth_gbps(threads));
                 matmul(&x, m, &copies[0], &mut out); // warm-up: thread pool, scratch buffers
                 let mut times = Vec::new();
                 let start = Instant::now();
@@ -108,6 +107,7 @@ fn run_table(filters: &[String]) -> Vec<Row> {
                     copies[0].bytes(),
                     times[0],
                     times[times.len() / 2],
+                    bw,
                 ));
             }
         }
