@@ -1,5 +1,56 @@
 //! The serving engine: one scheduler thread owns the queue, the KV blocks, the adapter page pool
 //! and the adapter leases; each step it runs one ragged batch and streams tokens back.
 
+pub mod adapters;
+pub mod engine;
+pub mod error;
+pub mod memory;
+pub mod queue;
+pub mod request;
 pub mod sampling;
+pub mod scheduler;
 pub mod stop;
+
+pub use engine::Engine;
+pub use error::EngineError;
+pub use queue::Policy;
+pub use request::{EngineStats, Event, FinishReason, GenerateRequest};
+
+use quiver_tensor::DType;
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Sequences running at once.
+    pub max_num_seqs: usize,
+    /// Tokens per step (decode tokens plus prefill chunks).
+    pub max_batch_tokens: usize,
+    pub block_size: usize,
+    /// Bytes shared by KV blocks and adapter pages.
+    pub memory_budget: usize,
+    /// Bytes of loaded adapters kept in host memory (LRU).
+    pub host_adapter_budget: usize,
+    pub max_lora_rank: usize,
+    pub max_model_len: usize,
+    pub policy: Policy,
+    /// Page dtype of the adapter pool (f32 exact, bf16 half the memory).
+    pub adapter_dtype: DType,
+    /// Waiting requests whose adapters are prefetched each step.
+    pub prefetch: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            max_num_seqs: 64,
+            max_batch_tokens: 512,
+            block_size: 16,
+            memory_budget: 1 << 30,
+            host_adapter_budget: 2 << 30,
+            max_lora_rank: 64,
+            max_model_len: 4096,
+            policy: Policy::AdapterRoundRobin,
+            adapter_dtype: DType::F32,
+            prefetch: 8,
+        }
+    }
+}

@@ -71,7 +71,7 @@ pub struct LoraSegment<'a> {
     pub module: &'a LoraModule,
 }
 
-pub trait Backend: Send + Sync + 'static {
+pub trait Backend: Clone + Send + Sync + 'static {
     /// Flat f32 activations.
     type Tensor: Send;
     /// A weight matrix in its storage dtype.

@@ -1,0 +1,352 @@
+//! Adapters in three tiers: registered (a name and a directory on disk), host (loaded and
+//! validated, LRU under a byte budget) and device (uploaded into the page pool the kernels read,
+//! under the shared memory budget). Loading runs on its own thread; the scheduler polls for
+//! results and never blocks on I/O. A device adapter is immutable and held by `Arc`: a running
+//! request's clone is its lease, and only adapters nobody leases (and not pinned) are evicted.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
+
+use quiver_adapters::{load_peft_adapter, HostAdapter};
+use quiver_model::{BlockAllocator, LoraAdapter, ModelConfig};
+use quiver_tensor::Backend;
+
+use crate::error::EngineError;
+use crate::memory::MemoryBudget;
+
+/// Where an adapter currently lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tier {
+    Disk,
+    Loading,
+    Host,
+    Device,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdapterInfo {
+    pub name: String,
+    pub path: PathBuf,
+    pub tier: Tier,
+    pub pinned: bool,
+    pub rank: usize,
+    pub bytes: usize,
+    /// Requests holding a lease right now.
+    pub in_flight: usize,
+}
+
+/// Counters for the metrics endpoint.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct AdapterStats {
+    pub loads: u64,
+    pub load_failures: u64,
+    pub uploads: u64,
+    pub device_hits: u64,
+    pub host_hits: u64,
+    pub device_evictions: u64,
+    pub host_evictions: u64,
+}
+
+pub enum Acquire {
+    Ready(Arc<LoraAdapter>),
+    /// Being loaded or waiting for device memory; ask again next step.
+    Pending,
+    Failed(EngineError),
+}
+
+struct Registered {
+    path: PathBuf,
+    pinned: bool,
+    /// Bumped on re-registration so a stale load result is dropped.
+    generation: u64,
+    failed: Option<String>,
+}
+
+struct Device {
+    adapter: Arc<LoraAdapter>,
+    bytes: usize,
+    last_used: u64,
+}
+
+type LoadResult = (String, u64, Result<HostAdapter, String>);
+
+pub struct AdapterManager<B: Backend> {
+    backend: B,
+    cfg: ModelConfig,
+    registry: HashMap<String, Registered>,
+    /// Host tier, least recently used first.
+    host: Vec<(String, Arc<HostAdapter>)>,
+    host_budget: usize,
+    device: HashMap<String, Device>,
+    /// Unregistered or replaced device adapters still leased by running requests.
+    retired: Vec<Device>,
+    loading: HashSet<String>,
+    pages: BlockAllocator,
+    pool: B::PagePool,
+    page_bytes: usize,
+    max_rank: usize,
+    clock: u64,
+    generation: u64,
+    jobs: Sender<(String, u64, PathBuf)>,
+    results: Receiver<LoadResult>,
+    pub stats: AdapterStats,
+}
+
+impl<B: Backend> AdapterManager<B> {
+    /// `pool` holds `pages` (its page count); host memory for loaded adapters is capped at
+    /// `host_budget` bytes; adapters above `max_rank` are refused.
+    pub fn new(
+        backend: B,
+        cfg: ModelConfig,
+        pool: B::PagePool,
+        pages: BlockAllocator,
+        page_bytes: usize,
+        host_budget: usize,
+        max_rank: usize,
+    ) -> Self {
+        let (jobs, job_rx) = channel::<(String, u64, PathBuf)>();
+        let (result_tx, results) = channel();
+        let loader_cfg = cfg.clone();
+        // File I/O, parsing and validation stay off the scheduler thread.
+        std::thread::Builder::new()
+            .name("quiver-adapter-loader".into())
+            .spawn(move || {
+                for (name, generation, path) in job_rx {
+                    let r = load_peft_adapter(&name, &path, &loader_cfg).map_err(|e| e.to_string());
+                    if result_tx.send((name, generation, r)).is_err() {
+                        break;
+                    }
+                }
+            })
+            .ok();
+        AdapterManager {
+            backend,
+            cfg,
+            registry: HashMap::new(),
+            host: Vec::new(),
+            host_budget,
+            device: HashMap::new(),
+            retired: Vec::new(),
+            loading: HashSet::new(),
+            pages,
+            pool,
+            page_bytes,
+            max_rank,
+            clock: 0,
+            generation: 0,
+            jobs,
+            results,
+            stats: AdapterStats::default(),
+        }
+    }
+
+    pub fn pool(&self) -> &B::PagePool {
+        &self.pool
+    }
+
+    pub fn register(&mut self, name: &str, path: PathBuf, pinned: bool) -> Result<(), EngineError> {
+        if self.registry.contains_key(name) {
+            return Err(EngineError::AdapterExists(name.into()));
+        }
+        self.generation += 1;
+        self.registry.insert(name.into(), Registered { path, pinned, generation: self.generation, failed: None });
+        Ok(())
+    }
+
+    /// Forgets `name`. Running requests keep their lease; its pages return when the last ends.
+    pub fn unregister(&mut self, name: &str, budget: &mut MemoryBudget) -> Result<(), EngineError> {
+        self.registry.remove(name).ok_or_else(|| EngineError::UnknownAdapter(name.into()))?;
+        self.host.retain(|(n, _)| n != name);
+        self.loading.remove(name);
+        if let Some(d) = self.device.remove(name) {
+            self.retire(d, budget);
+        }
+        Ok(())
+    }
+
+    pub fn set_pinned(&mut self, name: &str, pinned: bool) -> Result<(), EngineError> {
+        let r = self.registry.get_mut(name).ok_or_else(|| EngineError::UnknownAdapter(name.into()))?;
+        r.pinned = pinned;
+        Ok(())
+    }
+
+    pub fn is_registered(&self, name: &str) -> bool {
+        self.registry.contains_key(name)
+    }
+
+    /// Retired adapters still leased by requests, waiting for their pages to come back.
+    fn retire(&mut self, d: Device, budget: &mut MemoryBudget) {
+        self.retired.push(d);
+        self.reclaim(budget);
+    }
+
+    /// Frees the pages of retired adapters whose last lease has ended.
+    pub fn reclaim(&mut self, budget: &mut MemoryBudget) {
+        let mut i = 0;
+        while i < self.retired.len() {
+            if Arc::strong_count(&self.retired[i].adapter) == 1 {
+                let d = self.retired.swap_remove(i);
+                budget.give_adapter(d.bytes);
+                if let Ok(a) = Arc::try_unwrap(d.adapter) {
+                    a.release(&mut self.pages);
+                }
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Collects finished loads into the host tier. Call once per scheduler step.
+    pub fn poll(&mut self) {
+        while let Ok((name, generation, result)) = self.results.try_recv() {
+            self.loading.remove(&name);
+            let Some(reg) = self.registry.get_mut(&name).filter(|r| r.generation == generation) else { continue };
+            match result {
+                Ok(host) if host.max_rank() > self.max_rank => {
+                    self.stats.load_failures += 1;
+                    reg.failed = Some(format!("rank {} exceeds --max-lora-rank {}", host.max_rank(), self.max_rank));
+                }
+                Ok(host) => {
+                    self.stats.loads += 1;
+                    reg.failed = None;
+                    self.insert_host(name, Arc::new(host));
+                }
+                Err(reason) => {
+                    self.stats.load_failures += 1;
+                    reg.failed = Some(reason);
+                }
+            }
+        }
+    }
+
+    fn insert_host(&mut self, name: String, host: Arc<HostAdapter>) {
+        self.host.retain(|(n, _)| *n != name);
+        self.host.push((name, host));
+        // Evict least recently used host copies over budget (never the one just loaded).
+        while self.host.len() > 1 && self.host.iter().map(|(_, h)| h.bytes()).sum::<usize>() > self.host_budget {
+            self.host.remove(0);
+            self.stats.host_evictions += 1;
+        }
+    }
+
+    /// Starts loading `name` into the host tier if it is registered and not yet there.
+    pub fn prefetch(&mut self, name: &str) {
+        if self.device.contains_key(name) || self.loading.contains(name) || self.host.iter().any(|(n, _)| n == name) {
+            return;
+        }
+        if let Some(reg) = self.registry.get(name).filter(|r| r.failed.is_none()) {
+            if self.jobs.send((name.to_string(), reg.generation, reg.path.clone())).is_ok() {
+                self.loading.insert(name.to_string());
+            }
+        }
+    }
+
+    /// A lease on `name` in device memory, uploading (and evicting idle adapters) as needed.
+    pub fn acquire(&mut self, name: &str, budget: &mut MemoryBudget) -> Acquire {
+        self.clock += 1;
+        let Some(reg) = self.registry.get_mut(name) else {
+            return Acquire::Failed(EngineError::UnknownAdapter(name.into()));
+        };
+        if let Some(reason) = reg.failed.take() {
+            // Report once; a later request retries the load.
+            return Acquire::Failed(EngineError::AdapterLoad { name: name.into(), reason });
+        }
+        if let Some(d) = self.device.get_mut(name) {
+            d.last_used = self.clock;
+            self.stats.device_hits += 1;
+            return Acquire::Ready(d.adapter.clone());
+        }
+        let Some(pos) = self.host.iter().position(|(n, _)| n == name) else {
+            self.prefetch(name);
+            return Acquire::Pending;
+        };
+        let host = self.host[pos].1.clone();
+        let need_pages: usize = host
+            .modules
+            .iter()
+            .map(|m| {
+                let (i, o) = m.kind.dims(&self.cfg);
+                m.rank * (i + o) / self.pages.block_size()
+            })
+            .sum();
+        let bytes = need_pages * self.page_bytes;
+        if bytes > budget.total() {
+            return Acquire::Failed(EngineError::AdapterLoad {
+                name: name.into(),
+                reason: format!("needs {bytes} B of device memory, more than the whole budget ({} B)", budget.total()),
+            });
+        }
+        if !self.make_room(bytes, budget) {
+            return Acquire::Pending;
+        }
+        match LoraAdapter::upload(name, &host.modules, &self.cfg, &self.backend, &mut self.pool, &mut self.pages) {
+            Ok(a) => {
+                budget.take_adapter(bytes);
+                self.stats.uploads += 1;
+                self.stats.host_hits += 1;
+                let adapter = Arc::new(a);
+                self.device.insert(name.into(), Device { adapter: adapter.clone(), bytes, last_used: self.clock });
+                Acquire::Ready(adapter)
+            }
+            Err(e) => Acquire::Failed(EngineError::AdapterLoad { name: name.into(), reason: e.to_string() }),
+        }
+    }
+
+    /// Evicts idle, unpinned device adapters (least recently used first) until `bytes` fit.
+    fn make_room(&mut self, bytes: usize, budget: &mut MemoryBudget) -> bool {
+        self.reclaim(budget);
+        while budget.free() < bytes {
+            let victim = self
+                .device
+                .iter()
+                .filter(|(n, d)| Arc::strong_count(&d.adapter) == 1 && !self.registry.get(*n).is_some_and(|r| r.pinned))
+                .min_by_key(|(_, d)| d.last_used)
+                .map(|(n, _)| n.clone());
+            let Some(victim) = victim else { return false };
+            if let Some(d) = self.device.remove(&victim) {
+                self.stats.device_evictions += 1;
+                self.retire(d, budget);
+            }
+        }
+        true
+    }
+
+    /// Frees device memory for KV blocks by evicting idle adapters; true if `bytes` now fit.
+    pub fn yield_memory(&mut self, bytes: usize, budget: &mut MemoryBudget) -> bool {
+        self.make_room(bytes, budget)
+    }
+
+    pub fn info(&self) -> Vec<AdapterInfo> {
+        let mut out: Vec<AdapterInfo> = self
+            .registry
+            .iter()
+            .map(|(name, r)| {
+                let host = self.host.iter().find(|(n, _)| n == name).map(|(_, h)| h.clone());
+                let (tier, in_flight) = match self.device.get(name) {
+                    Some(d) => (Tier::Device, Arc::strong_count(&d.adapter) - 1),
+                    None if host.is_some() => (Tier::Host, 0),
+                    None if self.loading.contains(name) => (Tier::Loading, 0),
+                    None => (Tier::Disk, 0),
+                };
+                AdapterInfo {
+                    name: name.clone(),
+                    path: r.path.clone(),
+                    tier,
+                    pinned: r.pinned,
+                    rank: host.as_ref().map_or(0, |h| h.max_rank()),
+                    bytes: host.as_ref().map_or(0, |h| h.bytes()),
+                    in_flight,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// Pages currently allocated (device tier plus retired-but-leased).
+    pub fn pages_in_use(&self) -> usize {
+        self.pages.total() - self.pages.num_free()
+    }
+}

@@ -1,0 +1,71 @@
+//! The handle the API holds: starts the scheduler thread and talks to it through commands.
+
+use std::path::PathBuf;
+use std::sync::mpsc;
+
+use quiver_model::Llama;
+use quiver_tensor::Backend;
+use tokio::sync::{mpsc as tmpsc, oneshot};
+
+use crate::adapters::AdapterInfo;
+use crate::error::EngineError;
+use crate::request::{Command, EngineStats, Event, GenerateRequest};
+use crate::scheduler::Scheduler;
+use crate::EngineConfig;
+
+#[derive(Clone)]
+pub struct Engine {
+    commands: mpsc::Sender<Command>,
+}
+
+impl Engine {
+    /// Sizes the KV cache and the adapter page pool from one memory budget and starts the
+    /// scheduler on its own OS thread (tensor work never runs on the async runtime).
+    pub fn start<B: Backend>(model: Llama<B>, eos: Vec<u32>, cfg: EngineConfig) -> Result<Engine, EngineError> {
+        let scheduler = Scheduler::build(model, eos, cfg)?;
+        let (commands, rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("quiver-scheduler".into())
+            .spawn(move || scheduler.run(rx))
+            .map_err(|e| EngineError::Model(format!("cannot start the scheduler thread: {e}")))?;
+        Ok(Engine { commands })
+    }
+
+    fn send(&self, cmd: Command) -> Result<(), EngineError> {
+        self.commands.send(cmd).map_err(|_| EngineError::Stopped)
+    }
+
+    /// Queues a request; its tokens arrive on the returned channel. Dropping the receiver
+    /// cancels the request at the next step.
+    pub fn submit(&self, request: GenerateRequest) -> Result<tmpsc::UnboundedReceiver<Event>, EngineError> {
+        let (events, rx) = tmpsc::unbounded_channel();
+        self.send(Command::Submit { request, events })?;
+        Ok(rx)
+    }
+
+    fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<oneshot::Receiver<T>, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(make(tx))?;
+        Ok(rx)
+    }
+
+    pub fn register_adapter(&self, name: &str, path: PathBuf, pinned: bool) -> Result<oneshot::Receiver<Result<(), EngineError>>, EngineError> {
+        self.ask(|reply| Command::RegisterAdapter { name: name.into(), path, pinned, reply })
+    }
+
+    pub fn unregister_adapter(&self, name: &str) -> Result<oneshot::Receiver<Result<(), EngineError>>, EngineError> {
+        self.ask(|reply| Command::UnregisterAdapter { name: name.into(), reply })
+    }
+
+    pub fn pin_adapter(&self, name: &str, pinned: bool) -> Result<oneshot::Receiver<Result<(), EngineError>>, EngineError> {
+        self.ask(|reply| Command::PinAdapter { name: name.into(), pinned, reply })
+    }
+
+    pub fn adapters(&self) -> Result<oneshot::Receiver<Vec<AdapterInfo>>, EngineError> {
+        self.ask(|reply| Command::Adapters { reply })
+    }
+
+    pub fn stats(&self) -> Result<oneshot::Receiver<EngineStats>, EngineError> {
+        self.ask(|reply| Command::Stats { reply })
+    }
+}
