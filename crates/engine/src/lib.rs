@@ -5,6 +5,7 @@ pub mod adapters;
 pub mod engine;
 pub mod error;
 pub mod memory;
+pub mod output;
 pub mod queue;
 pub mod request;
 pub mod sampling;
