@@ -15,7 +15,9 @@ use quiver_tensor::cpu::CpuBackend;
 
 /// Deterministic prompt ids spread over the small tokenizer's range.
 fn prompt(len: usize, salt: u32) -> Vec<u32> {
-    (0..len as u32).map(|i| (i.wrapping_mul(2654435761).wrapping_add(salt * 97)) % 500 + 3).collect()
+    (0..len as u32)
+        .map(|i| (i.wrapping_mul(2654435761).wrapping_add(salt * 97)) % 500 + 3)
+        .collect()
 }
 
 /// Prefills `batch` sequences of `prompt_len`, then times `steps` decode steps over all of them.
@@ -26,7 +28,8 @@ fn decode_tps(model: &Llama<CpuBackend>, batch: usize, prompt_len: usize, steps:
     let mut seqs = vec![SequenceCache::default(); batch];
     let mut b = BatchBuilder::new();
     for (i, s) in seqs.iter_mut().enumerate() {
-        s.reserve(&mut alloc, prompt_len + steps).map_err(|_| anyhow::anyhow!("out of KV blocks"))?;
+        s.reserve(&mut alloc, prompt_len + steps)
+            .map_err(|_| anyhow::anyhow!("out of KV blocks"))?;
         b.push(s, BLOCK_SIZE, &prompt(prompt_len, i as u32), true);
     }
     model.forward(&b.finish(), &mut kv)?;
@@ -45,7 +48,8 @@ fn prefill_tps(model: &Llama<CpuBackend>, len: usize) -> anyhow::Result<f64> {
     let mut alloc = BlockAllocator::new(len.div_ceil(BLOCK_SIZE), BLOCK_SIZE);
     let mut kv = model.new_kv_pool(alloc.total(), BLOCK_SIZE)?;
     let mut s = SequenceCache::default();
-    s.reserve(&mut alloc, len).map_err(|_| anyhow::anyhow!("out of KV blocks"))?;
+    s.reserve(&mut alloc, len)
+        .map_err(|_| anyhow::anyhow!("out of KV blocks"))?;
     let mut b = BatchBuilder::new();
     b.push(&mut s, BLOCK_SIZE, &prompt(len, 1), true);
     let input = b.finish();
@@ -69,14 +73,22 @@ fn main() -> anyhow::Result<()> {
     let gbps = measure_read_bandwidth_gbps(2);
     let bytes = model.weight_bytes() as f64;
     let bound = gbps * 1e9 / bytes;
-    println!("model: {} ({:.3} GB of weights read per decode step), {}", dir.display(), bytes / 1e9, model.backend_name());
+    println!(
+        "model: {} ({:.3} GB of weights read per decode step), {}",
+        dir.display(),
+        bytes / 1e9,
+        model.backend_name()
+    );
     println!("streaming read bandwidth (2 threads): {gbps:.1} GB/s → batch-1 bound {bound:.1} tokens/s\n");
     println!("| workload | tokens/s | note |");
     println!("|---|---:|---|");
     let p = best_of(2, || prefill_tps(model, 512))?;
     println!("| prefill, 512-token prompt | {p:.1} | one forward over the whole prompt |");
     let d1 = best_of(2, || decode_tps(model, 1, 32, 24))?;
-    println!("| decode, batch 1 | {d1:.1} | {:.0}% of the bound |", 100.0 * d1 / bound);
+    println!(
+        "| decode, batch 1 | {d1:.1} | {:.0}% of the bound |",
+        100.0 * d1 / bound
+    );
     for batch in [8, 32] {
         let d = best_of(2, || decode_tps(model, batch, 32, 12))?;
         println!("| decode, batch {batch} | {d:.1} | {:.1}× batch 1 |", d / d1);

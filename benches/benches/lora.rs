@@ -20,6 +20,9 @@ use quiver_tensor::{Backend, DType, LoraSegment};
 
 const BATCH: usize = 32;
 
+/// The adapter of each batch row (None = base model).
+type RowAdapters = Vec<Option<Arc<LoraAdapter>>>;
+
 /// A random all-linear adapter of `rank` (values small enough to keep activations sane).
 fn random_adapter(cfg: &ModelConfig, rank: usize, seed: u64) -> Vec<HostLoraModule> {
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -35,14 +38,26 @@ fn random_adapter(cfg: &ModelConfig, rank: usize, seed: u64) -> Vec<HostLoraModu
             let (i, o) = kind.dims(cfg);
             let a = (0..rank * i).map(|_| rnd()).collect();
             let b = (0..o * rank).map(|_| rnd()).collect();
-            out.push(HostLoraModule { layer, kind, rank, scale: 2.0, a, b });
+            out.push(HostLoraModule {
+                layer,
+                kind,
+                rank,
+                scale: 2.0,
+                a,
+                b,
+            });
         }
     }
     out
 }
 
 /// Decode tokens/s of `BATCH` rows, row `i` on `adapters[i]` (None = base).
-fn decode_tps(model: &Llama<CpuBackend>, pool: &CpuPagePool, adapters: &[Option<Arc<LoraAdapter>>], steps: usize) -> anyhow::Result<f64> {
+fn decode_tps(
+    model: &Llama<CpuBackend>,
+    pool: &CpuPagePool,
+    adapters: &[Option<Arc<LoraAdapter>>],
+    steps: usize,
+) -> anyhow::Result<f64> {
     let prompt_len = 16;
     let blocks = BATCH * (prompt_len + steps).div_ceil(BLOCK_SIZE);
     let mut alloc = BlockAllocator::new(blocks, BLOCK_SIZE);
@@ -50,8 +65,11 @@ fn decode_tps(model: &Llama<CpuBackend>, pool: &CpuPagePool, adapters: &[Option<
     let mut seqs = vec![SequenceCache::default(); BATCH];
     let mut b = BatchBuilder::new();
     for (i, s) in seqs.iter_mut().enumerate() {
-        s.reserve(&mut alloc, prompt_len + steps).map_err(|_| anyhow!("out of KV blocks"))?;
-        let prompt: Vec<u32> = (0..prompt_len as u32).map(|t| (t * 31 + i as u32 * 7) % 500 + 3).collect();
+        s.reserve(&mut alloc, prompt_len + steps)
+            .map_err(|_| anyhow!("out of KV blocks"))?;
+        let prompt: Vec<u32> = (0..prompt_len as u32)
+            .map(|t| (t * 31 + i as u32 * 7) % 500 + 3)
+            .collect();
         b.push_with_adapter(s, BLOCK_SIZE, &prompt, true, adapters[i].as_ref());
     }
     model.forward_with_adapters(&b.finish(), &mut kv, Some(pool))?;
@@ -59,7 +77,13 @@ fn decode_tps(model: &Llama<CpuBackend>, pool: &CpuPagePool, adapters: &[Option<
     for step in 0..steps {
         let mut b = BatchBuilder::new();
         for (i, s) in seqs.iter_mut().enumerate() {
-            b.push_with_adapter(s, BLOCK_SIZE, &[(step as u32 * 13) % 500 + 3], true, adapters[i].as_ref());
+            b.push_with_adapter(
+                s,
+                BLOCK_SIZE,
+                &[(step as u32 * 13) % 500 + 3],
+                true,
+                adapters[i].as_ref(),
+            );
         }
         model.forward_with_adapters(&b.finish(), &mut kv, Some(pool))?;
     }
@@ -77,22 +101,40 @@ struct AdapterSet {
 impl AdapterSet {
     fn build(model: &Llama<CpuBackend>, page: usize, dtype: DType, mixed_ranks: &[usize]) -> anyhow::Result<Self> {
         let cfg = &model.cfg;
-        let per_rank: usize = ModuleKind::ALL.iter().map(|k| (k.dims(cfg).0 + k.dims(cfg).1) / page).sum::<usize>() * cfg.num_layers;
+        let per_rank: usize = ModuleKind::ALL
+            .iter()
+            .map(|k| (k.dims(cfg).0 + k.dims(cfg).1) / page)
+            .sum::<usize>()
+            * cfg.num_layers;
         let total_rank = 33 * 16 + mixed_ranks.iter().sum::<usize>();
         let mut pages = BlockAllocator::new(per_rank * total_rank, page);
         let mut pool = model.backend.new_page_pool(page, pages.total(), dtype)?;
         let mut upload = |name: &str, rank: usize, seed: u64| -> anyhow::Result<Arc<LoraAdapter>> {
             let host = random_adapter(cfg, rank, seed);
-            Ok(Arc::new(LoraAdapter::upload(name, &host, cfg, &model.backend, &mut pool, &mut pages)?))
+            Ok(Arc::new(LoraAdapter::upload(
+                name,
+                &host,
+                cfg,
+                &model.backend,
+                &mut pool,
+                &mut pages,
+            )?))
         };
         let one = upload("one", 16, 1)?;
-        let distinct = (0..BATCH).map(|i| upload(&format!("r16-{i}"), 16, 100 + i as u64).map(Some)).collect::<Result<_, _>>()?;
+        let distinct = (0..BATCH)
+            .map(|i| upload(&format!("r16-{i}"), 16, 100 + i as u64).map(Some))
+            .collect::<Result<_, _>>()?;
         let mixed = mixed_ranks
             .iter()
             .enumerate()
             .map(|(i, &r)| upload(&format!("mixed-{i}"), r, 200 + i as u64).map(Some))
             .collect::<Result<_, _>>()?;
-        Ok(AdapterSet { pool, one, distinct, mixed })
+        Ok(AdapterSet {
+            pool,
+            one,
+            distinct,
+            mixed,
+        })
     }
 }
 
@@ -108,9 +150,13 @@ fn main() -> anyhow::Result<()> {
     let f32s = AdapterSet::build(&bundle.model, page, DType::F32, &[])?;
     // Rounds interleave the configurations so that machine noise hits them alike; best of 3.
     let m = &bundle.model;
-    let configs: [(&str, &CpuPagePool, Vec<Option<Arc<LoraAdapter>>>); 5] = [
+    let configs: [(&str, &CpuPagePool, RowAdapters); 5] = [
         ("(a) base only", &bf16.pool, vec![None; BATCH]),
-        ("(b) one rank-16 all-linear adapter", &bf16.pool, vec![Some(bf16.one.clone()); BATCH]),
+        (
+            "(b) one rank-16 all-linear adapter",
+            &bf16.pool,
+            vec![Some(bf16.one.clone()); BATCH],
+        ),
         ("(c) 32 different rank-16 adapters", &bf16.pool, bf16.distinct.clone()),
         ("(d) 32 adapters, ranks 8/16/32/64", &bf16.pool, bf16.mixed.clone()),
         ("(c) with f32 pages", &f32s.pool, f32s.distinct.clone()),
@@ -133,20 +179,40 @@ fn main() -> anyhow::Result<()> {
         merged = merged.max(decode_tps(&bundle.model, &bf16.pool, &vec![None; BATCH], 8)?);
     }
     bundle.model.unmerge();
-    println!("| (b') the same adapter merged into the base | {merged:.1} | {:.2} |", merged / base);
+    println!(
+        "| (b') the same adapter merged into the base | {merged:.1} | {:.2} |",
+        merged / base
+    );
 
     // Kernel micro-benchmark: 32 single-token segments (BGMV) on the gate projection of layer
     // 0, each on its own rank-16 adapter; every adapter's A and Bᵀ pages must be read once.
     let (in_f, out_f) = ModuleKind::Gate.dims(&cfg);
-    let modules: Vec<_> = bf16.distinct.iter().flatten().map(|a| a.module(0, ModuleKind::Gate).cloned()).collect::<Option<Vec<_>>>().ok_or_else(|| anyhow!("module"))?;
-    let segments: Vec<LoraSegment> = modules.iter().enumerate().map(|(i, m)| LoraSegment { start: i, len: 1, module: m }).collect();
+    let modules: Vec<_> = bf16
+        .distinct
+        .iter()
+        .flatten()
+        .map(|a| a.module(0, ModuleKind::Gate).cloned())
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| anyhow!("module"))?;
+    let segments: Vec<LoraSegment> = modules
+        .iter()
+        .enumerate()
+        .map(|(i, m)| LoraSegment {
+            start: i,
+            len: 1,
+            module: m,
+        })
+        .collect();
     let x = vec![0.01f32; BATCH * in_f];
     let mut y = vec![0.0f32; BATCH * out_f];
     let bytes = (BATCH * 16 * (in_f + out_f) * 2) as f64;
     let reps = 50;
     let t = Instant::now();
     for _ in 0..reps {
-        bundle.model.backend.lora(&bf16.pool, &x, &mut y, in_f, out_f, &segments)?;
+        bundle
+            .model
+            .backend
+            .lora(&bf16.pool, &x, &mut y, in_f, out_f, &segments)?;
     }
     let secs = t.elapsed().as_secs_f64() / reps as f64;
     let gbps = measure_read_bandwidth_gbps(2);

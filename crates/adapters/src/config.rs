@@ -98,33 +98,46 @@ fn ferr(field: &str, reason: impl Into<String>) -> FieldError {
 }
 
 fn pos_int(field: &str, v: &Value) -> Result<usize, FieldError> {
-    v.as_u64().filter(|&n| n > 0).map(|n| n as usize).ok_or_else(|| ferr(field, format!("expected a positive integer, got {v}")))
+    v.as_u64()
+        .filter(|&n| n > 0)
+        .map(|n| n as usize)
+        .ok_or_else(|| ferr(field, format!("expected a positive integer, got {v}")))
 }
 
 fn number(field: &str, v: &Value) -> Result<f64, FieldError> {
-    v.as_f64().filter(|x| x.is_finite()).ok_or_else(|| ferr(field, format!("expected a number, got {v}")))
+    v.as_f64()
+        .filter(|x| x.is_finite())
+        .ok_or_else(|| ferr(field, format!("expected a number, got {v}")))
 }
 
 /// PEFT's `get_pattern_key`: the pattern `p` matches a module name when `(.*\.)?(p)$` matches
 /// from its start.
 fn pattern_regex(field: &str, p: &str) -> Result<Regex, FieldError> {
-    Regex::new(&format!(r"^(?:.*\.)?(?:{p})$")).map_err(|e| ferr(&format!("{field}.{p}"), format!("invalid regex: {e}")))
+    Regex::new(&format!(r"^(?:.*\.)?(?:{p})$"))
+        .map_err(|e| ferr(&format!("{field}.{p}"), format!("invalid regex: {e}")))
 }
 
 fn parse_targets(field: &str, v: &Value) -> Result<Targets, FieldError> {
     match v {
-        Value::String(s) if s == "all-linear" => {
-            Ok(Targets::List(ModuleKind::ALL.iter().map(|k| k.proj_name().to_string()).collect()))
-        }
-        Value::String(s) => {
-            Regex::new(&format!("^(?:{s})$")).map(Targets::Regex).map_err(|e| ferr(field, format!("invalid regex: {e}")))
-        }
+        Value::String(s) if s == "all-linear" => Ok(Targets::List(
+            ModuleKind::ALL.iter().map(|k| k.proj_name().to_string()).collect(),
+        )),
+        Value::String(s) => Regex::new(&format!("^(?:{s})$"))
+            .map(Targets::Regex)
+            .map_err(|e| ferr(field, format!("invalid regex: {e}"))),
         Value::Array(items) => items
             .iter()
-            .map(|i| i.as_str().map(str::to_string).ok_or_else(|| ferr(field, format!("expected strings, got {i}"))))
+            .map(|i| {
+                i.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| ferr(field, format!("expected strings, got {i}")))
+            })
             .collect::<Result<_, _>>()
             .map(Targets::List),
-        other => Err(ferr(field, format!("expected a list, a regex string or \"all-linear\", got {other}"))),
+        other => Err(ferr(
+            field,
+            format!("expected a list, a regex string or \"all-linear\", got {other}"),
+        )),
     }
 }
 
@@ -148,7 +161,10 @@ impl LoraConfig {
             return Err(ferr("use_dora", "DoRA adapters are not supported"));
         }
         if let Some(b) = raw.bias.as_deref().filter(|b| *b != "none") {
-            return Err(ferr("bias", format!("`{b}` (only \"none\": trained biases are not supported)")));
+            return Err(ferr(
+                "bias",
+                format!("`{b}` (only \"none\": trained biases are not supported)"),
+            ));
         }
         if raw.lora_bias == Some(true) {
             return Err(ferr("lora_bias", "LoRA biases are not supported"));
@@ -187,29 +203,55 @@ impl LoraConfig {
             .rank_pattern
             .0
             .iter()
-            .map(|(k, v)| Ok((pattern_regex("rank_pattern", k)?, pos_int(&format!("rank_pattern.{k}"), v)?)))
+            .map(|(k, v)| {
+                Ok((
+                    pattern_regex("rank_pattern", k)?,
+                    pos_int(&format!("rank_pattern.{k}"), v)?,
+                ))
+            })
             .collect::<Result<_, FieldError>>()?;
         let alpha_pattern = raw
             .alpha_pattern
             .0
             .iter()
-            .map(|(k, v)| Ok((pattern_regex("alpha_pattern", k)?, number(&format!("alpha_pattern.{k}"), v)?)))
+            .map(|(k, v)| {
+                Ok((
+                    pattern_regex("alpha_pattern", k)?,
+                    number(&format!("alpha_pattern.{k}"), v)?,
+                ))
+            })
             .collect::<Result<_, FieldError>>()?;
         let layers_to_transform = match &raw.layers_to_transform {
             None | Some(Value::Null) => None,
-            Some(Value::Number(n)) => Some(vec![n.as_u64().ok_or_else(|| ferr("layers_to_transform", "negative"))? as usize]),
+            Some(Value::Number(n)) => Some(vec![
+                n.as_u64().ok_or_else(|| ferr("layers_to_transform", "negative"))? as usize
+            ]),
             Some(Value::Array(a)) => Some(
                 a.iter()
-                    .map(|v| v.as_u64().map(|n| n as usize).ok_or_else(|| ferr("layers_to_transform", format!("{v} is not a layer index"))))
+                    .map(|v| {
+                        v.as_u64()
+                            .map(|n| n as usize)
+                            .ok_or_else(|| ferr("layers_to_transform", format!("{v} is not a layer index")))
+                    })
                     .collect::<Result<_, _>>()?,
             ),
-            Some(other) => return Err(ferr("layers_to_transform", format!("expected an integer or a list, got {other}"))),
+            Some(other) => {
+                return Err(ferr(
+                    "layers_to_transform",
+                    format!("expected an integer or a list, got {other}"),
+                ))
+            }
         };
         match &raw.layers_pattern {
             None | Some(Value::Null) => {}
             Some(Value::String(s)) if s == "layers" => {}
             Some(Value::Array(a)) if a.iter().all(|v| v.as_str() == Some("layers")) => {}
-            Some(other) => return Err(ferr("layers_pattern", format!("{other} (these models only have `layers`)"))),
+            Some(other) => {
+                return Err(ferr(
+                    "layers_pattern",
+                    format!("{other} (these models only have `layers`)"),
+                ))
+            }
         }
         Ok(LoraConfig {
             r,
@@ -234,27 +276,55 @@ impl LoraConfig {
                     continue;
                 }
                 let layer_ok = match (&self.targets, &self.layers_to_transform) {
-                    (Targets::List(list), Some(layers)) if !list.iter().any(|t| *t == name) => layers.contains(&layer),
+                    (Targets::List(list), Some(layers)) if !list.contains(&name) => layers.contains(&layer),
                     _ => true,
                 };
                 if !layer_ok {
                     continue;
                 }
-                let rank = self.rank_pattern.iter().find(|(re, _)| re.is_match(&name)).map_or(self.r, |(_, r)| *r);
-                let alpha = self.alpha_pattern.iter().find(|(re, _)| re.is_match(&name)).map_or(self.lora_alpha, |(_, a)| *a);
-                let scale = if self.use_rslora { alpha / (rank as f64).sqrt() } else { alpha / rank as f64 };
-                out.push(TargetModule { layer, kind, rank, scale: scale as f32 });
+                let rank = self
+                    .rank_pattern
+                    .iter()
+                    .find(|(re, _)| re.is_match(&name))
+                    .map_or(self.r, |(_, r)| *r);
+                let alpha = self
+                    .alpha_pattern
+                    .iter()
+                    .find(|(re, _)| re.is_match(&name))
+                    .map_or(self.lora_alpha, |(_, a)| *a);
+                let scale = if self.use_rslora {
+                    alpha / (rank as f64).sqrt()
+                } else {
+                    alpha / rank as f64
+                };
+                out.push(TargetModule {
+                    layer,
+                    kind,
+                    rank,
+                    scale: scale as f32,
+                });
             }
         }
         if let Targets::List(list) = &self.targets {
-            let all: Vec<String> = (0..model.num_layers).flat_map(|l| ModuleKind::ALL.map(|k| k.path(l))).collect();
-            if let Some(t) = list.iter().find(|t| !all.iter().any(|n| n == *t || n.ends_with(&format!(".{t}")))) {
-                return Err(ferr("target_modules", format!("`{t}` is not a module of this model (supported: q/k/v/o/gate/up/down_proj)")));
+            let all: Vec<String> = (0..model.num_layers)
+                .flat_map(|l| ModuleKind::ALL.map(|k| k.path(l)))
+                .collect();
+            if let Some(t) = list
+                .iter()
+                .find(|t| !all.iter().any(|n| n == *t || n.ends_with(&format!(".{t}"))))
+            {
+                return Err(ferr(
+                    "target_modules",
+                    format!("`{t}` is not a module of this model (supported: q/k/v/o/gate/up/down_proj)"),
+                ));
             }
         }
         if let Some(layers) = &self.layers_to_transform {
             if let Some(l) = layers.iter().find(|&&l| l >= model.num_layers) {
-                return Err(ferr("layers_to_transform", format!("layer {l} but the model has {}", model.num_layers)));
+                return Err(ferr(
+                    "layers_to_transform",
+                    format!("layer {l} but the model has {}", model.num_layers),
+                ));
             }
         }
         if out.is_empty() {

@@ -21,7 +21,16 @@ const TIE_MARGIN: f32 = 1e-3;
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| if x.is_nan() || y.is_nan() { f32::INFINITY } else { (x - y).abs() }).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| {
+            if x.is_nan() || y.is_nan() {
+                f32::INFINITY
+            } else {
+                (x - y).abs()
+            }
+        })
+        .fold(0.0, f32::max)
 }
 
 struct Loaded {
@@ -46,7 +55,17 @@ fn load(base: &str) -> Result<(tempfile::TempDir, quiver_testkit::LoraGolden, Lo
         host.insert(name.clone(), h);
         device.insert(name.clone(), Arc::new(d));
     }
-    Ok((dir, golden, Loaded { bundle, pool, pages, host, device }))
+    Ok((
+        dir,
+        golden,
+        Loaded {
+            bundle,
+            pool,
+            pages,
+            host,
+            device,
+        },
+    ))
 }
 
 fn check_base(base: &str) -> Result<()> {
@@ -59,17 +78,28 @@ fn check_base(base: &str) -> Result<()> {
         let mut alloc = BlockAllocator::new(16, BLOCK_SIZE);
         let mut kv = model.new_kv_pool(alloc.total(), BLOCK_SIZE)?;
         let mut seq = SequenceCache::default();
-        seq.reserve(&mut alloc, s.ids.len()).map_err(|_| anyhow!("out of blocks"))?;
+        seq.reserve(&mut alloc, s.ids.len())
+            .map_err(|_| anyhow!("out of blocks"))?;
         let mut b = BatchBuilder::new();
         b.push_with_adapter(&mut seq, BLOCK_SIZE, &s.ids, true, Some(adapter));
-        let logits = model.backend.download(&model.forward_with_adapters(&b.finish(), &mut kv, Some(&l.pool))?)?;
+        let logits = model
+            .backend
+            .download(&model.forward_with_adapters(&b.finish(), &mut kv, Some(&l.pool))?)?;
         let d = max_abs_diff(&logits, &s.last_logits);
-        ensure!(d <= LOGIT_TOL, "{base} single {i} ({}): logits differ by {d}", s.adapter);
+        ensure!(
+            d <= LOGIT_TOL,
+            "{base} single {i} ({}): logits differ by {d}",
+            s.adapter
+        );
         // Greedy decoding, one token a step.
         let got = generate_greedy(model, &s.ids, s.greedy.len(), &[], Some((&l.pool, adapter)), |_| {})?;
         for (step, (g, w)) in got.iter().zip(&s.greedy).enumerate() {
             if g != w {
-                ensure!(s.greedy_margins[step] < TIE_MARGIN, "{base} single {i} ({}): greedy step {step} {g} vs {w}", s.adapter);
+                ensure!(
+                    s.greedy_margins[step] < TIE_MARGIN,
+                    "{base} single {i} ({}): greedy step {step} {g} vs {w}",
+                    s.adapter
+                );
                 break;
             }
         }
@@ -84,10 +114,21 @@ fn check_base(base: &str) -> Result<()> {
         l.bundle.model.merge(&s.adapter, &host.modules)?;
         let got = last_logits(&l.bundle, &s.ids)?;
         let d = max_abs_diff(&got, &s.last_logits);
-        ensure!(d <= LOGIT_TOL, "{base} merged {i} ({}): logits differ by {d}", s.adapter);
-        ensure!(l.bundle.model.unmerge().as_deref() == Some(s.adapter.as_str()), "unmerge returned another name");
+        ensure!(
+            d <= LOGIT_TOL,
+            "{base} merged {i} ({}): logits differ by {d}",
+            s.adapter
+        );
+        ensure!(
+            l.bundle.model.unmerge().as_deref() == Some(s.adapter.as_str()),
+            "unmerge returned another name"
+        );
         let d = max_abs_diff(&last_logits(&l.bundle, &prompt.ids)?, &prompt.last_logits);
-        ensure!(d <= LOGIT_TOL, "{base}: after unmerging {} the base logits differ by {d}", s.adapter);
+        ensure!(
+            d <= LOGIT_TOL,
+            "{base}: after unmerging {} the base logits differ by {d}",
+            s.adapter
+        );
     }
 
     // Mixed batch: every row in one ragged forward, each with its own adapter (or none).
@@ -98,20 +139,33 @@ fn check_base(base: &str) -> Result<()> {
     let mut b = BatchBuilder::new();
     let mut seqs = vec![SequenceCache::default(); rows.len()];
     for (row, seq) in rows.iter().zip(seqs.iter_mut()) {
-        seq.reserve(&mut alloc, row.ids.len()).map_err(|_| anyhow!("out of blocks"))?;
-        let adapter = row.adapter.as_ref().map(|n| l.device.get(n).context("unknown adapter")).transpose()?;
+        seq.reserve(&mut alloc, row.ids.len())
+            .map_err(|_| anyhow!("out of blocks"))?;
+        let adapter = row
+            .adapter
+            .as_ref()
+            .map(|n| l.device.get(n).context("unknown adapter"))
+            .transpose()?;
         b.push_with_adapter(seq, BLOCK_SIZE, &row.ids, true, adapter);
     }
-    let logits = model.backend.download(&model.forward_with_adapters(&b.finish(), &mut kv, Some(&l.pool))?)?;
+    let logits = model
+        .backend
+        .download(&model.forward_with_adapters(&b.finish(), &mut kv, Some(&l.pool))?)?;
     for (i, want) in golden.mixed.last_logits.iter().enumerate() {
         let d = max_abs_diff(&logits[i * vocab..(i + 1) * vocab], want);
-        ensure!(d <= LOGIT_TOL, "{base} mixed row {i} ({:?}): logits differ by {d}", rows[i].adapter);
+        ensure!(
+            d <= LOGIT_TOL,
+            "{base} mixed row {i} ({:?}): logits differ by {d}",
+            rows[i].adapter
+        );
     }
 
     // Every page comes back.
     let total = l.pages.total();
     for (_, a) in std::mem::take(&mut l.device) {
-        Arc::try_unwrap(a).map_err(|_| anyhow!("adapter still shared"))?.release(&mut l.pages);
+        Arc::try_unwrap(a)
+            .map_err(|_| anyhow!("adapter still shared"))?
+            .release(&mut l.pages);
     }
     ensure!(l.pages.num_free() == total, "adapter pages leaked");
     Ok(())
@@ -122,7 +176,8 @@ fn last_logits(bundle: &ModelBundle<CpuBackend>, ids: &[u32]) -> Result<Vec<f32>
     let mut alloc = BlockAllocator::new(16, BLOCK_SIZE);
     let mut kv = model.new_kv_pool(alloc.total(), BLOCK_SIZE)?;
     let mut seq = SequenceCache::default();
-    seq.reserve(&mut alloc, ids.len()).map_err(|_| anyhow!("out of blocks"))?;
+    seq.reserve(&mut alloc, ids.len())
+        .map_err(|_| anyhow!("out of blocks"))?;
     let mut b = BatchBuilder::new();
     b.push(&mut seq, BLOCK_SIZE, ids, true);
     Ok(model.backend.download(&model.forward(&b.finish(), &mut kv)?)?)

@@ -31,7 +31,10 @@ fn fixture() -> Fixture {
 fn load(f: &Fixture) -> Result<(), String> {
     load_peft_adapter("bad-one", &f.dir, &f.cfg).map(|_| ()).map_err(|e| {
         let msg = e.to_string();
-        assert!(msg.contains("adapter `bad-one`"), "error does not name the adapter: {msg}");
+        assert!(
+            msg.contains("adapter `bad-one`"),
+            "error does not name the adapter: {msg}"
+        );
         msg
     })
 }
@@ -44,7 +47,10 @@ fn edit_config(f: &Fixture, edit: impl FnOnce(&mut Value)) {
 }
 
 /// Rewrites adapter_model.safetensors, letting `edit` change or drop each tensor.
-fn edit_tensors(dir: &Path, mut edit: impl FnMut(&str, Dtype, Vec<usize>, Vec<u8>) -> Option<(Dtype, Vec<usize>, Vec<u8>)>) {
+fn edit_tensors(
+    dir: &Path,
+    mut edit: impl FnMut(&str, Dtype, Vec<usize>, Vec<u8>) -> Option<(Dtype, Vec<usize>, Vec<u8>)>,
+) {
     let path = dir.join("adapter_model.safetensors");
     let bytes = std::fs::read(&path).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
@@ -54,8 +60,10 @@ fn edit_tensors(dir: &Path, mut edit: impl FnMut(&str, Dtype, Vec<usize>, Vec<u8
             out.push((name, d, s, b));
         }
     }
-    let views: Vec<(String, TensorView)> =
-        out.iter().map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
+    let views: Vec<(String, TensorView)> = out
+        .iter()
+        .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
     std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
 }
 
@@ -106,7 +114,13 @@ fn wrong_shape() {
 #[test]
 fn wrong_dtype() {
     let f = fixture();
-    edit_tensors(&f.dir, |name, d, s, b| Some(if name.ends_with("0.self_attn.q_proj.lora_A.weight") { (Dtype::I32, s, b) } else { (d, s, b) }));
+    edit_tensors(&f.dir, |name, d, s, b| {
+        Some(if name.ends_with("0.self_attn.q_proj.lora_A.weight") {
+            (Dtype::I32, s, b)
+        } else {
+            (d, s, b)
+        })
+    });
     expect(load(&f), &["layers.0.self_attn.q_proj.lora_A.weight", "dtype I32"]);
 }
 
@@ -119,17 +133,24 @@ fn nan_weights() {
         }
         Some((d, s, b))
     });
-    expect(load(&f), &["layers.1.mlp.down_proj.lora_B.weight", "non-finite", "index 1"]);
+    expect(
+        load(&f),
+        &["layers.1.mlp.down_proj.lora_B.weight", "non-finite", "index 1"],
+    );
 }
 
 #[test]
 fn missing_and_extra_tensors() {
     let f = fixture();
-    edit_tensors(&f.dir, |name, d, s, b| (!name.ends_with("1.self_attn.v_proj.lora_B.weight")).then_some((d, s, b)));
+    edit_tensors(&f.dir, |name, d, s, b| {
+        (!name.ends_with("1.self_attn.v_proj.lora_B.weight")).then_some((d, s, b))
+    });
     expect(load(&f), &["layers.1.self_attn.v_proj.lora_B.weight", "missing"]);
 
     let f = fixture();
-    edit_config(&f, |v| v["target_modules"] = json!(["q_proj", "k_proj", "v_proj", "o_proj"]));
+    edit_config(&f, |v| {
+        v["target_modules"] = json!(["q_proj", "k_proj", "v_proj", "o_proj"])
+    });
     expect(load(&f), &["mlp", "not targeted"]);
 
     // The rewriting helper itself keeps a valid file valid.

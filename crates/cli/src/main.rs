@@ -45,7 +45,8 @@ fn demo_model_dir() -> anyhow::Result<PathBuf> {
     let dir = PathBuf::from("target/demo-model");
     if !dir.join("config.json").exists() {
         let spec = quiver_testkit::spec_by_name(DEMO_MODEL).context("demo model spec")?;
-        quiver_testkit::write_model(&spec, &dir).with_context(|| format!("writing the demo model to {}", dir.display()))?;
+        quiver_testkit::write_model(&spec, &dir)
+            .with_context(|| format!("writing the demo model to {}", dir.display()))?;
         tracing::info!(dir = %dir.display(), "wrote the demo model");
     }
     Ok(dir)
@@ -62,8 +63,14 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let bundle = ModelBundle::load(CpuBackend, &dir, None).with_context(|| format!("loading {}", dir.display()))?;
     let load_s = t0.elapsed().as_secs_f64();
     let prompt_ids = if args.chat {
-        let Some(tmpl) = &bundle.chat_template else { bail!("{} has no chat template", dir.display()) };
-        let text = tmpl.render(&[serde_json::json!({"role": "user", "content": args.prompt})], true, None)?;
+        let Some(tmpl) = &bundle.chat_template else {
+            bail!("{} has no chat template", dir.display())
+        };
+        let text = tmpl.render(
+            &[serde_json::json!({"role": "user", "content": args.prompt})],
+            true,
+            None,
+        )?;
         bundle.tokenizer.encode(&text, false)?
     } else {
         bundle.tokenizer.encode(&args.prompt, true)?
@@ -73,17 +80,24 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let t1 = Instant::now();
     let mut first: Option<f64> = None;
     let mut failed = None;
-    let out = generate_greedy(&bundle.model, &prompt_ids, args.max_tokens, &bundle.eos_token_ids, None, |tok| {
-        first.get_or_insert_with(|| t1.elapsed().as_secs_f64());
-        match decoder.push(&bundle.tokenizer, tok) {
-            Ok(Some(piece)) => {
-                print!("{piece}");
-                let _ = stdout.flush();
+    let out = generate_greedy(
+        &bundle.model,
+        &prompt_ids,
+        args.max_tokens,
+        &bundle.eos_token_ids,
+        None,
+        |tok| {
+            first.get_or_insert_with(|| t1.elapsed().as_secs_f64());
+            match decoder.push(&bundle.tokenizer, tok) {
+                Ok(Some(piece)) => {
+                    print!("{piece}");
+                    let _ = stdout.flush();
+                }
+                Ok(None) => {}
+                Err(e) => failed = Some(e),
             }
-            Ok(None) => {}
-            Err(e) => failed = Some(e),
-        }
-    })?;
+        },
+    )?;
     if let Some(e) = failed {
         return Err(e.into());
     }
@@ -93,7 +107,11 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     println!();
     let total = t1.elapsed().as_secs_f64();
     let ttft = first.unwrap_or(total);
-    let decode_tps = if out.len() > 1 { (out.len() - 1) as f64 / (total - ttft) } else { 0.0 };
+    let decode_tps = if out.len() > 1 {
+        (out.len() - 1) as f64 / (total - ttft)
+    } else {
+        0.0
+    };
     eprintln!(
         "[{}] load {load_s:.2}s · prompt {} tokens in {ttft:.3}s ({:.1} tok/s) · {} tokens, decode {decode_tps:.1} tok/s",
         bundle.model.backend_name(),

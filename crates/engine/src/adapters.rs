@@ -151,13 +151,23 @@ impl<B: Backend> AdapterManager<B> {
             return Err(EngineError::AdapterExists(name.into()));
         }
         self.generation += 1;
-        self.registry.insert(name.into(), Registered { path, pinned, generation: self.generation, failed: None });
+        self.registry.insert(
+            name.into(),
+            Registered {
+                path,
+                pinned,
+                generation: self.generation,
+                failed: None,
+            },
+        );
         Ok(())
     }
 
     /// Forgets `name`. Running requests keep their lease; its pages return when the last ends.
     pub fn unregister(&mut self, name: &str, budget: &mut MemoryBudget) -> Result<(), EngineError> {
-        self.registry.remove(name).ok_or_else(|| EngineError::UnknownAdapter(name.into()))?;
+        self.registry
+            .remove(name)
+            .ok_or_else(|| EngineError::UnknownAdapter(name.into()))?;
         self.host.retain(|(n, _)| n != name);
         self.loading.remove(name);
         if let Some(d) = self.device.remove(name) {
@@ -167,7 +177,10 @@ impl<B: Backend> AdapterManager<B> {
     }
 
     pub fn set_pinned(&mut self, name: &str, pinned: bool) -> Result<(), EngineError> {
-        let r = self.registry.get_mut(name).ok_or_else(|| EngineError::UnknownAdapter(name.into()))?;
+        let r = self
+            .registry
+            .get_mut(name)
+            .ok_or_else(|| EngineError::UnknownAdapter(name.into()))?;
         r.pinned = pinned;
         Ok(())
     }
@@ -202,11 +215,17 @@ impl<B: Backend> AdapterManager<B> {
     pub fn poll(&mut self) {
         while let Ok((name, generation, result)) = self.results.try_recv() {
             self.loading.remove(&name);
-            let Some(reg) = self.registry.get_mut(&name).filter(|r| r.generation == generation) else { continue };
+            let Some(reg) = self.registry.get_mut(&name).filter(|r| r.generation == generation) else {
+                continue;
+            };
             match result {
                 Ok(host) if host.max_rank() > self.max_rank => {
                     self.stats.load_failures += 1;
-                    reg.failed = Some(format!("rank {} exceeds --max-lora-rank {}", host.max_rank(), self.max_rank));
+                    reg.failed = Some(format!(
+                        "rank {} exceeds --max-lora-rank {}",
+                        host.max_rank(),
+                        self.max_rank
+                    ));
                 }
                 Ok(host) => {
                     self.stats.loads += 1;
@@ -237,7 +256,11 @@ impl<B: Backend> AdapterManager<B> {
             return;
         }
         if let Some(reg) = self.registry.get(name).filter(|r| r.failed.is_none()) {
-            if self.jobs.send((name.to_string(), reg.generation, reg.path.clone())).is_ok() {
+            if self
+                .jobs
+                .send((name.to_string(), reg.generation, reg.path.clone()))
+                .is_ok()
+            {
                 self.loading.insert(name.to_string());
             }
         }
@@ -251,7 +274,10 @@ impl<B: Backend> AdapterManager<B> {
         };
         if let Some(reason) = reg.failed.take() {
             // Report once; a later request retries the load.
-            return Acquire::Failed(EngineError::AdapterLoad { name: name.into(), reason });
+            return Acquire::Failed(EngineError::AdapterLoad {
+                name: name.into(),
+                reason,
+            });
         }
         if let Some(d) = self.device.get_mut(name) {
             d.last_used = self.clock;
@@ -275,22 +301,42 @@ impl<B: Backend> AdapterManager<B> {
         if bytes > budget.total() {
             return Acquire::Failed(EngineError::AdapterLoad {
                 name: name.into(),
-                reason: format!("needs {bytes} B of device memory, more than the whole budget ({} B)", budget.total()),
+                reason: format!(
+                    "needs {bytes} B of device memory, more than the whole budget ({} B)",
+                    budget.total()
+                ),
             });
         }
         if !self.make_room(bytes, budget) {
             return Acquire::Pending;
         }
-        match LoraAdapter::upload(name, &host.modules, &self.cfg, &self.backend, &mut self.pool, &mut self.pages) {
+        match LoraAdapter::upload(
+            name,
+            &host.modules,
+            &self.cfg,
+            &self.backend,
+            &mut self.pool,
+            &mut self.pages,
+        ) {
             Ok(a) => {
                 budget.take_adapter(bytes);
                 self.stats.uploads += 1;
                 self.stats.host_hits += 1;
                 let adapter = Arc::new(a);
-                self.device.insert(name.into(), Device { adapter: adapter.clone(), bytes, last_used: self.clock });
+                self.device.insert(
+                    name.into(),
+                    Device {
+                        adapter: adapter.clone(),
+                        bytes,
+                        last_used: self.clock,
+                    },
+                );
                 Acquire::Ready(adapter)
             }
-            Err(e) => Acquire::Failed(EngineError::AdapterLoad { name: name.into(), reason: e.to_string() }),
+            Err(e) => Acquire::Failed(EngineError::AdapterLoad {
+                name: name.into(),
+                reason: e.to_string(),
+            }),
         }
     }
 

@@ -49,16 +49,37 @@ impl Engine {
         Ok(rx)
     }
 
-    pub fn register_adapter(&self, name: &str, path: PathBuf, pinned: bool) -> Result<oneshot::Receiver<Result<(), EngineError>>, EngineError> {
-        self.ask(|reply| Command::RegisterAdapter { name: name.into(), path, pinned, reply })
+    pub fn register_adapter(
+        &self,
+        name: &str,
+        path: PathBuf,
+        pinned: bool,
+    ) -> Result<oneshot::Receiver<Result<(), EngineError>>, EngineError> {
+        self.ask(|reply| Command::RegisterAdapter {
+            name: name.into(),
+            path,
+            pinned,
+            reply,
+        })
     }
 
     pub fn unregister_adapter(&self, name: &str) -> Result<oneshot::Receiver<Result<(), EngineError>>, EngineError> {
-        self.ask(|reply| Command::UnregisterAdapter { name: name.into(), reply })
+        self.ask(|reply| Command::UnregisterAdapter {
+            name: name.into(),
+            reply,
+        })
     }
 
-    pub fn pin_adapter(&self, name: &str, pinned: bool) -> Result<oneshot::Receiver<Result<(), EngineError>>, EngineError> {
-        self.ask(|reply| Command::PinAdapter { name: name.into(), pinned, reply })
+    pub fn pin_adapter(
+        &self,
+        name: &str,
+        pinned: bool,
+    ) -> Result<oneshot::Receiver<Result<(), EngineError>>, EngineError> {
+        self.ask(|reply| Command::PinAdapter {
+            name: name.into(),
+            pinned,
+            reply,
+        })
     }
 
     pub fn adapters(&self) -> Result<oneshot::Receiver<Vec<AdapterInfo>>, EngineError> {

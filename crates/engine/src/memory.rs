@@ -10,7 +10,11 @@ pub struct MemoryBudget {
 
 impl MemoryBudget {
     pub fn new(total: usize) -> Self {
-        MemoryBudget { total, kv: 0, adapters: 0 }
+        MemoryBudget {
+            total,
+            kv: 0,
+            adapters: 0,
+        }
     }
     pub fn total(&self) -> usize {
         self.total

@@ -20,16 +20,27 @@ pub struct Piece {
 
 impl TextStream {
     pub fn new(stops: Vec<String>, skip_special_tokens: bool) -> Result<Self, StopError> {
-        Ok(TextStream { decoder: IncrementalDecoder::new(skip_special_tokens), stop: StopMatcher::new(stops)? })
+        Ok(TextStream {
+            decoder: IncrementalDecoder::new(skip_special_tokens),
+            stop: StopMatcher::new(stops)?,
+        })
     }
 
     pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<Piece, ModelError> {
         if self.stop.stopped().is_some() {
-            return Ok(Piece { text: String::new(), stopped: true });
+            return Ok(Piece {
+                text: String::new(),
+                stopped: true,
+            });
         }
-        let Some(text) = self.decoder.push(tok, id)? else { return Ok(Piece::default()) };
+        let Some(text) = self.decoder.push(tok, id)? else {
+            return Ok(Piece::default());
+        };
         let out = self.stop.push(&text);
-        Ok(Piece { text: out.emit, stopped: out.stopped.is_some() })
+        Ok(Piece {
+            text: out.emit,
+            stopped: out.stopped.is_some(),
+        })
     }
 
     /// The rest of the text once generation ended for another reason (length, EOS).

@@ -24,7 +24,13 @@ pub struct FairQueue<T> {
 
 impl<T> FairQueue<T> {
     pub fn new(policy: Policy) -> Self {
-        FairQueue { policy, fifo: VecDeque::new(), per: HashMap::new(), rotation: VecDeque::new(), len: 0 }
+        FairQueue {
+            policy,
+            fifo: VecDeque::new(),
+            per: HashMap::new(),
+            rotation: VecDeque::new(),
+            len: 0,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -79,7 +85,10 @@ impl<T> FairQueue<T> {
             Policy::AdapterRoundRobin => {
                 let i = (0..self.rotation.len()).find(|&i| {
                     let key = &self.rotation[i];
-                    self.per.get_mut(key).and_then(|q| q.front_mut()).is_some_and(|t| ready(key, t))
+                    self.per
+                        .get_mut(key)
+                        .and_then(|q| q.front_mut())
+                        .is_some_and(|t| ready(key, t))
                 })?;
                 let key = self.rotation.remove(i)?;
                 let q = self.per.get_mut(&key)?;

@@ -31,7 +31,11 @@ pub enum FinishReason {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     Token(Sampled),
-    Finished { reason: FinishReason, prompt_tokens: usize, completion_tokens: usize },
+    Finished {
+        reason: FinishReason,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
     Error(EngineError),
 }
 
@@ -56,10 +60,29 @@ pub struct EngineStats {
 }
 
 pub enum Command {
-    Submit { request: GenerateRequest, events: mpsc::UnboundedSender<Event> },
-    RegisterAdapter { name: String, path: PathBuf, pinned: bool, reply: oneshot::Sender<Result<(), EngineError>> },
-    UnregisterAdapter { name: String, reply: oneshot::Sender<Result<(), EngineError>> },
-    PinAdapter { name: String, pinned: bool, reply: oneshot::Sender<Result<(), EngineError>> },
-    Adapters { reply: oneshot::Sender<Vec<AdapterInfo>> },
-    Stats { reply: oneshot::Sender<EngineStats> },
+    Submit {
+        request: GenerateRequest,
+        events: mpsc::UnboundedSender<Event>,
+    },
+    RegisterAdapter {
+        name: String,
+        path: PathBuf,
+        pinned: bool,
+        reply: oneshot::Sender<Result<(), EngineError>>,
+    },
+    UnregisterAdapter {
+        name: String,
+        reply: oneshot::Sender<Result<(), EngineError>>,
+    },
+    PinAdapter {
+        name: String,
+        pinned: bool,
+        reply: oneshot::Sender<Result<(), EngineError>>,
+    },
+    Adapters {
+        reply: oneshot::Sender<Vec<AdapterInfo>>,
+    },
+    Stats {
+        reply: oneshot::Sender<EngineStats>,
+    },
 }

@@ -49,13 +49,24 @@ struct KvMemory {
 impl KvMemory {
     /// Grows `cache` by `tokens` slots, charging the shared budget (evicting idle adapters if
     /// that makes room). On failure nothing changes.
-    fn reserve<B: Backend>(&mut self, budget: &mut MemoryBudget, adapters: &mut AdapterManager<B>, cache: &mut SequenceCache, tokens: usize) -> bool {
-        let need = self.blocks.blocks_for(cache.len + tokens).saturating_sub(cache.block_table.len());
+    fn reserve<B: Backend>(
+        &mut self,
+        budget: &mut MemoryBudget,
+        adapters: &mut AdapterManager<B>,
+        cache: &mut SequenceCache,
+        tokens: usize,
+    ) -> bool {
+        let need = self
+            .blocks
+            .blocks_for(cache.len + tokens)
+            .saturating_sub(cache.block_table.len());
         let bytes = need * self.block_bytes;
         if need > self.blocks.num_free() {
             return false;
         }
-        if !budget.take_kv(bytes) && !(adapters.yield_memory(bytes, budget) && budget.take_kv(bytes)) {
+        // Take the bytes, or evict idle adapters to make room and take them then.
+        let taken = budget.take_kv(bytes) || (adapters.yield_memory(bytes, budget) && budget.take_kv(bytes));
+        if !taken {
             return false;
         }
         if cache.reserve(&mut self.blocks, tokens).is_err() {
@@ -94,13 +105,19 @@ impl<B: Backend> Scheduler<B> {
         let block_bytes = model.kv_layout(1, cfg.block_size).bytes_per_block();
         let num_blocks = cfg.memory_budget / block_bytes;
         if num_blocks == 0 {
-            return Err(EngineError::Invalid(format!("memory budget {} B holds no KV block of {block_bytes} B", cfg.memory_budget)));
+            return Err(EngineError::Invalid(format!(
+                "memory budget {} B holds no KV block of {block_bytes} B",
+                cfg.memory_budget
+            )));
         }
         let page = lora_page_size(&model.cfg);
         let page_bytes = page * cfg.adapter_dtype.size();
         let num_pages = cfg.memory_budget / page_bytes;
         let kv = model.new_kv_pool(num_blocks, cfg.block_size).map_err(merr)?;
-        let pool = model.backend.new_page_pool(page, num_pages, cfg.adapter_dtype).map_err(|e| EngineError::Model(e.to_string()))?;
+        let pool = model
+            .backend
+            .new_page_pool(page, num_pages, cfg.adapter_dtype)
+            .map_err(|e| EngineError::Model(e.to_string()))?;
         let adapters = AdapterManager::new(
             model.backend.clone(),
             model.cfg.clone(),
@@ -119,7 +136,15 @@ impl<B: Backend> Scheduler<B> {
         !self.running.is_empty() || !self.waiting.is_empty()
     }
 
-    fn new(model: Llama<B>, eos: Vec<u32>, cfg: EngineConfig, adapters: AdapterManager<B>, kv: B::KvPool, blocks: BlockAllocator, block_bytes: usize) -> Self {
+    fn new(
+        model: Llama<B>,
+        eos: Vec<u32>,
+        cfg: EngineConfig,
+        adapters: AdapterManager<B>,
+        kv: B::KvPool,
+        blocks: BlockAllocator,
+        block_bytes: usize,
+    ) -> Self {
         let budget = MemoryBudget::new(cfg.memory_budget);
         Scheduler {
             model,
@@ -163,7 +188,12 @@ impl<B: Backend> Scheduler<B> {
     pub fn handle(&mut self, cmd: Command) {
         match cmd {
             Command::Submit { request, events } => self.submit(request, events),
-            Command::RegisterAdapter { name, path, pinned, reply } => {
+            Command::RegisterAdapter {
+                name,
+                path,
+                pinned,
+                reply,
+            } => {
                 let _ = reply.send(self.adapters.register(&name, path, pinned));
             }
             Command::UnregisterAdapter { name, reply } => {
@@ -194,14 +224,27 @@ impl<B: Backend> Scheduler<B> {
                 request.max_tokens,
                 self.cfg.max_model_len
             )))
-        } else if blocks_needed > self.mem.blocks.total() || blocks_needed * self.mem.block_bytes > self.budget.total() {
-            Some(EngineError::TooLarge(format!("{total} tokens need more KV memory than the whole budget")))
-        } else if let Some(bad) = request.prompt.iter().find(|&&t| t as usize >= self.model.cfg.vocab_size) {
-            Some(EngineError::Invalid(format!("token id {bad} is outside the vocabulary")))
+        } else if blocks_needed > self.mem.blocks.total() || blocks_needed * self.mem.block_bytes > self.budget.total()
+        {
+            Some(EngineError::TooLarge(format!(
+                "{total} tokens need more KV memory than the whole budget"
+            )))
+        } else if let Some(bad) = request
+            .prompt
+            .iter()
+            .find(|&&t| t as usize >= self.model.cfg.vocab_size)
+        {
+            Some(EngineError::Invalid(format!(
+                "token id {bad} is outside the vocabulary"
+            )))
         } else if let Some(name) = request.adapter.as_ref().filter(|n| !self.adapters.is_registered(n)) {
             Some(EngineError::UnknownAdapter(name.clone()))
         } else {
-            request.sampling.validate().err().map(|e| EngineError::Invalid(e.to_string()))
+            request
+                .sampling
+                .validate()
+                .err()
+                .map(|e| EngineError::Invalid(e.to_string()))
         };
         if let Some(e) = error {
             let _ = events.send(Event::Error(e));
@@ -234,7 +277,9 @@ impl<B: Backend> Scheduler<B> {
 
     /// Sends the newest running sequence back to the queue; its cache is recomputed later.
     fn preempt_newest(&mut self) -> bool {
-        let Some(i) = (0..self.running.len()).max_by_key(|&i| self.running[i].id) else { return false };
+        let Some(i) = (0..self.running.len()).max_by_key(|&i| self.running[i].id) else {
+            return false;
+        };
         let mut seq = self.running.swap_remove(i);
         self.mem.release(&mut self.budget, &mut seq.cache);
         seq.computed = 0;
@@ -276,7 +321,10 @@ impl<B: Backend> Scheduler<B> {
         while i < self.running.len() && token_budget > 0 {
             let pending = self.running[i].tokens.len() - self.running[i].computed;
             let chunk = pending.min(token_budget);
-            if self.mem.reserve(&mut self.budget, &mut self.adapters, &mut self.running[i].cache, chunk) {
+            if self
+                .mem
+                .reserve(&mut self.budget, &mut self.adapters, &mut self.running[i].cache, chunk)
+            {
                 plan.push((i, chunk));
                 token_budget -= chunk;
                 i += 1;
@@ -314,7 +362,10 @@ impl<B: Backend> Scheduler<B> {
                 continue;
             }
             let chunk = (seq.tokens.len() - seq.computed).min(token_budget);
-            if !self.mem.reserve(&mut self.budget, &mut self.adapters, &mut seq.cache, chunk) {
+            if !self
+                .mem
+                .reserve(&mut self.budget, &mut self.adapters, &mut seq.cache, chunk)
+            {
                 seq.lease = None;
                 self.waiting.push_front(seq.adapter.clone(), seq);
                 break;
@@ -341,7 +392,13 @@ impl<B: Backend> Scheduler<B> {
             let seq = &mut self.running[i];
             let start = seq.computed;
             let wants_logits = start + chunk == seq.tokens.len();
-            batch.push_with_adapter(&mut seq.cache, bs, &seq.tokens[start..start + chunk], wants_logits, seq.lease.as_ref());
+            batch.push_with_adapter(
+                &mut seq.cache,
+                bs,
+                &seq.tokens[start..start + chunk],
+                wants_logits,
+                seq.lease.as_ref(),
+            );
             seq.computed += chunk;
             if wants_logits {
                 sampled_rows.push(i);
@@ -359,7 +416,10 @@ impl<B: Backend> Scheduler<B> {
         for (row, &i) in sampled_rows.iter().enumerate() {
             let seq = &mut self.running[i];
             let (prompt, generated) = seq.tokens.split_at(seq.prompt_len);
-            let sampled = match seq.sampler.sample(&logits[row * vocab..(row + 1) * vocab], prompt, generated) {
+            let sampled = match seq
+                .sampler
+                .sample(&logits[row * vocab..(row + 1) * vocab], prompt, generated)
+            {
                 Ok(s) => s,
                 Err(e) => {
                     let _ = seq.events.send(Event::Error(EngineError::Model(e.to_string())));
@@ -370,7 +430,8 @@ impl<B: Backend> Scheduler<B> {
             let token = sampled.token;
             seq.tokens.push(token);
             let _ = seq.events.send(Event::Token(sampled));
-            let stop = seq.request.stop_token_ids.contains(&token) || (!seq.request.ignore_eos && self.eos.contains(&token));
+            let stop =
+                seq.request.stop_token_ids.contains(&token) || (!seq.request.ignore_eos && self.eos.contains(&token));
             let length = seq.generated() >= seq.request.max_tokens || seq.tokens.len() >= self.cfg.max_model_len;
             if stop || length {
                 let reason = if stop { FinishReason::Stop } else { FinishReason::Length };

@@ -14,7 +14,12 @@ use quiver_model::ModelBundle;
 use quiver_tensor::cpu::CpuBackend;
 use tokio::sync::mpsc::UnboundedReceiver;
 
-const ADAPTERS: &[&str] = &["llama-r8-all-linear", "llama-r1-qv", "llama-r64-mlp", "llama-rank-alpha-pattern"];
+const ADAPTERS: &[&str] = &[
+    "llama-r8-all-linear",
+    "llama-r1-qv",
+    "llama-r64-mlp",
+    "llama-rank-alpha-pattern",
+];
 
 fn fixture() -> Result<(tempfile::TempDir, PathBuf)> {
     let (dir, _) = quiver_testkit::materialize_lora("llama-f32")?;
@@ -26,20 +31,29 @@ fn start(base: &Path, adapters: &Path, cfg: EngineConfig) -> Result<Engine> {
     let bundle = ModelBundle::load(CpuBackend, base, None)?;
     let engine = Engine::start(bundle.model, vec![], cfg)?;
     for name in ADAPTERS {
-        engine.register_adapter(name, adapters.join(name), false)?.blocking_recv()??;
+        engine
+            .register_adapter(name, adapters.join(name), false)?
+            .blocking_recv()??;
     }
     Ok(engine)
 }
 
 fn small() -> EngineConfig {
-    EngineConfig { memory_budget: 64 << 20, ..Default::default() }
+    EngineConfig {
+        memory_budget: 64 << 20,
+        ..Default::default()
+    }
 }
 
 fn request(i: usize, max_tokens: usize) -> GenerateRequest {
     let len = 3 + (i * 7) % 40;
     GenerateRequest {
         prompt: (0..len as u32).map(|t| (t * 13 + i as u32 * 31) % 400 + 5).collect(),
-        adapter: if i % 5 == 4 { None } else { Some(ADAPTERS[i % ADAPTERS.len()].to_string()) },
+        adapter: if i % 5 == 4 {
+            None
+        } else {
+            Some(ADAPTERS[i % ADAPTERS.len()].to_string())
+        },
         sampling: SamplingParams::default(),
         max_tokens,
         stop_token_ids: vec![],
@@ -53,8 +67,16 @@ fn collect(mut rx: UnboundedReceiver<Event>) -> Result<(Vec<u32>, FinishReason)>
     loop {
         match rx.blocking_recv().context("engine dropped the request")? {
             Event::Token(s) => tokens.push(s.token),
-            Event::Finished { reason, completion_tokens, .. } => {
-                ensure!(completion_tokens == tokens.len(), "usage says {completion_tokens}, got {}", tokens.len());
+            Event::Finished {
+                reason,
+                completion_tokens,
+                ..
+            } => {
+                ensure!(
+                    completion_tokens == tokens.len(),
+                    "usage says {completion_tokens}, got {}",
+                    tokens.len()
+                );
                 return Ok((tokens, reason));
             }
             Event::Error(e) => bail!("request failed: {e}"),
@@ -74,18 +96,33 @@ fn tokens_are_the_same_alone_and_in_a_busy_batch_with_preemption() -> Result<()>
     }
     // A budget of a few KV blocks (8 KiB each here) forces preemption and recomputation, and a
     // small token budget forces chunked prefill.
-    let cfg = EngineConfig { memory_budget: 400 << 10, max_batch_tokens: 24, block_size: 4, ..small() };
+    let cfg = EngineConfig {
+        memory_budget: 400 << 10,
+        max_batch_tokens: 24,
+        block_size: 4,
+        ..small()
+    };
     let busy = start(&base, &adapters, cfg)?;
     let receivers: Vec<_> = (0..n).map(|i| busy.submit(request(i, 10))).collect::<Result<_, _>>()?;
     for (i, rx) in receivers.into_iter().enumerate() {
         let (tokens, reason) = collect(rx)?;
         ensure!(reason == FinishReason::Length, "request {i} finished with {reason:?}");
-        ensure!(tokens == alone[i], "request {i}: busy batch gave {tokens:?}, alone {:?}", alone[i]);
+        ensure!(
+            tokens == alone[i],
+            "request {i}: busy batch gave {tokens:?}, alone {:?}",
+            alone[i]
+        );
     }
     let stats = busy.stats()?.blocking_recv()?;
     ensure!(stats.preemptions > 0, "the small budget should have forced preemption");
-    ensure!(stats.kv_blocks_used == 0 && stats.kv_bytes == 0, "KV blocks leaked: {stats:?}");
-    ensure!(stats.running == 0 && stats.waiting == 0, "requests left behind: {stats:?}");
+    ensure!(
+        stats.kv_blocks_used == 0 && stats.kv_bytes == 0,
+        "KV blocks leaked: {stats:?}"
+    );
+    ensure!(
+        stats.running == 0 && stats.waiting == 0,
+        "requests left behind: {stats:?}"
+    );
     Ok(())
 }
 
@@ -100,19 +137,30 @@ fn a_cold_adapter_does_not_delay_other_requests() -> Result<()> {
     collect(engine.submit(request(1, 2))?)?;
     let cold = dir.path().join("cold");
     std::fs::create_dir(&cold)?;
-    std::fs::copy(adapters.join("llama-r8-all-linear/adapter_model.safetensors"), cold.join("adapter_model.safetensors"))?;
+    std::fs::copy(
+        adapters.join("llama-r8-all-linear/adapter_model.safetensors"),
+        cold.join("adapter_model.safetensors"),
+    )?;
     let fifo = cold.join("adapter_config.json");
     let status = std::process::Command::new("mkfifo").arg(&fifo).status()?;
     ensure!(status.success(), "mkfifo failed");
-    engine.register_adapter("cold", cold.clone(), false)?.blocking_recv()??;
+    engine
+        .register_adapter("cold", cold.clone(), false)?
+        .blocking_recv()??;
     let mut cold_req = request(0, 4);
     cold_req.adapter = Some("cold".into());
     let mut cold_rx = engine.submit(cold_req)?;
     let t = Instant::now();
     let warm = collect(engine.submit(request(1, 8))?)?;
     let base_only = collect(engine.submit(request(4, 8))?)?;
-    ensure!(warm.0.len() == 8 && base_only.0.len() == 8, "other requests did not complete");
-    ensure!(cold_rx.try_recv().is_err(), "the cold request cannot have produced anything yet");
+    ensure!(
+        warm.0.len() == 8 && base_only.0.len() == 8,
+        "other requests did not complete"
+    );
+    ensure!(
+        cold_rx.try_recv().is_err(),
+        "the cold request cannot have produced anything yet"
+    );
     let waited = t.elapsed();
     // Release the load: write the config into the FIFO.
     let config = std::fs::read(adapters.join("llama-r8-all-linear/adapter_config.json"))?;
@@ -131,11 +179,20 @@ fn eviction_spares_pinned_and_leased_adapters() -> Result<()> {
     let bundle = ModelBundle::load(CpuBackend, &base, None)?;
     // 64-token KV blocks of 32,768 B. Pinned r1 (1,792 B) + leased r64 (294,912 B) + the long
     // request's block = 329,472 B; r8 (65,536 B) does not fit beside them until r64 is evicted.
-    let cfg = EngineConfig { memory_budget: 360_000, block_size: 64, ..small() };
+    let cfg = EngineConfig {
+        memory_budget: 360_000,
+        block_size: 64,
+        ..small()
+    };
     let mut s = Scheduler::build(bundle.model, vec![], cfg)?;
     let reply = |s: &mut Scheduler<CpuBackend>, name: &str, pinned: bool| -> Result<()> {
         let (tx, mut rx) = tokio::sync::oneshot::channel();
-        s.handle(Command::RegisterAdapter { name: name.into(), path: adapters.join(name), pinned, reply: tx });
+        s.handle(Command::RegisterAdapter {
+            name: name.into(),
+            path: adapters.join(name),
+            pinned,
+            reply: tx,
+        });
         Ok(rx.try_recv()??)
     };
     reply(&mut s, "llama-r1-qv", true)?;
@@ -177,32 +234,68 @@ fn eviction_spares_pinned_and_leased_adapters() -> Result<()> {
     for _ in 0..5 {
         s.step()?;
     }
-    ensure!(small.try_recv().is_err(), "r8 cannot have run: there is no room without evicting");
+    ensure!(
+        small.try_recv().is_err(),
+        "r8 cannot have run: there is no room without evicting"
+    );
     let info = |s: &mut Scheduler<CpuBackend>| -> Result<Vec<quiver_engine::adapters::AdapterInfo>> {
         let (tx, mut rx) = tokio::sync::oneshot::channel();
         s.handle(Command::Adapters { reply: tx });
         Ok(rx.try_recv()?)
     };
-    let tiers: Vec<_> = info(&mut s)?.into_iter().map(|a| (a.name, a.tier, a.in_flight)).collect();
+    let tiers: Vec<_> = info(&mut s)?
+        .into_iter()
+        .map(|a| (a.name, a.tier, a.in_flight))
+        .collect();
     use quiver_engine::adapters::Tier;
-    ensure!(tiers.contains(&("llama-r1-qv".into(), Tier::Device, 0)), "pinned adapter evicted: {tiers:?}");
-    ensure!(tiers.contains(&("llama-r64-mlp".into(), Tier::Device, 1)), "leased adapter evicted: {tiers:?}");
-    ensure!(!tiers.iter().any(|(n, t, _)| n == "llama-r8-all-linear" && *t == Tier::Device), "r8 uploaded: {tiers:?}");
+    ensure!(
+        tiers.contains(&("llama-r1-qv".into(), Tier::Device, 0)),
+        "pinned adapter evicted: {tiers:?}"
+    );
+    ensure!(
+        tiers.contains(&("llama-r64-mlp".into(), Tier::Device, 1)),
+        "leased adapter evicted: {tiers:?}"
+    );
+    ensure!(
+        !tiers
+            .iter()
+            .any(|(n, t, _)| n == "llama-r8-all-linear" && *t == Tier::Device),
+        "r8 uploaded: {tiers:?}"
+    );
     // Once the lease ends, r64 can be evicted and r8 runs.
     drop(long);
     let events = run_until(&mut s, &mut small)?;
-    ensure!(matches!(events.last(), Some(Event::Finished { .. })), "small request: {events:?}");
+    ensure!(
+        matches!(events.last(), Some(Event::Finished { .. })),
+        "small request: {events:?}"
+    );
     let tiers: Vec<_> = info(&mut s)?.into_iter().map(|a| (a.name, a.tier)).collect();
-    ensure!(tiers.contains(&("llama-r1-qv".into(), Tier::Device)), "pinned adapter evicted: {tiers:?}");
-    ensure!(tiers.contains(&("llama-r8-all-linear".into(), Tier::Device)), "r8 not resident: {tiers:?}");
-    ensure!(!tiers.contains(&("llama-r64-mlp".into(), Tier::Device)), "r64 should have made room: {tiers:?}");
+    ensure!(
+        tiers.contains(&("llama-r1-qv".into(), Tier::Device)),
+        "pinned adapter evicted: {tiers:?}"
+    );
+    ensure!(
+        tiers.contains(&("llama-r8-all-linear".into(), Tier::Device)),
+        "r8 not resident: {tiers:?}"
+    );
+    ensure!(
+        !tiers.contains(&("llama-r64-mlp".into(), Tier::Device)),
+        "r64 should have made room: {tiers:?}"
+    );
     Ok(())
 }
 
 #[test]
 fn impossible_requests_are_rejected_up_front() -> Result<()> {
     let (dir, base) = fixture()?;
-    let engine = start(&base, &dir.path().join("adapters"), EngineConfig { max_model_len: 64, ..small() })?;
+    let engine = start(
+        &base,
+        &dir.path().join("adapters"),
+        EngineConfig {
+            max_model_len: 64,
+            ..small()
+        },
+    )?;
     let mut too_long = request(0, 100);
     too_long.adapter = None;
     let mut unknown = request(0, 2);

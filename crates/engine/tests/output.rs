@@ -29,8 +29,14 @@ fn stream(tok: &Tokenizer, text: &str, stops: &[&str]) -> (String, bool) {
 fn stop_strings_cut_the_text_across_tokens() {
     let (_d, tok) = tokenizer();
     let text = "The café in Köln serves 東京 tea. END OF TEXT and more";
-    assert_eq!(stream(&tok, text, &["END OF"]), ("The café in Köln serves 東京 tea. ".to_string(), true));
-    assert_eq!(stream(&tok, text, &["東京", "tea"]), ("The café in Köln serves ".to_string(), true));
+    assert_eq!(
+        stream(&tok, text, &["END OF"]),
+        ("The café in Köln serves 東京 tea. ".to_string(), true)
+    );
+    assert_eq!(
+        stream(&tok, text, &["東京", "tea"]),
+        ("The café in Köln serves ".to_string(), true)
+    );
     assert_eq!(stream(&tok, text, &["absent"]), (text.to_string(), false));
     assert_eq!(stream(&tok, text, &[]), (text.to_string(), false));
 }

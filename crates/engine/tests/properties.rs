@@ -27,7 +27,11 @@ fn fixture() -> &'static (tempfile::TempDir, PathBuf) {
 
 #[derive(Debug, Clone)]
 enum Op {
-    Submit { prompt_len: usize, max_tokens: usize, adapter: usize },
+    Submit {
+        prompt_len: usize,
+        max_tokens: usize,
+        adapter: usize,
+    },
     Cancel(usize),
     Step(usize),
 }
@@ -74,12 +78,24 @@ fn run(ops: Vec<Op>, policy: Policy) -> Result<(), TestCaseError> {
     let (dir, base) = fixture();
     let bundle = ModelBundle::load(CpuBackend, base, None).map_err(|e| TestCaseError::fail(e.to_string()))?;
     // 2 KiB KV blocks; the budget holds both adapters and a few dozen blocks.
-    let cfg = EngineConfig { memory_budget: 160 << 10, block_size: 4, max_batch_tokens: 16, max_num_seqs: 4, policy, ..Default::default() };
+    let cfg = EngineConfig {
+        memory_budget: 160 << 10,
+        block_size: 4,
+        max_batch_tokens: 16,
+        max_num_seqs: 4,
+        policy,
+        ..Default::default()
+    };
     let budget = cfg.memory_budget;
     let mut s = Scheduler::build(bundle.model, vec![], cfg).map_err(|e| TestCaseError::fail(e.to_string()))?;
     for name in ADAPTERS {
         let (tx, _rx) = tokio::sync::oneshot::channel();
-        s.handle(Command::RegisterAdapter { name: (*name).into(), path: dir.path().join("adapters").join(name), pinned: false, reply: tx });
+        s.handle(Command::RegisterAdapter {
+            name: (*name).into(),
+            path: dir.path().join("adapters").join(name),
+            pinned: false,
+            reply: tx,
+        });
     }
     let mut tracked: Vec<Tracked> = Vec::new();
     let check_budget = |s: &mut Scheduler<CpuBackend>| -> Result<(), TestCaseError> {
@@ -89,7 +105,11 @@ fn run(ops: Vec<Op>, policy: Policy) -> Result<(), TestCaseError> {
     };
     for op in ops {
         match op {
-            Op::Submit { prompt_len, max_tokens, adapter } => {
+            Op::Submit {
+                prompt_len,
+                max_tokens,
+                adapter,
+            } => {
                 let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
                 let request = GenerateRequest {
                     prompt: (0..prompt_len as u32).map(|t| t * 7 % 300 + 3).collect(),
@@ -100,7 +120,12 @@ fn run(ops: Vec<Op>, policy: Policy) -> Result<(), TestCaseError> {
                     ignore_eos: true,
                 };
                 s.handle(Command::Submit { request, events: tx });
-                tracked.push(Tracked { rx: Some(rx), max_tokens, tokens: 0, ended: false });
+                tracked.push(Tracked {
+                    rx: Some(rx),
+                    max_tokens,
+                    tokens: 0,
+                    ended: false,
+                });
             }
             Op::Cancel(k) => {
                 if let Some(t) = tracked.get_mut(k) {

@@ -15,8 +15,14 @@ fn a_flood_on_one_adapter_does_not_starve_the_others() {
     }
     q.push_back(key("rare"), 1000);
     q.push_back(key(""), 2000);
-    let first: Vec<i32> = (0..3).filter_map(|_| q.pop_ready(|_, _| true).map(|(_, v)| v)).collect();
-    assert_eq!(first, vec![0, 1000, 2000], "each adapter gets a turn before the popular one's second");
+    let first: Vec<i32> = (0..3)
+        .filter_map(|_| q.pop_ready(|_, _| true).map(|(_, v)| v))
+        .collect();
+    assert_eq!(
+        first,
+        vec![0, 1000, 2000],
+        "each adapter gets a turn before the popular one's second"
+    );
     assert_eq!(q.len(), 99);
 }
 
@@ -36,7 +42,10 @@ fn round_robin_skips_an_adapter_that_is_not_ready() {
     let mut q = FairQueue::new(Policy::AdapterRoundRobin);
     q.push_back(key("cold"), 1);
     q.push_back(key("warm"), 2);
-    assert_eq!(q.pop_ready(|k, _| k.as_deref() == Some("warm")).map(|(_, v)| v), Some(2));
+    assert_eq!(
+        q.pop_ready(|k, _| k.as_deref() == Some("warm")).map(|(_, v)| v),
+        Some(2)
+    );
     assert_eq!(q.pop_ready(|k, _| k.as_deref() == Some("warm")), None);
     assert_eq!(q.upcoming_adapters(4), vec!["cold".to_string()]);
 }

@@ -38,8 +38,15 @@ impl<B: Backend> ModelBundle<B> {
                 eos = ids;
             }
         }
-        let max_len = max_model_len.unwrap_or(cfg.max_position_embeddings).min(cfg.max_position_embeddings);
+        let max_len = max_model_len
+            .unwrap_or(cfg.max_position_embeddings)
+            .min(cfg.max_position_embeddings);
         let model = Llama::load(backend, cfg, dir, max_len)?;
-        Ok(ModelBundle { model, tokenizer, chat_template, eos_token_ids: eos })
+        Ok(ModelBundle {
+            model,
+            tokenizer,
+            chat_template,
+            eos_token_ids: eos,
+        })
     }
 }

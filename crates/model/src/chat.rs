@@ -33,10 +33,17 @@ impl ChatTemplate {
     /// `Ok(None)` when the model ships no chat template.
     pub fn from_dir(dir: &Path) -> Result<Option<Self>> {
         let cfg_path = dir.join("tokenizer_config.json");
-        let cfg: Json = if cfg_path.exists() { read_json(&cfg_path)? } else { Json::Null };
+        let cfg: Json = if cfg_path.exists() {
+            read_json(&cfg_path)?
+        } else {
+            Json::Null
+        };
         let jinja = dir.join("chat_template.jinja");
         let source = if jinja.exists() {
-            Some(std::fs::read_to_string(&jinja).map_err(|source| ModelError::Io { path: jinja.clone(), source })?)
+            Some(std::fs::read_to_string(&jinja).map_err(|source| ModelError::Io {
+                path: jinja.clone(),
+                source,
+            })?)
         } else {
             match cfg.get("chat_template") {
                 Some(Json::String(s)) => Some(s.clone()),
@@ -50,7 +57,12 @@ impl ChatTemplate {
             }
         };
         let Some(source) = source else { return Ok(None) };
-        Self::new(source, token_string(cfg.get("bos_token")), token_string(cfg.get("eos_token"))).map(Some)
+        Self::new(
+            source,
+            token_string(cfg.get("bos_token")),
+            token_string(cfg.get("eos_token")),
+        )
+        .map(Some)
     }
 
     pub fn new(source: String, bos_token: String, eos_token: String) -> Result<Self> {
@@ -64,7 +76,11 @@ impl ChatTemplate {
         env.add_function("strftime_now", |fmt: String| strftime(&fmt, now_secs()));
         env.add_filter("tojson", tojson);
         env.add_template_owned("chat", source).map_err(cerr)?;
-        Ok(ChatTemplate { env, bos_token, eos_token })
+        Ok(ChatTemplate {
+            env,
+            bos_token,
+            eos_token,
+        })
     }
 
     /// Renders `messages` (OpenAI-style objects) the way `apply_chat_template` does.
@@ -136,14 +152,37 @@ fn write_py_json(v: &Json, indent: Option<usize>, depth: usize, out: &mut String
 }
 
 fn now_secs() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 /// The subset of C `strftime` (UTC) that chat templates use.
 pub fn strftime(fmt: &str, unix: i64) -> String {
-    const MONTHS: [&str; 12] =
-        ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
-    const DAYS: [&str; 7] = ["Thursday", "Friday", "Saturday", "Sunday", "Monday", "Tuesday", "Wednesday"];
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
+    const DAYS: [&str; 7] = [
+        "Thursday",
+        "Friday",
+        "Saturday",
+        "Sunday",
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+    ];
     let days = unix.div_euclid(86_400);
     let secs = unix.rem_euclid(86_400);
     // Civil-from-days (Howard Hinnant's algorithm).

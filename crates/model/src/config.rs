@@ -18,8 +18,15 @@ pub enum Arch {
 #[derive(Debug, Clone, PartialEq)]
 pub enum RopeScaling {
     Default,
-    Linear { factor: f64 },
-    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
+    Linear {
+        factor: f64,
+    },
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -48,35 +55,51 @@ pub struct ModelConfig {
 }
 
 fn unsupported(field: &str, reason: impl Into<String>) -> ModelError {
-    ModelError::Unsupported { field: field.into(), reason: reason.into() }
+    ModelError::Unsupported {
+        field: field.into(),
+        reason: reason.into(),
+    }
 }
 
 fn invalid(field: &str, reason: impl Into<String>) -> ModelError {
-    ModelError::Config { field: field.into(), reason: reason.into() }
+    ModelError::Config {
+        field: field.into(),
+        reason: reason.into(),
+    }
 }
 
 struct Fields<'a>(&'a Map<String, Value>);
 
 impl Fields<'_> {
     fn usize(&self, key: &str) -> Result<usize> {
-        self.opt_usize(key)?.ok_or_else(|| invalid(key, "required positive integer"))
+        self.opt_usize(key)?
+            .ok_or_else(|| invalid(key, "required positive integer"))
     }
     fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
         match self.0.get(key) {
             None | Some(Value::Null) => Ok(None),
-            Some(v) => v.as_u64().map(|n| Some(n as usize)).ok_or_else(|| invalid(key, format!("expected an integer, got {v}"))),
+            Some(v) => v
+                .as_u64()
+                .map(|n| Some(n as usize))
+                .ok_or_else(|| invalid(key, format!("expected an integer, got {v}"))),
         }
     }
     fn opt_f64(&self, key: &str) -> Result<Option<f64>> {
         match self.0.get(key) {
             None | Some(Value::Null) => Ok(None),
-            Some(v) => v.as_f64().map(Some).ok_or_else(|| invalid(key, format!("expected a number, got {v}"))),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| invalid(key, format!("expected a number, got {v}"))),
         }
     }
     fn opt_bool(&self, key: &str) -> Result<Option<bool>> {
         match self.0.get(key) {
             None | Some(Value::Null) => Ok(None),
-            Some(v) => v.as_bool().map(Some).ok_or_else(|| invalid(key, format!("expected a boolean, got {v}"))),
+            Some(v) => v
+                .as_bool()
+                .map(Some)
+                .ok_or_else(|| invalid(key, format!("expected a boolean, got {v}"))),
         }
     }
     fn opt_str(&self, key: &str) -> Option<&str> {
@@ -100,13 +123,20 @@ impl ModelConfig {
     }
 
     pub fn from_json(value: &Value) -> Result<Self> {
-        let map = value.as_object().ok_or_else(|| invalid("config", "expected a JSON object"))?;
+        let map = value
+            .as_object()
+            .ok_or_else(|| invalid("config", "expected a JSON object"))?;
         let f = Fields(map);
         let arch = match f.opt_str("model_type") {
             Some("llama") => Arch::Llama,
             Some("mistral") => Arch::Mistral,
             Some("qwen2") => Arch::Qwen2,
-            Some(other) => return Err(unsupported("model_type", format!("`{other}` (supported: llama, mistral, qwen2)"))),
+            Some(other) => {
+                return Err(unsupported(
+                    "model_type",
+                    format!("`{other}` (supported: llama, mistral, qwen2)"),
+                ))
+            }
             None => return Err(invalid("model_type", "missing")),
         };
         if let Some(act) = f.opt_str("hidden_act").or(f.opt_str("hidden_activation")) {
@@ -126,15 +156,26 @@ impl ModelConfig {
         let num_heads = f.usize("num_attention_heads")?;
         let num_kv_heads = f.opt_usize("num_key_value_heads")?.unwrap_or(num_heads);
         if num_heads == 0 || num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
-            return Err(invalid("num_key_value_heads", format!("{num_kv_heads} must divide num_attention_heads {num_heads}")));
+            return Err(invalid(
+                "num_key_value_heads",
+                format!("{num_kv_heads} must divide num_attention_heads {num_heads}"),
+            ));
         }
         let head_dim = match f.opt_usize("head_dim")? {
             Some(d) => d,
             None if hidden_size % num_heads == 0 => hidden_size / num_heads,
-            None => return Err(invalid("head_dim", "absent and hidden_size is not a multiple of num_attention_heads")),
+            None => {
+                return Err(invalid(
+                    "head_dim",
+                    "absent and hidden_size is not a multiple of num_attention_heads",
+                ))
+            }
         };
         if head_dim % 2 != 0 {
-            return Err(invalid("head_dim", format!("{head_dim} must be even for rotary embeddings")));
+            return Err(invalid(
+                "head_dim",
+                format!("{head_dim} must be even for rotary embeddings"),
+            ));
         }
         let mut max_pos = f.opt_usize("max_position_embeddings")?.unwrap_or(4096);
         let window = match arch {
@@ -144,7 +185,11 @@ impl ModelConfig {
         if let Some(w) = window {
             // Attention with a window equals full attention while the context fits inside it.
             if w < max_pos {
-                tracing::warn!(sliding_window = w, max_position_embeddings = max_pos, "capping the context at the sliding window");
+                tracing::warn!(
+                    sliding_window = w,
+                    max_position_embeddings = max_pos,
+                    "capping the context at the sliding window"
+                );
                 max_pos = w;
             }
         }
@@ -193,10 +238,13 @@ fn parse_rope(f: &Fields<'_>) -> Result<(f64, RopeScaling)> {
         Some(t) => t,
         None => f.opt_f64("rope_theta")?.unwrap_or(10000.0),
     };
-    let Some(p) = p else { return Ok((theta, RopeScaling::Default)) };
+    let Some(p) = p else {
+        return Ok((theta, RopeScaling::Default));
+    };
     let kind = p.opt_str("rope_type").or(p.opt_str("type")).unwrap_or("default");
     let num = |key: &str| -> Result<f64> {
-        p.opt_f64(key)?.ok_or_else(|| invalid(&format!("{field}.{key}"), format!("required for rope_type `{kind}`")))
+        p.opt_f64(key)?
+            .ok_or_else(|| invalid(&format!("{field}.{key}"), format!("required for rope_type `{kind}`")))
     };
     let scaling = match kind {
         "default" => RopeScaling::Default,
@@ -208,7 +256,10 @@ fn parse_rope(f: &Fields<'_>) -> Result<(f64, RopeScaling)> {
             original_max_position_embeddings: num("original_max_position_embeddings")?,
         },
         other => {
-            return Err(unsupported(&format!("{field}.rope_type"), format!("`{other}` (supported: default, linear, llama3)")))
+            return Err(unsupported(
+                &format!("{field}.rope_type"),
+                format!("`{other}` (supported: default, linear, llama3)"),
+            ))
         }
     };
     Ok((theta, scaling))

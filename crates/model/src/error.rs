@@ -28,10 +28,16 @@ pub enum ModelError {
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;
 
 pub(crate) fn read_file(path: &std::path::Path) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|source| ModelError::Io { path: path.to_owned(), source })
+    std::fs::read(path).map_err(|source| ModelError::Io {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T> {
     let bytes = read_file(path)?;
-    serde_json::from_slice(&bytes).map_err(|source| ModelError::Json { path: path.to_owned(), source })
+    serde_json::from_slice(&bytes).map_err(|source| ModelError::Json {
+        path: path.to_owned(),
+        source,
+    })
 }

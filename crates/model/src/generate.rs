@@ -40,7 +40,11 @@ pub fn generate_greedy<B: Backend>(
     }
     let total = prompt.len() + max_tokens;
     if total > model.max_positions() {
-        return Err(ModelError::Input(format!("prompt ({}) + max tokens ({max_tokens}) exceed the context {}", prompt.len(), model.max_positions())));
+        return Err(ModelError::Input(format!(
+            "prompt ({}) + max tokens ({max_tokens}) exceed the context {}",
+            prompt.len(),
+            model.max_positions()
+        )));
     }
     let mut alloc = BlockAllocator::new(total.div_ceil(BLOCK_SIZE), BLOCK_SIZE);
     let mut kv = model.new_kv_pool(alloc.total(), BLOCK_SIZE)?;
@@ -48,7 +52,8 @@ pub fn generate_greedy<B: Backend>(
     let mut out = Vec::new();
     let mut next: Vec<u32> = prompt.to_vec();
     while out.len() < max_tokens {
-        seq.reserve(&mut alloc, next.len()).map_err(|_| ModelError::Input("KV cache exhausted".into()))?;
+        seq.reserve(&mut alloc, next.len())
+            .map_err(|_| ModelError::Input("KV cache exhausted".into()))?;
         let mut batch = BatchBuilder::new();
         batch.push_with_adapter(&mut seq, BLOCK_SIZE, &next, true, adapter.map(|(_, a)| a));
         let logits = model.forward_with_adapters(&batch.finish(), &mut kv, adapter.map(|(p, _)| p))?;

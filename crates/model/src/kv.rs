@@ -17,7 +17,11 @@ pub struct BlockAllocator {
 impl BlockAllocator {
     pub fn new(total: usize, block_size: usize) -> Self {
         // Hand out low block numbers first (pop from the end).
-        BlockAllocator { free: (0..total as u32).rev().collect(), total, block_size }
+        BlockAllocator {
+            free: (0..total as u32).rev().collect(),
+            total,
+            block_size,
+        }
     }
     pub fn block_size(&self) -> usize {
         self.block_size
@@ -57,7 +61,9 @@ pub struct OutOfBlocks;
 impl SequenceCache {
     /// Makes room for `count` more tokens; on failure nothing is allocated.
     pub fn reserve(&mut self, alloc: &mut BlockAllocator, count: usize) -> Result<(), OutOfBlocks> {
-        let need = alloc.blocks_for(self.len + count).saturating_sub(self.block_table.len());
+        let need = alloc
+            .blocks_for(self.len + count)
+            .saturating_sub(self.block_table.len());
         if need > alloc.num_free() {
             return Err(OutOfBlocks);
         }
@@ -104,8 +110,14 @@ impl BatchBuilder {
         if let Some(adapter) = adapter {
             let start = self.input.tokens.len();
             match self.input.lora.last_mut() {
-                Some(run) if run.start + run.len == start && Arc::ptr_eq(&run.adapter, adapter) => run.len += tokens.len(),
-                _ => self.input.lora.push(AdapterRun { start, len: tokens.len(), adapter: adapter.clone() }),
+                Some(run) if run.start + run.len == start && Arc::ptr_eq(&run.adapter, adapter) => {
+                    run.len += tokens.len()
+                }
+                _ => self.input.lora.push(AdapterRun {
+                    start,
+                    len: tokens.len(),
+                    adapter: adapter.clone(),
+                }),
             }
         }
         let a = &mut self.input.attn;
@@ -115,7 +127,8 @@ impl BatchBuilder {
             let pos = seq.len + i;
             self.input.tokens.push(t);
             a.positions.push(pos as u32);
-            a.slots.push(seq.block_table[pos / block_size] * block_size as u32 + (pos % block_size) as u32);
+            a.slots
+                .push(seq.block_table[pos / block_size] * block_size as u32 + (pos % block_size) as u32);
             a.seq.push(sid);
         }
         seq.len += tokens.len();

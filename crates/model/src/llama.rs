@@ -22,8 +22,17 @@ pub struct Linear<B: Backend> {
 impl<B: Backend> Linear<B> {
     fn load(b: &B, w: &WeightStore, name: &str, out_f: usize, in_f: usize, bias: bool) -> Result<Self> {
         let weight = b.upload_weight(w.matrix(&format!("{name}.weight"), out_f, in_f)?)?;
-        let bias = if bias { Some(b.upload(&w.vector(&format!("{name}.bias"), out_f)?)?) } else { None };
-        Ok(Linear { weight, bias, in_features: in_f, out_features: out_f })
+        let bias = if bias {
+            Some(b.upload(&w.vector(&format!("{name}.bias"), out_f)?)?)
+        } else {
+            None
+        };
+        Ok(Linear {
+            weight,
+            bias,
+            in_features: in_f,
+            out_features: out_f,
+        })
     }
 
     /// Base projection plus the LoRA delta of every segment (tokens outside them: base only).
@@ -130,7 +139,8 @@ impl<B: Backend> Llama<B> {
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let p = format!("model.layers.{i}");
-            let lin = |name: &str, o: usize, n: usize, bias: bool| Linear::load(b, w, &format!("{p}.{name}"), o, n, bias);
+            let lin =
+                |name: &str, o: usize, n: usize, bias: bool| Linear::load(b, w, &format!("{p}.{name}"), o, n, bias);
             let layer = Layer {
                 input_norm: b.upload(&w.vector(&format!("{p}.input_layernorm.weight"), h)?)?,
                 q: lin("self_attn.q_proj", qd, h, cfg.qkv_bias)?,
@@ -142,7 +152,8 @@ impl<B: Backend> Llama<B> {
                 up: lin("mlp.up_proj", inter, h, false)?,
                 down: lin("mlp.down_proj", h, inter, false)?,
             };
-            weight_bytes += (h * (qd + 2 * kvd) + qd * h + 3 * h * inter) * w.dtype(&format!("{p}.mlp.up_proj.weight")).map_or(4, |d| d.size());
+            weight_bytes += (h * (qd + 2 * kvd) + qd * h + 3 * h * inter)
+                * w.dtype(&format!("{p}.mlp.up_proj.weight")).map_or(4, |d| d.size());
             layers.push(layer);
         }
         let norm = b.upload(&w.vector("model.norm.weight", h)?)?;
@@ -155,7 +166,17 @@ impl<B: Backend> Llama<B> {
         };
         let embed = b.upload_weight(embed_m)?;
         let rope = rope_table(&cfg, max_positions.min(cfg.max_position_embeddings));
-        Ok(Llama { cfg, backend, embed, layers, norm, lm_head, rope, weight_bytes, merged: None })
+        Ok(Llama {
+            cfg,
+            backend,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            weight_bytes,
+            merged: None,
+        })
     }
 
     /// Bytes of weights one decode step streams (embedding matrix once, as the LM head).
@@ -168,13 +189,19 @@ impl<B: Backend> Llama<B> {
     /// originals. One adapter at a time.
     pub fn merge(&mut self, name: &str, modules: &[HostLoraModule]) -> Result<()> {
         if let Some(m) = &self.merged {
-            return Err(ModelError::Input(format!("adapter `{}` is already merged; unmerge it first", m.name)));
+            return Err(ModelError::Input(format!(
+                "adapter `{}` is already merged; unmerge it first",
+                m.name
+            )));
         }
         let mut originals = Vec::with_capacity(modules.len());
         for m in modules {
             let (in_f, out_f) = m.kind.dims(&self.cfg);
             if m.layer >= self.layers.len() || m.a.len() != m.rank * in_f || m.b.len() != out_f * m.rank {
-                return Err(ModelError::Input(format!("adapter `{name}`: module {} does not fit the model", m.kind.path(m.layer))));
+                return Err(ModelError::Input(format!(
+                    "adapter `{name}`: module {} does not fit the model",
+                    m.kind.path(m.layer)
+                )));
             }
             let lin = self.layers[m.layer].linear(m.kind);
             let base = self.backend.download_weight(&lin.weight)?;
@@ -187,11 +214,16 @@ impl<B: Backend> Llama<B> {
                     }
                 }
             }
-            let merged = self.backend.upload_weight(Matrix::from_f32_as(base.dtype(), out_f, in_f, w)?)?;
+            let merged = self
+                .backend
+                .upload_weight(Matrix::from_f32_as(base.dtype(), out_f, in_f, w)?)?;
             let old = std::mem::replace(&mut self.layers[m.layer].linear_mut(m.kind).weight, merged);
             originals.push((m.layer, m.kind, old));
         }
-        self.merged = Some(Merged { name: name.to_string(), originals });
+        self.merged = Some(Merged {
+            name: name.to_string(),
+            originals,
+        });
         Ok(())
     }
 
@@ -218,7 +250,13 @@ impl<B: Backend> Llama<B> {
     }
 
     pub fn kv_layout(&self, num_blocks: usize, block_size: usize) -> KvLayout {
-        KvLayout { num_layers: self.cfg.num_layers, num_blocks, block_size, num_kv_heads: self.cfg.num_kv_heads, head_dim: self.cfg.head_dim }
+        KvLayout {
+            num_layers: self.cfg.num_layers,
+            num_blocks,
+            block_size,
+            num_kv_heads: self.cfg.num_kv_heads,
+            head_dim: self.cfg.head_dim,
+        }
     }
 
     pub fn new_kv_pool(&self, num_blocks: usize, block_size: usize) -> Result<B::KvPool> {
@@ -237,33 +275,59 @@ impl<B: Backend> Llama<B> {
             )));
         }
         if let Some(t) = input.tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
-            return Err(ModelError::Input(format!("token id {t} is outside the vocabulary ({})", self.cfg.vocab_size)));
+            return Err(ModelError::Input(format!(
+                "token id {t} is outside the vocabulary ({})",
+                self.cfg.vocab_size
+            )));
         }
         if let Some(p) = a.positions.iter().find(|&&p| p as usize >= self.max_positions()) {
-            return Err(ModelError::Input(format!("position {p} exceeds the maximum context {}", self.max_positions())));
+            return Err(ModelError::Input(format!(
+                "position {p} exceeds the maximum context {}",
+                self.max_positions()
+            )));
         }
         if let Some(r) = input.logits_rows.iter().find(|&&r| r as usize >= n) {
-            return Err(ModelError::Input(format!("logits row {r} outside a batch of {n} tokens")));
+            return Err(ModelError::Input(format!(
+                "logits row {r} outside a batch of {n} tokens"
+            )));
         }
         let mut end = 0;
         for run in &input.lora {
             if run.start < end || run.start + run.len > n {
-                return Err(ModelError::Input(format!("adapter run {}+{} overlaps or leaves the batch", run.start, run.len)));
+                return Err(ModelError::Input(format!(
+                    "adapter run {}+{} overlaps or leaves the batch",
+                    run.start, run.len
+                )));
             }
             if run.adapter.layers.len() != self.cfg.num_layers {
-                return Err(ModelError::Input(format!("adapter `{}` was built for another model", run.adapter.name)));
+                return Err(ModelError::Input(format!(
+                    "adapter `{}` was built for another model",
+                    run.adapter.name
+                )));
             }
             end = run.start + run.len;
         }
         Ok(())
     }
 
-    fn lora<'a>(&self, input: &'a ForwardInput, pool: Option<&'a B::PagePool>, layer: usize, kind: ModuleKind) -> Option<Lora<'a, B>> {
+    fn lora<'a>(
+        &self,
+        input: &'a ForwardInput,
+        pool: Option<&'a B::PagePool>,
+        layer: usize,
+        kind: ModuleKind,
+    ) -> Option<Lora<'a, B>> {
         let pool = pool?;
         let segments = input
             .lora
             .iter()
-            .filter_map(|r| Some(LoraSegment { start: r.start, len: r.len, module: r.adapter.module(layer, kind)? }))
+            .filter_map(|r| {
+                Some(LoraSegment {
+                    start: r.start,
+                    len: r.len,
+                    module: r.adapter.module(layer, kind)?,
+                })
+            })
             .collect();
         Some(Lora { pool, segments })
     }
@@ -275,10 +339,17 @@ impl<B: Backend> Llama<B> {
     }
 
     /// [`forward`](Self::forward) with the adapter runs of `input` read from `pages`.
-    pub fn forward_with_adapters(&self, input: &ForwardInput, kv: &mut B::KvPool, pages: Option<&B::PagePool>) -> Result<B::Tensor> {
+    pub fn forward_with_adapters(
+        &self,
+        input: &ForwardInput,
+        kv: &mut B::KvPool,
+        pages: Option<&B::PagePool>,
+    ) -> Result<B::Tensor> {
         self.validate(input)?;
         if !input.lora.is_empty() && pages.is_none() {
-            return Err(ModelError::Input("batch uses adapters but no page pool was given".into()));
+            return Err(ModelError::Input(
+                "batch uses adapters but no page pool was given".into(),
+            ));
         }
         let lora = |layer, kind| self.lora(input, pages, layer, kind);
         let b = &self.backend;
@@ -303,7 +374,10 @@ impl<B: Backend> Llama<B> {
             b.rms_norm(&hidden, &layer.post_norm, cfg.rms_norm_eps, &mut normed)?;
             let mut gate = layer.gate.forward(b, &normed, n, lora(li, ModuleKind::Gate))?;
             b.silu_mul(&mut gate, &layer.up.forward(b, &normed, n, lora(li, ModuleKind::Up))?)?;
-            b.add(&mut hidden, &layer.down.forward(b, &gate, n, lora(li, ModuleKind::Down))?)?;
+            b.add(
+                &mut hidden,
+                &layer.down.forward(b, &gate, n, lora(li, ModuleKind::Down))?,
+            )?;
         }
         // Only the rows whose logits are wanted go through the final norm and the LM head.
         let rows = input.logits_rows.len();
@@ -312,7 +386,12 @@ impl<B: Backend> Llama<B> {
         let mut last_normed = b.zeros(rows * h)?;
         b.rms_norm(&last, &self.norm, cfg.rms_norm_eps, &mut last_normed)?;
         let mut logits = b.zeros(rows * cfg.vocab_size)?;
-        b.matmul(&last_normed, rows, self.lm_head.as_ref().unwrap_or(&self.embed), &mut logits)?;
+        b.matmul(
+            &last_normed,
+            rows,
+            self.lm_head.as_ref().unwrap_or(&self.embed),
+            &mut logits,
+        )?;
         Ok(logits)
     }
 }

@@ -23,8 +23,15 @@ pub enum ModuleKind {
 }
 
 impl ModuleKind {
-    pub const ALL: [ModuleKind; 7] =
-        [ModuleKind::Q, ModuleKind::K, ModuleKind::V, ModuleKind::O, ModuleKind::Gate, ModuleKind::Up, ModuleKind::Down];
+    pub const ALL: [ModuleKind; 7] = [
+        ModuleKind::Q,
+        ModuleKind::K,
+        ModuleKind::V,
+        ModuleKind::O,
+        ModuleKind::Gate,
+        ModuleKind::Up,
+        ModuleKind::Down,
+    ];
 
     pub fn proj_name(self) -> &'static str {
         match self {
@@ -57,7 +64,12 @@ impl ModuleKind {
 
     /// `(in_features, out_features)` of this projection.
     pub fn dims(self, cfg: &ModelConfig) -> (usize, usize) {
-        let (h, q, kv, i) = (cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size);
+        let (h, q, kv, i) = (
+            cfg.hidden_size,
+            cfg.num_heads * cfg.head_dim,
+            cfg.num_kv_heads * cfg.head_dim,
+            cfg.intermediate_size,
+        );
         match self {
             ModuleKind::Q => (h, q),
             ModuleKind::K | ModuleKind::V => (h, kv),
@@ -132,9 +144,16 @@ impl LoraAdapter {
             })
             .sum();
         let all = pages.alloc_many(need).ok_or_else(|| {
-            ModelError::Input(format!("adapter `{name}` needs {need} pages, {} free", pages.num_free()))
+            ModelError::Input(format!(
+                "adapter `{name}` needs {need} pages, {} free",
+                pages.num_free()
+            ))
         })?;
-        let mut adapter = LoraAdapter { name: name.to_string(), layers: vec![Default::default(); cfg.num_layers], pages: all };
+        let mut adapter = LoraAdapter {
+            name: name.to_string(),
+            layers: vec![Default::default(); cfg.num_layers],
+            pages: all,
+        };
         let mut next = 0;
         let mut take = |n: usize| {
             next += n;
@@ -146,9 +165,20 @@ impl LoraAdapter {
             let a_pages = take(m.rank * in_f / page);
             let b_pages = take(m.rank * out_f / page);
             backend.write_pages(pool, &a_pages, &m.a)?;
-            let bt: Vec<f32> = (0..m.rank).flat_map(|j| m.b.iter().skip(j).step_by(m.rank).copied()).collect();
+            let bt: Vec<f32> = (0..m.rank)
+                .flat_map(|j| m.b.iter().skip(j).step_by(m.rank).copied())
+                .collect();
             backend.write_pages(pool, &b_pages, &bt)?;
-            placed.push((m.layer, m.kind, LoraModule { rank: m.rank, scale: m.scale, a_pages, b_pages }));
+            placed.push((
+                m.layer,
+                m.kind,
+                LoraModule {
+                    rank: m.rank,
+                    scale: m.scale,
+                    a_pages,
+                    b_pages,
+                },
+            ));
         }
         for (layer, kind, module) in placed {
             adapter.layers[layer][kind.index()] = Some(module);

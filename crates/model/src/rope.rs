@@ -17,7 +17,12 @@ pub fn inv_freq(cfg: &ModelConfig) -> Vec<f32> {
     match cfg.rope_scaling {
         RopeScaling::Default => base,
         RopeScaling::Linear { factor } => base.iter().map(|f| (*f as f64 / factor) as f32).collect(),
-        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings: old } => {
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings: old,
+        } => {
             let low_wavelen = old / low_freq_factor;
             let high_wavelen = old / high_freq_factor;
             base.iter()
@@ -25,7 +30,7 @@ pub fn inv_freq(cfg: &ModelConfig) -> Vec<f32> {
                     let f = f as f64;
                     let wavelen = 2.0 * std::f64::consts::PI / f;
                     let scaled = if wavelen > low_wavelen { f / factor } else { f };
-                    let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+                    let medium = wavelen >= high_wavelen && wavelen <= low_wavelen;
                     if medium {
                         let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
                         ((1.0 - smooth) * scaled / factor + smooth * scaled) as f32
@@ -51,5 +56,9 @@ pub fn rope_table(cfg: &ModelConfig, max_positions: usize) -> RopeTable {
             sin.push(angle.sin() as f32);
         }
     }
-    RopeTable { half_dim: half, cos, sin }
+    RopeTable {
+        half_dim: half,
+        cos,
+        sin,
+    }
 }

@@ -55,7 +55,10 @@ pub struct IncrementalDecoder {
 
 impl IncrementalDecoder {
     pub fn new(skip_special: bool) -> Self {
-        IncrementalDecoder { skip_special, ..Default::default() }
+        IncrementalDecoder {
+            skip_special,
+            ..Default::default()
+        }
     }
 
     /// Adds one token; returns the newly completed text, if any.

@@ -45,11 +45,17 @@ impl AsRef<[u8]> for MappedFile {
 }
 
 fn map_file(path: &Path) -> Result<SharedBytes> {
-    let file = File::open(path).map_err(|source| ModelError::Io { path: path.to_owned(), source })?;
+    let file = File::open(path).map_err(|source| ModelError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
     // SAFETY: the map is read-only; like every inference server we assume checkpoint files are
     // not modified while being served (a truncation would fault, not corrupt memory safety
     // guarantees of the data we already validated).
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| ModelError::Io { path: path.to_owned(), source })?;
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| ModelError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
     Ok(Arc::new(MappedFile(map)))
 }
 
@@ -64,13 +70,19 @@ impl WeightStore {
         } else if dir.join("model.safetensors").exists() {
             vec![dir.join("model.safetensors")]
         } else {
-            return Err(werr(format!("{}: no model.safetensors or model.safetensors.index.json", dir.display())));
+            return Err(werr(format!(
+                "{}: no model.safetensors or model.safetensors.index.json",
+                dir.display()
+            )));
         };
         Self::open_files(&paths)
     }
 
     pub fn open_files(paths: &[PathBuf]) -> Result<Self> {
-        let mut store = WeightStore { files: Vec::new(), entries: HashMap::new() };
+        let mut store = WeightStore {
+            files: Vec::new(),
+            entries: HashMap::new(),
+        };
         for path in paths {
             let bytes = map_file(path)?;
             let data: &[u8] = (*bytes).as_ref();
@@ -80,10 +92,20 @@ impl WeightStore {
                     Dtype::F32 => DType::F32,
                     Dtype::F16 => DType::F16,
                     Dtype::BF16 => DType::BF16,
-                    other => return Err(werr(format!("{}: tensor `{name}` has dtype {other:?} (supported: f32, f16, bf16)", path.display()))),
+                    other => {
+                        return Err(werr(format!(
+                            "{}: tensor `{name}` has dtype {other:?} (supported: f32, f16, bf16)",
+                            path.display()
+                        )))
+                    }
                 };
                 let offset = view.data().as_ptr() as usize - data.as_ptr() as usize;
-                let entry = Entry { file: store.files.len(), dtype, shape: view.shape().to_vec(), offset };
+                let entry = Entry {
+                    file: store.files.len(),
+                    dtype,
+                    shape: view.shape().to_vec(),
+                    offset,
+                };
                 if store.entries.insert(name.clone(), entry).is_some() {
                     return Err(werr(format!("tensor `{name}` appears in more than one shard")));
                 }
@@ -102,9 +124,15 @@ impl WeightStore {
     }
 
     fn entry(&self, name: &str, shape: &[usize]) -> Result<&Entry> {
-        let e = self.entries.get(name).ok_or_else(|| werr(format!("missing tensor `{name}`")))?;
+        let e = self
+            .entries
+            .get(name)
+            .ok_or_else(|| werr(format!("missing tensor `{name}`")))?;
         if e.shape != shape {
-            return Err(werr(format!("tensor `{name}` has shape {:?}, expected {shape:?}", e.shape)));
+            return Err(werr(format!(
+                "tensor `{name}` has shape {:?}, expected {shape:?}",
+                e.shape
+            )));
         }
         Ok(e)
     }

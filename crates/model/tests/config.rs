@@ -36,35 +36,68 @@ fn transformers4_form() {
     assert_eq!(c.arch, Arch::Llama);
     assert_eq!(c.rope_theta, 500000.0);
     assert!(matches!(c.rope_scaling, RopeScaling::Llama3 { factor, .. } if factor == 8.0));
-    assert_eq!((c.head_dim, c.num_kv_heads, c.eos_token_ids.clone()), (16, 2, vec![5, 7]));
+    assert_eq!(
+        (c.head_dim, c.num_kv_heads, c.eos_token_ids.clone()),
+        (16, 2, vec![5, 7])
+    );
     assert!(!c.qkv_bias && !c.tie_word_embeddings);
 }
 
 #[test]
 fn transformers5_form_and_legacy_type_key() {
-    let v = with(base("qwen2"), "rope_parameters", json!({"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}));
+    let v = with(
+        base("qwen2"),
+        "rope_parameters",
+        json!({"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}),
+    );
     let c = ModelConfig::from_json(&with(v, "head_dim", json!(24))).unwrap();
-    assert_eq!((c.arch, c.rope_theta, c.head_dim, c.qkv_bias), (Arch::Qwen2, 1e6, 24, true));
+    assert_eq!(
+        (c.arch, c.rope_theta, c.head_dim, c.qkv_bias),
+        (Arch::Qwen2, 1e6, 24, true)
+    );
     assert_eq!(c.rope_scaling, RopeScaling::Linear { factor: 2.0 });
     let v = with(base("llama"), "rope_scaling", json!({"type": "linear", "factor": 4.0}));
-    assert_eq!(ModelConfig::from_json(&v).unwrap().rope_scaling, RopeScaling::Linear { factor: 4.0 });
+    assert_eq!(
+        ModelConfig::from_json(&v).unwrap().rope_scaling,
+        RopeScaling::Linear { factor: 4.0 }
+    );
 }
 
 #[test]
 fn refusals_name_the_field() {
-    assert_eq!(refused_field(&with(base("llama"), "model_type", json!("gpt2"))), "model_type");
-    let yarn = with(base("llama"), "rope_scaling", json!({"rope_type": "yarn", "factor": 4.0}));
+    assert_eq!(
+        refused_field(&with(base("llama"), "model_type", json!("gpt2"))),
+        "model_type"
+    );
+    let yarn = with(
+        base("llama"),
+        "rope_scaling",
+        json!({"rope_type": "yarn", "factor": 4.0}),
+    );
     assert_eq!(refused_field(&yarn), "rope_scaling.rope_type");
-    let dyn5 = with(base("llama"), "rope_parameters", json!({"rope_type": "dynamic", "factor": 2.0}));
+    let dyn5 = with(
+        base("llama"),
+        "rope_parameters",
+        json!({"rope_type": "dynamic", "factor": 2.0}),
+    );
     assert_eq!(refused_field(&dyn5), "rope_parameters.rope_type");
     let linear_no_factor = with(base("llama"), "rope_scaling", json!({"rope_type": "linear"}));
     assert_eq!(refused_field(&linear_no_factor), "rope_scaling.factor");
-    assert_eq!(refused_field(&with(base("llama"), "hidden_act", json!("gelu"))), "hidden_act");
-    assert_eq!(refused_field(&with(base("llama"), "num_key_value_heads", json!(3))), "num_key_value_heads");
+    assert_eq!(
+        refused_field(&with(base("llama"), "hidden_act", json!("gelu"))),
+        "hidden_act"
+    );
+    assert_eq!(
+        refused_field(&with(base("llama"), "num_key_value_heads", json!(3))),
+        "num_key_value_heads"
+    );
     let mut missing = base("llama");
     missing.as_object_mut().unwrap().remove("hidden_size");
     assert_eq!(refused_field(&missing), "hidden_size");
-    assert_eq!(refused_field(&with(base("llama"), "vocab_size", json!("many"))), "vocab_size");
+    assert_eq!(
+        refused_field(&with(base("llama"), "vocab_size", json!("many"))),
+        "vocab_size"
+    );
 }
 
 #[test]

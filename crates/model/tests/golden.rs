@@ -14,11 +14,26 @@ use quiver_testkit::{materialize, Golden};
 
 const LOGIT_TOL: f32 = 1e-3;
 const TIE_MARGIN: f32 = 1e-3;
-const MODELS: &[&str] = &["llama-f32", "llama-bf16-tied-sharded", "qwen2-f32-tied", "qwen2-bf16-linear", "mistral-f32"];
+const MODELS: &[&str] = &[
+    "llama-f32",
+    "llama-bf16-tied-sharded",
+    "qwen2-f32-tied",
+    "qwen2-bf16-linear",
+    "mistral-f32",
+];
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "logit vectors differ in length");
-    a.iter().zip(b).map(|(x, y)| if x.is_nan() || y.is_nan() { f32::INFINITY } else { (x - y).abs() }).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| {
+            if x.is_nan() || y.is_nan() {
+                f32::INFINITY
+            } else {
+                (x - y).abs()
+            }
+        })
+        .fold(0.0, f32::max)
 }
 
 fn check_greedy(name: &str, i: usize, got: &[u32], golden: &Golden) -> Result<()> {
@@ -33,7 +48,12 @@ fn check_greedy(name: &str, i: usize, got: &[u32], golden: &Golden) -> Result<()
             return Ok(()); // a near-tie flipped; later tokens legitimately diverge
         }
     }
-    ensure!(got.len() == p.greedy.len(), "{name} prompt {i}: {} greedy tokens, expected {}", got.len(), p.greedy.len());
+    ensure!(
+        got.len() == p.greedy.len(),
+        "{name} prompt {i}: {} greedy tokens, expected {}",
+        got.len(),
+        p.greedy.len()
+    );
     Ok(())
 }
 
@@ -43,7 +63,11 @@ fn check_model(name: &str) -> Result<()> {
     let model = &bundle.model;
     for (i, p) in golden.prompts.iter().enumerate() {
         let ids = bundle.tokenizer.encode(&p.text, true)?;
-        ensure!(ids == p.ids, "{name} prompt {i}: token ids {ids:?}, transformers {:?}", p.ids);
+        ensure!(
+            ids == p.ids,
+            "{name} prompt {i}: token ids {ids:?}, transformers {:?}",
+            p.ids
+        );
         // One prompt alone: prefill logits and the greedy continuation (KV cache, one token a step).
         let got = generate_greedy(model, &p.ids, p.greedy.len(), &[], None, |_| {})?;
         check_greedy(name, i, &got, &golden)?;
@@ -55,41 +79,69 @@ fn check_model(name: &str) -> Result<()> {
     let mut kv = model.new_kv_pool(alloc.total(), BLOCK_SIZE)?;
     let mut seqs = vec![SequenceCache::default(); n];
     let first = &golden.prompts[0];
-    seqs[0].reserve(&mut alloc, first.ids.len()).map_err(|_| anyhow::anyhow!("out of blocks"))?;
+    seqs[0]
+        .reserve(&mut alloc, first.ids.len())
+        .map_err(|_| anyhow::anyhow!("out of blocks"))?;
     let mut b = BatchBuilder::new();
     b.push(&mut seqs[0], BLOCK_SIZE, &first.ids, true);
     let logits = model.backend.download(&model.forward(&b.finish(), &mut kv)?)?;
     let d = max_abs_diff(&logits, &first.last_logits);
-    ensure!(d <= LOGIT_TOL, "{name} prompt 0: last logits differ by {d} (tolerance {LOGIT_TOL})");
+    ensure!(
+        d <= LOGIT_TOL,
+        "{name} prompt 0: last logits differ by {d} (tolerance {LOGIT_TOL})"
+    );
 
     let mut b = BatchBuilder::new();
-    seqs[0].reserve(&mut alloc, 1).map_err(|_| anyhow::anyhow!("out of blocks"))?;
+    seqs[0]
+        .reserve(&mut alloc, 1)
+        .map_err(|_| anyhow::anyhow!("out of blocks"))?;
     b.push(&mut seqs[0], BLOCK_SIZE, &first.greedy[..1], true);
     for (i, p) in golden.prompts.iter().enumerate().skip(1) {
-        seqs[i].reserve(&mut alloc, p.ids.len()).map_err(|_| anyhow::anyhow!("out of blocks"))?;
+        seqs[i]
+            .reserve(&mut alloc, p.ids.len())
+            .map_err(|_| anyhow::anyhow!("out of blocks"))?;
         b.push(&mut seqs[i], BLOCK_SIZE, &p.ids, true);
     }
     let vocab = model.cfg.vocab_size;
     let logits = model.backend.download(&model.forward(&b.finish(), &mut kv)?)?;
     let decode_row = &logits[..vocab];
     if first.greedy_margins[1] >= TIE_MARGIN {
-        ensure!(argmax(decode_row) == first.greedy[1], "{name}: batched decode step chose {} not {}", argmax(decode_row), first.greedy[1]);
+        ensure!(
+            argmax(decode_row) == first.greedy[1],
+            "{name}: batched decode step chose {} not {}",
+            argmax(decode_row),
+            first.greedy[1]
+        );
     }
     for (i, p) in golden.prompts.iter().enumerate().skip(1) {
         let d = max_abs_diff(&logits[i * vocab..(i + 1) * vocab], &p.last_logits);
-        ensure!(d <= LOGIT_TOL, "{name} prompt {i} in a ragged batch: last logits differ by {d} (tolerance {LOGIT_TOL})");
+        ensure!(
+            d <= LOGIT_TOL,
+            "{name} prompt {i} in a ragged batch: last logits differ by {d} (tolerance {LOGIT_TOL})"
+        );
     }
     for s in &mut seqs {
         s.release(&mut alloc);
     }
     ensure!(alloc.num_free() == alloc.total(), "{name}: blocks leaked");
 
-    let tmpl = bundle.chat_template.as_ref().context("golden model has no chat template")?;
+    let tmpl = bundle
+        .chat_template
+        .as_ref()
+        .context("golden model has no chat template")?;
     for (i, c) in golden.chat.iter().enumerate() {
-        let msgs: Vec<serde_json::Value> = c.messages.iter().map(|m| serde_json::json!({"role": m.role, "content": m.content})).collect();
+        let msgs: Vec<serde_json::Value> = c
+            .messages
+            .iter()
+            .map(|m| serde_json::json!({"role": m.role, "content": m.content}))
+            .collect();
         let text = tmpl.render(&msgs, true, None)?;
         let ids = bundle.tokenizer.encode(&text, false)?;
-        ensure!(ids == c.ids, "{name} chat {i}: ids {ids:?}\ntransformers {:?}\nrendered {text:?}", c.ids);
+        ensure!(
+            ids == c.ids,
+            "{name} chat {i}: ids {ids:?}\ntransformers {:?}\nrendered {text:?}",
+            c.ids
+        );
     }
     Ok(())
 }
@@ -126,18 +178,24 @@ fn f16_checkpoint_runs_close_to_f32() -> Result<()> {
             .collect();
         converted.push((name, v.shape().to_vec(), data));
     }
-    let views: Vec<(String, TensorView)> =
-        converted.iter().map(|(n, s, d)| Ok((n.clone(), TensorView::new(Dtype::F16, s.clone(), d)?))).collect::<Result<_>>()?;
+    let views: Vec<(String, TensorView)> = converted
+        .iter()
+        .map(|(n, s, d)| Ok((n.clone(), TensorView::new(Dtype::F16, s.clone(), d)?)))
+        .collect::<Result<_>>()?;
     std::fs::write(&path, safetensors::serialize(views, None)?)?;
     let bundle = ModelBundle::load(CpuBackend, dir.path(), None)?;
     let p = &golden.prompts[2];
     let mut alloc = BlockAllocator::new(8, BLOCK_SIZE);
     let mut kv = bundle.model.new_kv_pool(alloc.total(), BLOCK_SIZE)?;
     let mut seq = SequenceCache::default();
-    seq.reserve(&mut alloc, p.ids.len()).map_err(|_| anyhow::anyhow!("out of blocks"))?;
+    seq.reserve(&mut alloc, p.ids.len())
+        .map_err(|_| anyhow::anyhow!("out of blocks"))?;
     let mut b = BatchBuilder::new();
     b.push(&mut seq, BLOCK_SIZE, &p.ids, true);
-    let logits = bundle.model.backend.download(&bundle.model.forward(&b.finish(), &mut kv)?)?;
+    let logits = bundle
+        .model
+        .backend
+        .download(&bundle.model.forward(&b.finish(), &mut kv)?)?;
     let d = max_abs_diff(&logits, &p.last_logits);
     ensure!(d > 0.0 && d <= 0.05, "f16 logits differ from the f32 golden by {d}");
     Ok(())

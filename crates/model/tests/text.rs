@@ -19,7 +19,10 @@ fn incremental_decoding_never_splits_characters() {
     let (_d, tok) = tokenizer();
     let text = "Grüße aus Köln — 東京で会いましょう 🎉🦀 and ελληνικά. ";
     let ids = tok.encode(text, false).unwrap();
-    let split_chars = ids.iter().filter(|&&id| tok.decode(&[id], false).unwrap().contains('\u{FFFD}')).count();
+    let split_chars = ids
+        .iter()
+        .filter(|&&id| tok.decode(&[id], false).unwrap().contains('\u{FFFD}'))
+        .count();
     assert!(split_chars > 0, "the test needs tokens that are partial characters");
     let mut dec = IncrementalDecoder::new(false);
     let mut streamed = String::new();
@@ -52,8 +55,15 @@ fn template_helpers() {
          {% if loop.index0 == 2 %}{% break %}{% endif %}[{{ m.role | upper }}]{{ m.content.strip() }}{{ eos_token }}{% endfor %}\
          {% if add_generation_prompt %}>{% endif %}",
     );
-    let msgs = [json!({"role": "user", "content": " hi "}), json!({"role": "assistant", "content": "yo"}), json!({"role": "user", "content": "cut"})];
-    assert_eq!(t.render(&msgs, true, None).unwrap(), "<s>[USER]hi</s>[ASSISTANT]yo</s>>");
+    let msgs = [
+        json!({"role": "user", "content": " hi "}),
+        json!({"role": "assistant", "content": "yo"}),
+        json!({"role": "user", "content": "cut"}),
+    ];
+    assert_eq!(
+        t.render(&msgs, true, None).unwrap(),
+        "<s>[USER]hi</s>[ASSISTANT]yo</s>>"
+    );
     match t.render(&[json!({"role": "bad", "content": ""})], false, None) {
         Err(ModelError::ChatTemplate(msg)) => assert!(msg.contains("role bad not allowed"), "{msg}"),
         other => panic!("expected the template's exception, got {other:?}"),
@@ -77,13 +87,20 @@ fn strftime_formats_utc_dates() {
     assert_eq!(strftime("%d %b %Y", t), "26 Jul 2024");
     assert_eq!(strftime("%A %B %-d, %H:%M:%S %%", t), "Friday July 26, 13:05:09 %");
     assert_eq!(strftime("%Y-%m-%d", 0), "1970-01-01");
-    assert!(!template("{{ strftime_now('%Y') }}").render(&[], false, None).unwrap().is_empty());
+    assert!(!template("{{ strftime_now('%Y') }}")
+        .render(&[], false, None)
+        .unwrap()
+        .is_empty());
 }
 
 #[test]
 fn trims_blocks_like_transformers() {
     let t = template("{% for m in messages %}\n  {{ m.content }}\n{% endfor %}");
-    assert_eq!(t.render(&[json!({"content": "a"}), json!({"content": "b"})], false, None).unwrap(), "  a\n  b\n");
+    assert_eq!(
+        t.render(&[json!({"content": "a"}), json!({"content": "b"})], false, None)
+            .unwrap(),
+        "  a\n  b\n"
+    );
 }
 
 /// transformers 5 saves the template as `chat_template.jinja`; it wins over tokenizer_config.json.
@@ -91,10 +108,19 @@ fn trims_blocks_like_transformers() {
 fn chat_template_jinja_file_takes_precedence() {
     let dir = tempfile::tempdir().unwrap();
     write_model(&spec_by_name("qwen2-f32-tied").unwrap(), dir.path()).unwrap();
-    let from_config = ChatTemplate::from_dir(dir.path()).unwrap().expect("the test kit writes a template");
+    let from_config = ChatTemplate::from_dir(dir.path())
+        .unwrap()
+        .expect("the test kit writes a template");
     let msgs = [json!({"role": "user", "content": "hi"})];
-    assert!(from_config.render(&msgs, true, None).unwrap().contains("<|im_start|>user"));
-    std::fs::write(dir.path().join("chat_template.jinja"), "{{ messages[0].content | upper }}!").unwrap();
+    assert!(from_config
+        .render(&msgs, true, None)
+        .unwrap()
+        .contains("<|im_start|>user"));
+    std::fs::write(
+        dir.path().join("chat_template.jinja"),
+        "{{ messages[0].content | upper }}!",
+    )
+    .unwrap();
     let from_file = ChatTemplate::from_dir(dir.path()).unwrap().unwrap();
     assert_eq!(from_file.render(&msgs, true, None).unwrap(), "HI!");
 }

@@ -105,18 +105,55 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// `acc += x`.
     fn add(&self, acc: &mut Self::Tensor, x: &Self::Tensor) -> Result<(), TensorError>;
     /// Row-wise RMSNorm: `out = x / sqrt(mean(x²) + eps) * w`.
-    fn rms_norm(&self, x: &Self::Tensor, w: &Self::Tensor, eps: f32, out: &mut Self::Tensor) -> Result<(), TensorError>;
+    fn rms_norm(&self, x: &Self::Tensor, w: &Self::Tensor, eps: f32, out: &mut Self::Tensor)
+        -> Result<(), TensorError>;
     /// `gate = silu(gate) * up`.
     fn silu_mul(&self, gate: &mut Self::Tensor, up: &Self::Tensor) -> Result<(), TensorError>;
     /// Rotate-half RoPE in place on `[tokens, heads, head_dim]`.
-    fn rope(&self, x: &mut Self::Tensor, heads: usize, head_dim: usize, positions: &[u32], table: &RopeTable) -> Result<(), TensorError>;
+    fn rope(
+        &self,
+        x: &mut Self::Tensor,
+        heads: usize,
+        head_dim: usize,
+        positions: &[u32],
+        table: &RopeTable,
+    ) -> Result<(), TensorError>;
     /// Store this step's K and V (`[tokens, kv_heads, head_dim]`) at `slots`.
-    fn write_kv(&self, pool: &mut Self::KvPool, layer: usize, k: &Self::Tensor, v: &Self::Tensor, slots: &[u32]) -> Result<(), TensorError>;
+    fn write_kv(
+        &self,
+        pool: &mut Self::KvPool,
+        layer: usize,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        slots: &[u32],
+    ) -> Result<(), TensorError>;
     /// Causal attention of each token's query heads over its sequence's cached K/V.
-    fn attention(&self, pool: &Self::KvPool, layer: usize, q: &Self::Tensor, heads: usize, batch: &AttentionBatch, out: &mut Self::Tensor) -> Result<(), TensorError>;
+    fn attention(
+        &self,
+        pool: &Self::KvPool,
+        layer: usize,
+        q: &Self::Tensor,
+        heads: usize,
+        batch: &AttentionBatch,
+        out: &mut Self::Tensor,
+    ) -> Result<(), TensorError>;
     /// LoRA delta for each segment's tokens: `y[t] += scale · (x[t] · Aᵀ) · Bᵀ`; `x` is
     /// `[tokens, in_f]`, `y` is `[tokens, out_f]`; segments sorted and disjoint.
-    fn lora(&self, pool: &Self::PagePool, x: &Self::Tensor, y: &mut Self::Tensor, in_f: usize, out_f: usize, segments: &[LoraSegment<'_>]) -> Result<(), TensorError>;
+    fn lora(
+        &self,
+        pool: &Self::PagePool,
+        x: &Self::Tensor,
+        y: &mut Self::Tensor,
+        in_f: usize,
+        out_f: usize,
+        segments: &[LoraSegment<'_>],
+    ) -> Result<(), TensorError>;
     /// `out[i, :] = x[rows[i], :]` for rows of width `width`.
-    fn gather_rows(&self, x: &Self::Tensor, width: usize, rows: &[u32], out: &mut Self::Tensor) -> Result<(), TensorError>;
+    fn gather_rows(
+        &self,
+        x: &Self::Tensor,
+        width: usize,
+        rows: &[u32],
+        out: &mut Self::Tensor,
+    ) -> Result<(), TensorError>;
 }

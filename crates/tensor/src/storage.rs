@@ -41,7 +41,12 @@ pub type SharedBytes = Arc<dyn AsRef<[u8]> + Send + Sync>;
 /// (used when the region is misaligned for `T`, or for tensors built in memory).
 #[derive(Clone)]
 pub enum TypedSlice<T: bytemuck::Pod> {
-    Mapped { bytes: SharedBytes, offset: usize, len: usize, _t: std::marker::PhantomData<T> },
+    Mapped {
+        bytes: SharedBytes,
+        offset: usize,
+        len: usize,
+        _t: std::marker::PhantomData<T>,
+    },
     Owned(Arc<Vec<T>>),
 }
 
@@ -53,8 +58,13 @@ impl<T: bytemuck::Pod> TypedSlice<T> {
             .as_ref()
             .get(offset..offset + len * size)
             .ok_or_else(|| TensorError::Range(format!("{len} elements at byte {offset}")))?;
-        if (region.as_ptr() as usize) % std::mem::align_of::<T>() == 0 {
-            Ok(TypedSlice::Mapped { bytes, offset, len, _t: std::marker::PhantomData })
+        if (region.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>()) {
+            Ok(TypedSlice::Mapped {
+                bytes,
+                offset,
+                len,
+                _t: std::marker::PhantomData,
+            })
         } else {
             Ok(TypedSlice::Owned(Arc::new(bytemuck::pod_collect_to_vec(region))))
         }

@@ -8,7 +8,10 @@ use quiver_tensor::{AttentionBatch, Backend, KvLayout, RopeTable};
 struct Rng(u64);
 impl Rng {
     fn next(&mut self) -> f32 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     }
     fn vec(&mut self, n: usize) -> Vec<f32> {
@@ -47,7 +50,11 @@ fn silu_mul_matches_reference() {
     let mut r = Rng(2);
     for n in [1, 13, 40_001] {
         let (mut g, u) = (r.vec(n), r.vec(n));
-        let want: Vec<f32> = g.iter().zip(&u).map(|(a, b)| ((*a as f64) / (1.0 + (-*a as f64).exp()) * *b as f64) as f32).collect();
+        let want: Vec<f32> = g
+            .iter()
+            .zip(&u)
+            .map(|(a, b)| ((*a as f64) / (1.0 + (-*a as f64).exp()) * *b as f64) as f32)
+            .collect();
         ops::silu_mul(&mut g, &u);
         assert_close(&g, &want, "silu_mul");
     }
@@ -60,20 +67,28 @@ fn rope_matches_rotate_half_reference() {
     let half = hd / 2;
     let table = RopeTable {
         half_dim: half,
-        cos: (0..maxpos * half).map(|i| ((i / half) as f32 * 0.3 / (1 + i % half) as f32).cos()).collect(),
-        sin: (0..maxpos * half).map(|i| ((i / half) as f32 * 0.3 / (1 + i % half) as f32).sin()).collect(),
+        cos: (0..maxpos * half)
+            .map(|i| ((i / half) as f32 * 0.3 / (1 + i % half) as f32).cos())
+            .collect(),
+        sin: (0..maxpos * half)
+            .map(|i| ((i / half) as f32 * 0.3 / (1 + i % half) as f32).sin())
+            .collect(),
     };
     let positions = [0u32, 19, 4, 4, 11];
     let x = r.vec(tokens * heads * hd);
     let mut got = x.clone();
     ops::rope(&mut got, heads, hd, &positions, &table);
     let mut want = x.clone();
-    for t in 0..tokens {
-        let p = positions[t] as usize;
+    for (t, &p) in positions.iter().enumerate() {
+        let p = p as usize;
         for h in 0..heads {
             let base = (t * heads + h) * hd;
             for i in 0..hd {
-                let rot = if i < half { -x[base + i + half] } else { x[base + i - half] };
+                let rot = if i < half {
+                    -x[base + i + half]
+                } else {
+                    x[base + i - half]
+                };
                 let (c, s) = (table.cos[p * half + i % half], table.sin[p * half + i % half]);
                 want[base + i] = x[base + i] * c + rot * s;
             }
@@ -88,12 +103,18 @@ fn rope_matches_rotate_half_reference() {
 fn paged_attention_matches_dense_reference() {
     let mut r = Rng(4);
     let (heads, kv_heads, hd, bs) = (6, 2, 10, 4);
-    let layout = KvLayout { num_layers: 1, num_blocks: 12, block_size: bs, num_kv_heads: kv_heads, head_dim: hd };
+    let layout = KvLayout {
+        num_layers: 1,
+        num_blocks: 12,
+        block_size: bs,
+        num_kv_heads: kv_heads,
+        head_dim: hd,
+    };
     let cpu = CpuBackend;
     let mut pool = cpu.new_kv_pool(layout).unwrap();
     let tables = vec![vec![7u32, 2, 9, 0], vec![5u32, 11, 1]];
     let lens = [13usize, 9]; // full context lengths after this step
-    // Dense per-sequence K/V, written into the cache in one call.
+                             // Dense per-sequence K/V, written into the cache in one call.
     let dense_k: Vec<Vec<f32>> = lens.iter().map(|&l| r.vec(l * kv_heads * hd)).collect();
     let dense_v: Vec<Vec<f32>> = lens.iter().map(|&l| r.vec(l * kv_heads * hd)).collect();
     let mut slots = Vec::new();
@@ -107,7 +128,10 @@ fn paged_attention_matches_dense_reference() {
     }
     cpu.write_kv(&mut pool, 0, &k_all, &v_all, &slots).unwrap();
     // Queries: sequence 0 prefills positions 9..13, sequence 1 decodes position 8.
-    let mut batch = AttentionBatch { block_tables: tables.clone(), ..Default::default() };
+    let mut batch = AttentionBatch {
+        block_tables: tables.clone(),
+        ..Default::default()
+    };
     for p in 9..13 {
         batch.positions.push(p);
         batch.seq.push(0);
@@ -127,13 +151,21 @@ fn paged_attention_matches_dense_reference() {
             let kvh = h / (heads / kv_heads);
             let qh = &q[(t * heads + h) * hd..(t * heads + h + 1) * hd];
             let krow = |j: usize| &dense_k[s][(j * kv_heads + kvh) * hd..(j * kv_heads + kvh + 1) * hd];
-            let scores: Vec<f64> =
-                (0..ctx).map(|j| qh.iter().zip(krow(j)).map(|(a, b)| (*a as f64) * (*b as f64)).sum::<f64>() / (hd as f64).sqrt()).collect();
+            let scores: Vec<f64> = (0..ctx)
+                .map(|j| {
+                    qh.iter()
+                        .zip(krow(j))
+                        .map(|(a, b)| (*a as f64) * (*b as f64))
+                        .sum::<f64>()
+                        / (hd as f64).sqrt()
+                })
+                .collect();
             let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let z: f64 = scores.iter().map(|s| (s - m).exp()).sum();
             for d in 0..hd {
-                want[(t * heads + h) * hd + d] =
-                    (0..ctx).map(|j| (scores[j] - m).exp() / z * dense_v[s][(j * kv_heads + kvh) * hd + d] as f64).sum::<f64>() as f32;
+                want[(t * heads + h) * hd + d] = (0..ctx)
+                    .map(|j| (scores[j] - m).exp() / z * dense_v[s][(j * kv_heads + kvh) * hd + d] as f64)
+                    .sum::<f64>() as f32;
             }
         }
     }
@@ -143,9 +175,20 @@ fn paged_attention_matches_dense_reference() {
 #[test]
 fn attention_rejects_short_block_table() {
     let cpu = CpuBackend;
-    let layout = KvLayout { num_layers: 1, num_blocks: 2, block_size: 4, num_kv_heads: 1, head_dim: 2 };
+    let layout = KvLayout {
+        num_layers: 1,
+        num_blocks: 2,
+        block_size: 4,
+        num_kv_heads: 1,
+        head_dim: 2,
+    };
     let pool = cpu.new_kv_pool(layout).unwrap();
-    let batch = AttentionBatch { positions: vec![5], slots: vec![0], seq: vec![0], block_tables: vec![vec![0]] };
+    let batch = AttentionBatch {
+        positions: vec![5],
+        slots: vec![0],
+        seq: vec![0],
+        block_tables: vec![vec![0]],
+    };
     let mut out = vec![0.0; 2];
     assert!(cpu.attention(&pool, 0, &vec![1.0, 1.0], 1, &batch, &mut out).is_err());
 }

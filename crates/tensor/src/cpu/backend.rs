@@ -66,7 +66,9 @@ impl Backend for CpuBackend {
 
     fn write_pages(&self, pool: &mut CpuPagePool, pages: &[u32], data: &[f32]) -> Result<(), TensorError> {
         let p = pool.page;
-        check("write_pages", data.len() == pages.len() * p, || format!("{} floats for {} pages of {p}", data.len(), pages.len()))?;
+        check("write_pages", data.len() == pages.len() * p, || {
+            format!("{} floats for {} pages of {p}", data.len(), pages.len())
+        })?;
         let n = pool.num_pages();
         for (&id, chunk) in pages.iter().zip(data.chunks(p)) {
             if id as usize >= n {
@@ -81,12 +83,22 @@ impl Backend for CpuBackend {
         Ok(w.clone())
     }
 
-    fn lora(&self, pool: &CpuPagePool, x: &Vec<f32>, y: &mut Vec<f32>, in_f: usize, out_f: usize, segments: &[LoraSegment<'_>]) -> Result<(), TensorError> {
+    fn lora(
+        &self,
+        pool: &CpuPagePool,
+        x: &Vec<f32>,
+        y: &mut Vec<f32>,
+        in_f: usize,
+        out_f: usize,
+        segments: &[LoraSegment<'_>],
+    ) -> Result<(), TensorError> {
         let p = pool.page;
         let tokens = x.len() / in_f.max(1);
-        check("lora", in_f % p == 0 && out_f % p == 0 && x.len() == tokens * in_f && y.len() == tokens * out_f, || {
-            format!("x {} y {} for in {in_f} out {out_f} page {p}", x.len(), y.len())
-        })?;
+        check(
+            "lora",
+            in_f.is_multiple_of(p) && out_f.is_multiple_of(p) && x.len() == tokens * in_f && y.len() == tokens * out_f,
+            || format!("x {} y {} for in {in_f} out {out_f} page {p}", x.len(), y.len()),
+        )?;
         let mut end = 0;
         let n = pool.num_pages();
         for s in segments {
@@ -96,7 +108,12 @@ impl Backend for CpuBackend {
                 && m.a_pages.len() == m.rank * in_f / p
                 && m.b_pages.len() == m.rank * out_f / p
                 && m.a_pages.iter().chain(&m.b_pages).all(|&id| (id as usize) < n);
-            check("lora", ok, || format!("segment {}+{} (rank {}) does not fit the batch or the pool", s.start, s.len, m.rank))?;
+            check("lora", ok, || {
+                format!(
+                    "segment {}+{} (rank {}) does not fit the batch or the pool",
+                    s.start, s.len, m.rank
+                )
+            })?;
             end = s.start + s.len;
         }
         lora_apply(pool, x, y, in_f, out_f, segments);
@@ -105,7 +122,9 @@ impl Backend for CpuBackend {
 
     fn embed(&self, table: &Matrix, ids: &[u32], out: &mut Vec<f32>) -> Result<(), TensorError> {
         let d = table.cols;
-        check("embed", out.len() == ids.len() * d, || format!("out {} for {} ids × {d}", out.len(), ids.len()))?;
+        check("embed", out.len() == ids.len() * d, || {
+            format!("out {} for {} ids × {d}", out.len(), ids.len())
+        })?;
         for (&id, row) in ids.iter().zip(out.chunks_mut(d)) {
             if id as usize >= table.rows {
                 return Err(TensorError::Range(format!("token id {id} ≥ vocabulary {}", table.rows)));
@@ -124,7 +143,11 @@ impl Backend for CpuBackend {
     }
 
     fn add_bias(&self, x: &mut Vec<f32>, bias: &Vec<f32>) -> Result<(), TensorError> {
-        check("add_bias", !bias.is_empty() && x.len() % bias.len() == 0, || format!("{} by {}", x.len(), bias.len()))?;
+        check(
+            "add_bias",
+            !bias.is_empty() && x.len().is_multiple_of(bias.len()),
+            || format!("{} by {}", x.len(), bias.len()),
+        )?;
         for row in x.chunks_mut(bias.len()) {
             for (a, b) in row.iter_mut().zip(bias) {
                 *a += b;
@@ -142,37 +165,62 @@ impl Backend for CpuBackend {
     }
 
     fn rms_norm(&self, x: &Vec<f32>, w: &Vec<f32>, eps: f32, out: &mut Vec<f32>) -> Result<(), TensorError> {
-        check("rms_norm", !w.is_empty() && x.len() % w.len() == 0 && out.len() == x.len(), || {
-            format!("x {} w {} out {}", x.len(), w.len(), out.len())
-        })?;
+        check(
+            "rms_norm",
+            !w.is_empty() && x.len().is_multiple_of(w.len()) && out.len() == x.len(),
+            || format!("x {} w {} out {}", x.len(), w.len(), out.len()),
+        )?;
         ops::rms_norm(x, w, eps, out);
         Ok(())
     }
 
     fn silu_mul(&self, gate: &mut Vec<f32>, up: &Vec<f32>) -> Result<(), TensorError> {
-        check("silu_mul", gate.len() == up.len(), || format!("{} vs {}", gate.len(), up.len()))?;
+        check("silu_mul", gate.len() == up.len(), || {
+            format!("{} vs {}", gate.len(), up.len())
+        })?;
         ops::silu_mul(gate, up);
         Ok(())
     }
 
-    fn rope(&self, x: &mut Vec<f32>, heads: usize, head_dim: usize, positions: &[u32], table: &RopeTable) -> Result<(), TensorError> {
-        check("rope", x.len() == positions.len() * heads * head_dim && 2 * table.half_dim <= head_dim, || {
-            format!("x {} for {} tokens × {heads} × {head_dim}", x.len(), positions.len())
-        })?;
+    fn rope(
+        &self,
+        x: &mut Vec<f32>,
+        heads: usize,
+        head_dim: usize,
+        positions: &[u32],
+        table: &RopeTable,
+    ) -> Result<(), TensorError> {
+        check(
+            "rope",
+            x.len() == positions.len() * heads * head_dim && 2 * table.half_dim <= head_dim,
+            || format!("x {} for {} tokens × {heads} × {head_dim}", x.len(), positions.len()),
+        )?;
         if let Some(p) = positions.iter().find(|&&p| p as usize >= table.max_positions()) {
-            return Err(TensorError::Range(format!("position {p} ≥ rope table {}", table.max_positions())));
+            return Err(TensorError::Range(format!(
+                "position {p} ≥ rope table {}",
+                table.max_positions()
+            )));
         }
         ops::rope(x, heads, head_dim, positions, table);
         Ok(())
     }
 
-    fn write_kv(&self, pool: &mut CpuKvPool, layer: usize, k: &Vec<f32>, v: &Vec<f32>, slots: &[u32]) -> Result<(), TensorError> {
+    fn write_kv(
+        &self,
+        pool: &mut CpuKvPool,
+        layer: usize,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        slots: &[u32],
+    ) -> Result<(), TensorError> {
         let l = pool.layout;
         let w = l.num_kv_heads * l.head_dim;
         let cap = l.num_blocks * l.block_size;
-        check("write_kv", k.len() == slots.len() * w && v.len() == k.len() && layer < l.num_layers, || {
-            format!("k {} v {} for {} slots × {w}", k.len(), v.len(), slots.len())
-        })?;
+        check(
+            "write_kv",
+            k.len() == slots.len() * w && v.len() == k.len() && layer < l.num_layers,
+            || format!("k {} v {} for {} slots × {w}", k.len(), v.len(), slots.len()),
+        )?;
         for (t, &s) in slots.iter().enumerate() {
             let s = s as usize;
             if s >= cap {
@@ -184,32 +232,59 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn attention(&self, pool: &CpuKvPool, layer: usize, q: &Vec<f32>, heads: usize, batch: &AttentionBatch, out: &mut Vec<f32>) -> Result<(), TensorError> {
+    fn attention(
+        &self,
+        pool: &CpuKvPool,
+        layer: usize,
+        q: &Vec<f32>,
+        heads: usize,
+        batch: &AttentionBatch,
+        out: &mut Vec<f32>,
+    ) -> Result<(), TensorError> {
         let l = pool.layout;
         let n = batch.num_tokens();
-        check("attention", q.len() == n * heads * l.head_dim && out.len() == q.len() && heads % l.num_kv_heads == 0, || {
-            format!("q {} out {} for {n} tokens × {heads} × {}", q.len(), out.len(), l.head_dim)
-        })?;
+        check(
+            "attention",
+            q.len() == n * heads * l.head_dim && out.len() == q.len() && heads.is_multiple_of(l.num_kv_heads),
+            || {
+                format!(
+                    "q {} out {} for {n} tokens × {heads} × {}",
+                    q.len(),
+                    out.len(),
+                    l.head_dim
+                )
+            },
+        )?;
         for t in 0..n {
-            let table = batch
-                .block_tables
-                .get(batch.seq[t] as usize)
-                .ok_or_else(|| TensorError::Range(format!("token {t}: no block table for sequence {}", batch.seq[t])))?;
+            let table = batch.block_tables.get(batch.seq[t] as usize).ok_or_else(|| {
+                TensorError::Range(format!("token {t}: no block table for sequence {}", batch.seq[t]))
+            })?;
             let need = batch.positions[t] as usize / l.block_size + 1;
             if table.len() < need || table[..need].iter().any(|&b| b as usize >= l.num_blocks) {
-                return Err(TensorError::Range(format!("token {t}: block table too short or out of range")));
+                return Err(TensorError::Range(format!(
+                    "token {t}: block table too short or out of range"
+                )));
             }
         }
-        let paged = |data| ops::PagedLayer { data, block_size: l.block_size, kv_heads: l.num_kv_heads, head_dim: l.head_dim };
+        let paged = |data| ops::PagedLayer {
+            data,
+            block_size: l.block_size,
+            kv_heads: l.num_kv_heads,
+            head_dim: l.head_dim,
+        };
         ops::paged_attention(&paged(&pool.k[layer]), &paged(&pool.v[layer]), q, heads, batch, out);
         Ok(())
     }
 
     fn gather_rows(&self, x: &Vec<f32>, width: usize, rows: &[u32], out: &mut Vec<f32>) -> Result<(), TensorError> {
-        check("gather_rows", out.len() == rows.len() * width, || format!("out {} for {} rows", out.len(), rows.len()))?;
+        check("gather_rows", out.len() == rows.len() * width, || {
+            format!("out {} for {} rows", out.len(), rows.len())
+        })?;
         for (i, &r) in rows.iter().enumerate() {
             let r = r as usize;
-            let src = x.get(r * width..(r + 1) * width).ok_or_else(|| TensorError::Range(format!("row {r}")))?;
+            let src = x
+                .get(r * width..(r + 1) * width)
+                .ok_or_else(|| TensorError::Range(format!("row {r}")))?;
             out[i * width..(i + 1) * width].copy_from_slice(src);
         }
         Ok(())

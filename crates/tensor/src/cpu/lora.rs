@@ -52,7 +52,12 @@ impl CpuPagePool {
         let data = match dtype {
             DType::F32 => PageData::F32(vec![0.0; page * pages]),
             DType::BF16 => PageData::BF16(vec![bf16::ZERO; page * pages]),
-            DType::F16 => return Err(crate::TensorError::DType { dtype: dtype.to_string(), what: "adapter pages (f32 or bf16)".into() }),
+            DType::F16 => {
+                return Err(crate::TensorError::DType {
+                    dtype: dtype.to_string(),
+                    what: "adapter pages (f32 or bf16)".into(),
+                })
+            }
         };
         Ok(CpuPagePool { page, data })
     }
@@ -74,7 +79,10 @@ impl CpuPagePool {
         let at = id as usize * self.page;
         match &mut self.data {
             PageData::F32(v) => v[at..at + self.page].copy_from_slice(values),
-            PageData::BF16(v) => v[at..at + self.page].iter_mut().zip(values).for_each(|(d, s)| *d = bf16::from_f32(*s)),
+            PageData::BF16(v) => v[at..at + self.page]
+                .iter_mut()
+                .zip(values)
+                .for_each(|(d, s)| *d = bf16::from_f32(*s)),
         }
     }
 }
@@ -95,7 +103,14 @@ impl<T> Pages<'_, T> {
 
 /// `y[t] += scale · (x[t] · Aᵀ) · Bᵀ` for the tokens of every segment. `x` is `[tokens, in]`,
 /// `y` is `[tokens, out]`; segments must be sorted by `start` and disjoint.
-pub fn lora_apply(pool: &CpuPagePool, x: &[f32], y: &mut [f32], in_f: usize, out_f: usize, segments: &[LoraSegment<'_>]) {
+pub fn lora_apply(
+    pool: &CpuPagePool,
+    x: &[f32],
+    y: &mut [f32],
+    in_f: usize,
+    out_f: usize,
+    segments: &[LoraSegment<'_>],
+) {
     // Cut segments into tiles and pair each tile with its (disjoint) rows of y.
     let mut work: Vec<(usize, &LoraModule, &mut [f32])> = Vec::new();
     let mut rest = y;
@@ -134,7 +149,15 @@ fn has_avx2_fma() -> bool {
 }
 
 /// One tile of tokens on one module; the body is compiled twice, with and without AVX2/FMA.
-fn tile<T: PageElem>(pool: &Pages<'_, T>, x: &[f32], rows: &mut [f32], start: usize, m: &LoraModule, in_f: usize, out_f: usize) {
+fn tile<T: PageElem>(
+    pool: &Pages<'_, T>,
+    x: &[f32],
+    rows: &mut [f32],
+    start: usize,
+    m: &LoraModule,
+    in_f: usize,
+    out_f: usize,
+) {
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
         // SAFETY: the CPU supports AVX2 and FMA (checked at run time just above).
@@ -146,7 +169,15 @@ fn tile<T: PageElem>(pool: &Pages<'_, T>, x: &[f32], rows: &mut [f32], start: us
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn tile_avx2<T: PageElem>(pool: &Pages<'_, T>, x: &[f32], rows: &mut [f32], start: usize, m: &LoraModule, in_f: usize, out_f: usize) {
+unsafe fn tile_avx2<T: PageElem>(
+    pool: &Pages<'_, T>,
+    x: &[f32],
+    rows: &mut [f32],
+    start: usize,
+    m: &LoraModule,
+    in_f: usize,
+    out_f: usize,
+) {
     tile_body::<T, true>(pool, x, rows, start, m, in_f, out_f)
 }
 
@@ -175,7 +206,15 @@ fn dot<T: PageElem, const FMA: bool>(a: &[f32], b: &[T]) -> f32 {
 }
 
 #[inline(always)]
-fn tile_body<T: PageElem, const FMA: bool>(pool: &Pages<'_, T>, x: &[f32], rows: &mut [f32], start: usize, m: &LoraModule, in_f: usize, out_f: usize) {
+fn tile_body<T: PageElem, const FMA: bool>(
+    pool: &Pages<'_, T>,
+    x: &[f32],
+    rows: &mut [f32],
+    start: usize,
+    m: &LoraModule,
+    in_f: usize,
+    out_f: usize,
+) {
     let p = pool.page;
     let n = rows.len() / out_f;
     let (cin, cout) = (in_f / p, out_f / p);
@@ -210,11 +249,21 @@ fn tile_body<T: PageElem, const FMA: bool>(pool: &Pages<'_, T>, x: &[f32], rows:
     }
 }
 
-/// Dense reference: the oracle for [`lora_apply`]. `a` is `[rank, in]`, `b` is `[out, rank]`.
-pub fn lora_ref(x: &[f32], y: &mut [f32], in_f: usize, out_f: usize, start: usize, len: usize, a: &[f32], b: &[f32], rank: usize, scale: f32) {
+/// Dense weights of one adapted linear, for the reference: `a` is `[rank, in]`, `b` is `[out, rank]`.
+pub struct DenseLora<'a> {
+    pub a: &'a [f32],
+    pub b: &'a [f32],
+    pub rank: usize,
+    pub scale: f32,
+}
+
+/// Dense reference: the oracle for [`lora_apply`], on tokens `start..start + len`.
+pub fn lora_ref(x: &[f32], y: &mut [f32], in_f: usize, out_f: usize, start: usize, len: usize, w: &DenseLora<'_>) {
+    let DenseLora { a, b, rank, scale } = *w;
     for t in start..start + len {
-        let h: Vec<f64> =
-            (0..rank).map(|j| (0..in_f).map(|i| x[t * in_f + i] as f64 * a[j * in_f + i] as f64).sum()).collect();
+        let h: Vec<f64> = (0..rank)
+            .map(|j| (0..in_f).map(|i| x[t * in_f + i] as f64 * a[j * in_f + i] as f64).sum())
+            .collect();
         for o in 0..out_f {
             let d: f64 = (0..rank).map(|j| b[o * rank + j] as f64 * h[j]).sum();
             y[t * out_f + o] += (scale as f64 * d) as f32;

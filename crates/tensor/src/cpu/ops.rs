@@ -71,7 +71,10 @@ pub fn rope(x: &mut [f32], heads: usize, head_dim: usize, positions: &[u32], tab
     let half = table.half_dim;
     for (t, tok) in x.chunks_mut(heads * head_dim).enumerate() {
         let p = positions[t] as usize;
-        let (cos, sin) = (&table.cos[p * half..(p + 1) * half], &table.sin[p * half..(p + 1) * half]);
+        let (cos, sin) = (
+            &table.cos[p * half..(p + 1) * half],
+            &table.sin[p * half..(p + 1) * half],
+        );
         for head in tok.chunks_mut(head_dim) {
             let (lo, hi) = head[..2 * half].split_at_mut(half);
             for i in 0..half {
