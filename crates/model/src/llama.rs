@@ -346,6 +346,10 @@ impl<B: Backend> Llama<B> {
         pages: Option<&B::PagePool>,
     ) -> Result<B::Tensor> {
         self.validate(input)?;
+        self.backend.install(|| self.forward_inner(input, kv, pages))
+    }
+
+    fn forward_inner(&self, input: &ForwardInput, kv: &mut B::KvPool, pages: Option<&B::PagePool>) -> Result<B::Tensor> {
         if !input.lora.is_empty() && pages.is_none() {
             return Err(ModelError::Input(
                 "batch uses adapters but no page pool was given".into(),

@@ -73,7 +73,7 @@ pub struct LoraSegment<'a> {
 
 pub trait Backend: Clone + Send + Sync + 'static {
     /// Flat f32 activations.
-    type Tensor: Send;
+    type Tensor: Send + Sync;
     /// A weight matrix in its storage dtype.
     type Weight: Send + Sync;
     /// K/V storage for every layer.
@@ -82,6 +82,13 @@ pub trait Backend: Clone + Send + Sync + 'static {
     type PagePool: Send + Sync;
 
     fn name(&self) -> String;
+
+    /// Runs `f` (a whole forward pass) where the backend's kernels are cheapest to launch: the
+    /// CPU backend runs it on its worker pool so each kernel's fan-out needs no cross-thread
+    /// handoff.
+    fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        f()
+    }
 
     fn upload_weight(&self, m: Matrix) -> Result<Self::Weight, TensorError>;
     fn upload(&self, data: &[f32]) -> Result<Self::Tensor, TensorError>;
