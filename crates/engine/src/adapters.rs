@@ -146,9 +146,22 @@ impl<B: Backend> AdapterManager<B> {
         &self.pool
     }
 
-    pub fn register(&mut self, name: &str, path: PathBuf, pinned: bool) -> Result<(), EngineError> {
+    /// Makes `name` known; `preloaded` (already validated) goes straight into the host tier.
+    pub fn register(
+        &mut self,
+        name: &str,
+        path: PathBuf,
+        pinned: bool,
+        preloaded: Option<Arc<HostAdapter>>,
+    ) -> Result<(), EngineError> {
         if self.registry.contains_key(name) {
             return Err(EngineError::AdapterExists(name.into()));
+        }
+        if let Some(host) = preloaded.as_ref().filter(|h| h.max_rank() > self.max_rank) {
+            return Err(EngineError::AdapterLoad {
+                name: name.into(),
+                reason: format!("rank {} exceeds --max-lora-rank {}", host.max_rank(), self.max_rank),
+            });
         }
         self.generation += 1;
         self.registry.insert(
@@ -160,6 +173,9 @@ impl<B: Backend> AdapterManager<B> {
                 failed: None,
             },
         );
+        if let Some(host) = preloaded {
+            self.insert_host(name.to_string(), host);
+        }
         Ok(())
     }
 

@@ -1,8 +1,9 @@
 //! The handle the API holds: starts the scheduler thread and talks to it through commands.
 
 use std::path::PathBuf;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 
+use quiver_adapters::HostAdapter;
 use quiver_model::Llama;
 use quiver_tensor::Backend;
 use tokio::sync::{mpsc as tmpsc, oneshot};
@@ -58,9 +59,20 @@ impl Engine {
         self.ask(|reply| Command::RegisterAdapter {
             name: name.into(),
             path,
-            pinned,
+            pinned, preloaded: None,
             reply,
         })
+    }
+
+    /// Registers an adapter the caller already loaded and validated.
+    pub fn register_loaded_adapter(
+        &self,
+        name: &str,
+        path: PathBuf,
+        pinned: bool,
+        adapter: Arc<HostAdapter>,
+    ) -> Result<oneshot::Receiver<Result<(), EngineError>>, EngineError> {
+        self.ask(|reply| Command::RegisterAdapter { name: name.into(), path, pinned, preloaded: Some(adapter), reply })
     }
 
     pub fn unregister_adapter(&self, name: &str) -> Result<oneshot::Receiver<Result<(), EngineError>>, EngineError> {

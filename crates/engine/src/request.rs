@@ -1,7 +1,9 @@
 //! What the API sends the engine and what streams back on each request's own channel.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
+use quiver_adapters::HostAdapter;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::adapters::{AdapterInfo, AdapterStats};
@@ -68,6 +70,8 @@ pub enum Command {
         name: String,
         path: PathBuf,
         pinned: bool,
+        /// Already loaded and validated: goes straight to the host tier.
+        preloaded: Option<Arc<HostAdapter>>,
         reply: oneshot::Sender<Result<(), EngineError>>,
     },
     UnregisterAdapter {

@@ -191,10 +191,10 @@ impl<B: Backend> Scheduler<B> {
             Command::RegisterAdapter {
                 name,
                 path,
-                pinned,
+                pinned, preloaded,
                 reply,
             } => {
-                let _ = reply.send(self.adapters.register(&name, path, pinned));
+                let _ = reply.send(self.adapters.register(&name, path, pinned, preloaded));
             }
             Command::UnregisterAdapter { name, reply } => {
                 let _ = reply.send(self.adapters.unregister(&name, &mut self.budget));

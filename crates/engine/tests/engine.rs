@@ -190,7 +190,7 @@ fn eviction_spares_pinned_and_leased_adapters() -> Result<()> {
         s.handle(Command::RegisterAdapter {
             name: name.into(),
             path: adapters.join(name),
-            pinned,
+            pinned, preloaded: None,
             reply: tx,
         });
         Ok(rx.try_recv()??)
