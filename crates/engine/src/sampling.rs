@@ -113,6 +113,7 @@ impl SamplingParams {
         }
     }
 
+    /// Temperature (near) zero: argmax of the penalised logits; top-k/p and min-p don't matter.
     pub fn is_greedy(&self) -> bool {
         self.temperature.is_nan() || self.temperature < GREEDY_TEMPERATURE
     }
@@ -128,7 +129,8 @@ pub struct Sampled {
 }
 
 /// Histogram buckets over the temperature-scaled log-weight `(max - x) / T`: 1/16 nat wide,
-/// the last one catching everything below e^-64 (irrelevant to any top-p a f32 can express).
+/// the last one catching everything below e^-64 (irrelevant to any top-p a f32 can express);
+/// index `BUCKETS` holds the -inf logits.
 const BUCKETS: usize = 1024;
 const BUCKETS_PER_NAT: f32 = 16.0;
 
@@ -138,10 +140,17 @@ const BUCKETS_PER_NAT: f32 = 16.0;
 pub struct Sampler {
     params: SamplingParams,
     rng: Xoshiro256StarStar,
+    buf: Buffers,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Buffers {
     /// Sanitised, then penalised logits.
     scratch: Vec<f32>,
     /// Unnormalised probabilities exp((x - max) / T), then zeroed where filtered out.
     weights: Vec<f32>,
+    /// Histogram bucket of each token (only when top-k or top-p is on).
+    buckets: Vec<u16>,
     /// Token ids of one histogram bucket.
     idx: Vec<u32>,
     /// Sorted copy of the generated ids, to count them.
@@ -158,12 +167,7 @@ impl Sampler {
         Sampler {
             params,
             rng,
-            scratch: Vec::new(),
-            weights: Vec::new(),
-            idx: Vec::new(),
-            counts: Vec::new(),
-            hist_count: Vec::new(),
-            hist_mass: Vec::new(),
+            buf: Buffers::default(),
         }
     }
 
@@ -175,18 +179,19 @@ impl Sampler {
     /// the penalties; ids outside the vocabulary are ignored. The caller's row is not modified.
     pub fn sample(&mut self, logits: &[f32], prompt: &[u32], generated: &[u32]) -> Result<Sampled, SamplingError> {
         let none = SamplingError::NoFiniteLogits(logits.len());
-        self.load(logits);
+        self.buf.load(logits);
         // Raw distribution first, before the penalties overwrite the scratch row.
-        let raw_max = max_of(&self.scratch);
+        let raw_max = max_of(&self.buf.scratch);
         if raw_max == f32::NEG_INFINITY {
             return Err(none);
         }
-        let lse = raw_max as f64 + sum_exp(&self.scratch, raw_max).ln();
-        self.apply_penalties(logits, prompt, generated);
+        exp_into(&mut self.buf.weights, &self.buf.scratch, raw_max, 1.0);
+        let lse = raw_max as f64 + sum_f64(&self.buf.weights).ln();
+        self.buf.apply_penalties(&self.params, logits, prompt, generated);
         let token = if self.params.is_greedy() {
-            self.argmax()
+            self.buf.argmax()
         } else {
-            self.sample_random()
+            self.buf.sample_random(&self.params, &mut self.rng)
         }
         .ok_or(none)?;
         let logprob = (finite(logits[token as usize]) as f64 - lse) as f32;
@@ -203,18 +208,19 @@ impl Sampler {
 
     /// The row after NaN/inf sanitising and penalties: what temperature and the filters see.
     pub fn penalised(&mut self, logits: &[f32], prompt: &[u32], generated: &[u32]) -> &[f32] {
-        self.load(logits);
-        self.apply_penalties(logits, prompt, generated);
-        &self.scratch
+        self.buf.load(logits);
+        self.buf.apply_penalties(&self.params, logits, prompt, generated);
+        &self.buf.scratch
     }
+}
 
+impl Buffers {
     fn load(&mut self, logits: &[f32]) {
         self.scratch.clear();
         self.scratch.extend(logits.iter().map(|&x| finite(x)));
     }
 
-    fn apply_penalties(&mut self, logits: &[f32], prompt: &[u32], generated: &[u32]) {
-        let p = &self.params;
+    fn apply_penalties(&mut self, p: &SamplingParams, logits: &[f32], prompt: &[u32], generated: &[u32]) {
         let s = &mut self.scratch;
         let vocab = s.len();
         let rp = p.repetition_penalty;
@@ -246,136 +252,142 @@ impl Sampler {
         self.scratch.iter().position(|&x| x == max).map(|i| i as u32)
     }
 
-    fn sample_random(&mut self) -> Option<u32> {
-        let Sampler {
-            params,
-            rng,
-            scratch,
-            weights,
-            idx,
-            hist_count,
-            hist_mass,
-            ..
-        } = self;
-        let max = max_of(scratch);
+    fn sample_random(&mut self, params: &SamplingParams, rng: &mut Xoshiro256StarStar) -> Option<u32> {
+        let max = max_of(&self.scratch);
         if max == f32::NEG_INFINITY {
             return None;
         }
         let inv_t = 1.0 / params.temperature;
-        weights.clear();
-        weights.extend(scratch.iter().map(|&x| exp_f32((x - max) * inv_t)));
-        let top_k = if params.top_k > 0 && params.top_k < scratch.len() {
-            params.top_k
-        } else {
-            0
-        };
+        exp_into(&mut self.weights, &self.scratch, max, inv_t);
+        let top_k = Some(params.top_k).filter(|&k| k < self.scratch.len()).unwrap_or(0);
         let top_p = params.top_p as f64;
         let nucleus = top_p > 0.0 && top_p < 1.0;
-        let min_p = params.min_p;
+        let min_p = params.min_p.min(1.0); // above 1 nothing, not even the top token, would stay
 
-        // Filters are thresholds in the canonical order (logit descending, id ascending), so
-        // the draw below can walk the vocabulary in id order whatever found them.
-        let mut floor = f32::NEG_INFINITY; // top-k: keep x >= floor (ties with the k-th kept, as vLLM/HF)
-        let mut cut: Option<(f32, u32)> = None; // top-p: keep what sorts before this token
+        // Top-k and top-p both keep a prefix of the canonical order (logit descending, id
+        // ascending): everything in buckets before `bound`, and in bucket `bound` what sorts
+        // before `cut`. So the draw can walk the vocabulary in id order whatever found them.
+        let mut bound = BUCKETS as u16;
+        let mut cut = (f32::NEG_INFINITY, 0u32);
         if top_k > 0 || nucleus {
             // Histogram by log-weight so only one bucket ever needs selecting or sorting.
             let scale = inv_t * BUCKETS_PER_NAT;
-            let bucket = |x: f32| (((max - x) * scale) as usize).min(BUCKETS - 1);
-            hist_count.clear();
-            hist_count.resize(BUCKETS, 0);
-            hist_mass.clear();
-            hist_mass.resize(BUCKETS, 0.0);
-            for (&x, &w) in scratch.iter().zip(weights.iter()) {
-                if x > f32::NEG_INFINITY {
-                    let b = bucket(x);
-                    hist_count[b] += 1;
-                    hist_mass[b] += w as f64;
+            let last_bucket = (BUCKETS - 1) as f32;
+            // -inf logits go to an extra bucket past the end: never candidates.
+            self.buckets.clear();
+            self.buckets.extend(self.scratch.iter().map(|&x| {
+                if x == f32::NEG_INFINITY {
+                    BUCKETS as u16
+                } else {
+                    (((max - x) * scale).min(last_bucket) as i32) as u16
                 }
+            }));
+            self.hist_count.clear();
+            self.hist_count.resize(BUCKETS + 1, 0);
+            self.hist_mass.clear();
+            self.hist_mass.resize(BUCKETS + 1, 0.0);
+            for (&b, &w) in self.buckets.iter().zip(self.weights.iter()) {
+                self.hist_count[b as usize] += 1;
+                self.hist_mass[b as usize] += w as f64;
             }
-            let desc = |a: &u32, b: &u32| desc_by(scratch[*a as usize], scratch[*b as usize], *a, *b);
+            let desc = |a: &u32, b: &u32| desc_by(self.scratch[*a as usize], self.scratch[*b as usize], *a, *b);
+            let mut floor = f32::NEG_INFINITY;
             let mut last = BUCKETS - 1;
             if top_k > 0 {
                 let (mut seen, mut b) = (0, 0);
-                while b < BUCKETS - 1 && seen + hist_count[b] < top_k {
-                    seen += hist_count[b];
+                while b < BUCKETS - 1 && seen + self.hist_count[b] < top_k {
+                    seen += self.hist_count[b];
                     b += 1;
                 }
                 // Fewer finite logits than k: nothing to cut.
-                if seen + hist_count[b] >= top_k {
-                    collect_bucket(idx, scratch, |x| bucket(x) == b);
+                if seen + self.hist_count[b] >= top_k {
+                    collect_bucket(&mut self.idx, &self.scratch, &self.buckets, b as u16, f32::NEG_INFINITY);
                     let need = top_k - seen;
-                    idx.select_nth_unstable_by(need - 1, desc);
-                    floor = scratch[idx[need - 1] as usize];
+                    self.idx.select_nth_unstable_by(need - 1, desc);
+                    // Ties with the k-th logit are kept (vLLM, HF): a threshold, not a count.
+                    floor = self.scratch[self.idx[need - 1] as usize];
+                    (bound, cut) = (b as u16, (floor, u32::MAX));
                     // Mass of what survives in the boundary bucket, summed in id order.
-                    idx.retain(|&i| scratch[i as usize] >= floor);
-                    idx.sort_unstable();
-                    hist_mass[b] = idx.iter().map(|&i| weights[i as usize] as f64).sum();
+                    self.idx.retain(|&i| self.scratch[i as usize] >= floor);
+                    self.idx.sort_unstable();
+                    self.hist_mass[b] = self.idx.iter().map(|&i| self.weights[i as usize] as f64).sum();
+                    last = b;
                 }
-                last = b;
             }
             if nucleus {
-                let total: f64 = hist_mass[..=last].iter().sum();
+                let total: f64 = self.hist_mass[..=last].iter().sum();
                 let target = top_p * total;
                 let (mut before, mut b) = (0.0, 0);
-                while b < last && before + hist_mass[b] < target {
-                    before += hist_mass[b];
+                while b < last && before + self.hist_mass[b] < target {
+                    before += self.hist_mass[b];
                     b += 1;
                 }
-                collect_bucket(idx, scratch, |x| x >= floor && bucket(x) == b);
-                idx.sort_unstable_by(desc);
+                collect_bucket(&mut self.idx, &self.scratch, &self.buckets, b as u16, floor);
+                self.idx.sort_unstable_by(desc);
                 // vLLM keeps a token while the mass strictly before it is below top_p; the
                 // first token of this bucket always stays since `before < target`.
                 let mut cum = before;
-                for (j, &i) in idx.iter().enumerate() {
+                let mut at = self.idx.len();
+                for (j, &i) in self.idx.iter().enumerate() {
                     if j > 0 && cum >= target {
-                        cut = Some((scratch[i as usize], i));
+                        at = j;
                         break;
                     }
-                    cum += weights[i as usize] as f64;
+                    cum += self.weights[i as usize] as f64;
                 }
-                if cut.is_none() {
+                if let Some(&i) = self.idx.get(at) {
+                    (bound, cut) = (b as u16, (self.scratch[i as usize], i));
+                } else if let Some(&i) = self.idx.last() {
                     // The whole bucket stays: cut just after its last token.
-                    cut = idx.last().map(|&i| (scratch[i as usize], i + 1));
+                    (bound, cut) = (b as u16, (self.scratch[i as usize], i + 1));
                 }
             }
         }
 
-        let filtered = floor > f32::NEG_INFINITY || cut.is_some() || min_p > 0.0;
-        let mut total = 0.0f64;
-        if filtered {
-            for (i, (&x, w)) in scratch.iter().zip(weights.iter_mut()).enumerate() {
-                let before_cut = cut.is_none_or(|(cx, ci)| x > cx || (x == cx && (i as u32) < ci));
-                if !(x >= floor && before_cut && *w >= min_p) {
+        if (bound as usize) < BUCKETS || min_p > 0.0 {
+            let ((cx, ci), no_cut) = (cut, bound as usize == BUCKETS);
+            for (i, (&x, w)) in self.scratch.iter().zip(self.weights.iter_mut()).enumerate() {
+                let b = if no_cut { 0 } else { self.buckets[i] };
+                let kept = b < bound || (b == bound && (x > cx || (x == cx && (i as u32) < ci)));
+                if !kept || *w < min_p {
                     *w = 0.0;
                 }
-                total += *w as f64;
-            }
-        } else {
-            total = weights.iter().map(|&w| w as f64).sum();
-        }
-        let target = rng.next_f64() * total;
-        let mut acc = 0.0f64;
-        let mut chosen = None;
-        for (i, &w) in weights.iter().enumerate() {
-            if w > 0.0 {
-                acc += w as f64;
-                chosen = Some(i as u32);
-                if target < acc {
-                    break;
-                }
             }
         }
-        chosen
+        draw(&self.weights, rng.next_f64())
     }
 }
 
-/// Ids (ascending) of the finite logits that `keep` accepts.
-fn collect_bucket(idx: &mut Vec<u32>, scratch: &[f32], keep: impl Fn(f32) -> bool) {
+/// Ids (ascending) of the logits >= `floor` in bucket `b` (< `BUCKETS`, so finite).
+fn collect_bucket(idx: &mut Vec<u32>, scratch: &[f32], buckets: &[u16], b: u16, floor: f32) {
     idx.clear();
-    idx.extend((0..scratch.len() as u32).filter(|&i| {
-        let x = scratch[i as usize];
-        x > f32::NEG_INFINITY && keep(x)
-    }));
+    for (i, (&x, &bi)) in scratch.iter().zip(buckets).enumerate() {
+        if bi == b && x >= floor {
+            idx.push(i as u32);
+        }
+    }
+}
+
+/// Inverse-CDF draw in id order with `u` in [0, 1): whole blocks are skipped by their sums.
+fn draw(weights: &[f32], u: f64) -> Option<u32> {
+    const BLOCK: usize = 256;
+    let target = u * sum_f64(weights);
+    let mut acc = 0.0f64;
+    for (b, block) in weights.chunks(BLOCK).enumerate() {
+        let sum = sum_f64(block);
+        if acc + sum <= target {
+            acc += sum;
+            continue;
+        }
+        for (j, &w) in block.iter().enumerate() {
+            acc += w as f64;
+            if w > 0.0 && target < acc {
+                return Some((b * BLOCK + j) as u32);
+            }
+        }
+    }
+    // Rounding left the target past the end: the last token with any weight.
+    weights.iter().rposition(|&w| w > 0.0).map(|i| i as u32)
 }
 
 /// The `n` most likely tokens of the raw distribution, most likely first, ties by lower id:
@@ -427,23 +439,30 @@ fn max_of(xs: &[f32]) -> f32 {
         .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m })
 }
 
-/// Σ exp(x - max) in f64, in a fixed lane order (vectorises, and stays reproducible).
-fn sum_exp(xs: &[f32], max: f32) -> f64 {
+/// `out[i] = exp((xs[i] - max) * scale)`, a plain map so it vectorises.
+fn exp_into(out: &mut Vec<f32>, xs: &[f32], max: f32, scale: f32) {
+    out.clear();
+    out.extend(xs.iter().map(|&x| exp_f32((x - max) * scale)));
+}
+
+/// Σ xs in f64, in a fixed lane order (vectorises, and stays reproducible).
+fn sum_f64(xs: &[f32]) -> f64 {
     let mut acc = [0.0f64; LANES];
     let chunks = xs.chunks_exact(LANES);
     let rest = chunks.remainder();
     for c in chunks {
         for (a, &x) in acc.iter_mut().zip(c) {
-            *a += exp_f32(x - max) as f64;
+            *a += x as f64;
         }
     }
-    acc.iter().sum::<f64>() + rest.iter().map(|&x| exp_f32(x - max) as f64).sum::<f64>()
+    acc.iter().sum::<f64>() + rest.iter().map(|&x| x as f64).sum::<f64>()
 }
 
 /// exp(x) for x ≤ 88 from basic IEEE operations only (Cephes' expf polynomial, ~1 ulp), so it
 /// vectorises and gives bit-identical results on every platform, unlike the system libm.
 /// Below -87 it returns 0: such weights are < 2^-125 of the top token's.
 #[allow(clippy::excessive_precision)]
+#[inline(always)]
 fn exp_f32(x: f32) -> f32 {
     // Adding 1.5·2^23 rounds to an integer that lands in the low mantissa bits.
     const ROUND: f32 = 12_582_912.0;
@@ -468,23 +487,76 @@ fn exp_f32(x: f32) -> f32 {
 
 #[cfg(test)]
 mod tests {
-    use super::exp_f32;
+    use super::*;
+    use proptest::prelude::*;
 
     #[test]
-    fn exp_f32_is_accurate_and_monotone_enough() {
-        let mut x = -90.0f32;
-        while x <= 10.0 {
-            let want = (x as f64).exp();
-            let got = exp_f32(x) as f64;
-            if x < -87.0 {
-                assert_eq!(got, 0.0);
-            } else {
-                assert!((got - want).abs() <= 3e-7 * want, "exp({x}) = {got}, want {want}");
-            }
-            x += 0.000_37;
+    fn exp_f32_is_accurate() {
+        for i in 0..300_000 {
+            let x = -90.0 + i as f32 * 0.000_33;
+            let (got, want) = (exp_f32(x) as f64, (x as f64).exp());
+            assert!(
+                if x < -87.0 {
+                    got == 0.0
+                } else {
+                    (got - want).abs() <= 3e-7 * want
+                },
+                "exp({x}) = {got}"
+            );
         }
-        assert_eq!(exp_f32(0.0), 1.0);
-        assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
+        assert_eq!((exp_f32(0.0), exp_f32(f32::NEG_INFINITY)), (1.0, 0.0));
+    }
+
+    /// Brute force: full sort, vLLM's rules, the same weights.
+    fn reference(row: &[f32], p: &SamplingParams) -> Vec<bool> {
+        let mut order: Vec<u32> = (0..row.len() as u32).collect();
+        order.sort_by(|&a, &b| desc_by(row[a as usize], row[b as usize], a, b));
+        let max = row[order[0] as usize];
+        let w = |i: u32| exp_f32((row[i as usize] - max) * (1.0 / p.temperature));
+        if p.top_k > 0 && p.top_k < order.len() {
+            let kth = row[order[p.top_k - 1] as usize];
+            order.retain(|&i| row[i as usize] >= kth);
+        }
+        if p.top_p < 1.0 {
+            let target = p.top_p as f64 * order.iter().map(|&i| w(i) as f64).sum::<f64>();
+            let mut before = 0.0;
+            let at = order.iter().position(|&i| {
+                let b = before;
+                before += w(i) as f64;
+                b >= target
+            });
+            order.truncate(at.unwrap_or(order.len()).max(1));
+        }
+        let mut kept = vec![false; row.len()];
+        order
+            .into_iter()
+            .filter(|&i| w(i) > 0.0 && w(i) >= p.min_p)
+            .for_each(|i| kept[i as usize] = true);
+        kept
+    }
+
+    proptest! {
+        /// The histogram shortcut keeps exactly what a full sort would, ties and -inf included.
+        #[test]
+        fn kept_set_matches_a_full_sort(
+            row in prop::collection::vec(prop_oneof![
+                4 => (-24i32..24).prop_map(|v| v as f32 * 0.25),
+                4 => -6.0f32..6.0,
+                1 => Just(f32::NEG_INFINITY),
+            ], 1..400),
+            temperature in 0.05f32..3.0,
+            top_k in 0usize..60,
+            top_p in prop_oneof![Just(1.0f32), 0.01f32..1.0],
+            min_p in prop_oneof![Just(0.0f32), 0.0f32..0.5],
+        ) {
+            prop_assume!(row.iter().any(|x| x.is_finite()));
+            let p = SamplingParams { temperature, top_k, top_p, min_p, ..SamplingParams::default() };
+            let want = reference(&row, &p);
+            let mut s = Sampler::new(p, 0);
+            let token = s.sample(&row, &[], &[]).unwrap().token;
+            prop_assert!(want[token as usize]);
+            prop_assert_eq!(s.buf.weights.iter().map(|&w| w > 0.0).collect::<Vec<_>>(), want);
+        }
     }
 }
 
