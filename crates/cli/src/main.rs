@@ -10,15 +10,21 @@ use quiver_model::generate::generate_greedy;
 use quiver_model::{IncrementalDecoder, ModelBundle};
 use quiver_tensor::cpu::CpuBackend;
 
+mod demo;
+mod serve;
+
 #[derive(Parser)]
 #[command(name = "quiver", version, about = "Multi-adapter LLM inference server")]
 struct Cli {
+    /// Without a subcommand, `quiver` serves (the demo model unless --model is given).
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the OpenAI-compatible API.
+    Serve(Box<serve::ServeArgs>),
     /// Generate a completion for one prompt (greedy), streaming it to stdout.
     Generate(GenerateArgs),
 }
@@ -40,25 +46,11 @@ struct GenerateArgs {
     chat: bool,
 }
 
-/// The demo model: a tiny qwen2 from the test kit, written once.
-fn demo_model_dir() -> anyhow::Result<PathBuf> {
-    let dir = PathBuf::from("target/demo-model");
-    if !dir.join("config.json").exists() {
-        let spec = quiver_testkit::spec_by_name(DEMO_MODEL).context("demo model spec")?;
-        quiver_testkit::write_model(&spec, &dir)
-            .with_context(|| format!("writing the demo model to {}", dir.display()))?;
-        tracing::info!(dir = %dir.display(), "wrote the demo model");
-    }
-    Ok(dir)
-}
-
-const DEMO_MODEL: &str = "qwen2-bf16-linear";
-
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let dir = match args.model.clone() {
         Some(dir) => dir,
-        None => demo_model_dir()?,
+        None => demo::write_demo()?.0,
     };
     let bundle = ModelBundle::load(CpuBackend, &dir, None).with_context(|| format!("loading {}", dir.display()))?;
     let load_s = t0.elapsed().as_secs_f64();
@@ -128,6 +120,8 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Generate(args) => generate(args),
+        Some(Command::Generate(args)) => generate(args),
+        Some(Command::Serve(args)) => serve::run(*args),
+        None => serve::run(serve::ServeArgs::parse_from(["quiver"])),
     }
 }

@@ -1,0 +1,157 @@
+//! `quiver serve`: flags (vLLM's names where vLLM has one), the demo fallback, the runtime.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use quiver_engine::{EngineConfig, Policy};
+use quiver_server::ServerOptions;
+use quiver_tensor::DType;
+
+#[derive(Parser, Debug)]
+#[command(name = "quiver serve")]
+pub struct ServeArgs {
+    /// Hugging Face model directory. Without it, the built-in demo model and its adapters.
+    #[arg(long, env = "QUIVER_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Name of the base model in the API (`model` field); default: the model path.
+    #[arg(long, env = "QUIVER_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+    /// Adapters to serve from the start: `NAME=PATH` or vLLM's JSON `{"name": .., "path": ..}`.
+    #[arg(long, num_args = 1.., env = "QUIVER_LORA_MODULES", value_delimiter = ' ')]
+    pub lora_modules: Vec<String>,
+    #[arg(long, default_value = "127.0.0.1", env = "QUIVER_HOST")]
+    pub host: String,
+    #[arg(long, default_value_t = 8000, env = "QUIVER_PORT")]
+    pub port: u16,
+    /// Clients must send `Authorization: Bearer KEY`.
+    #[arg(long, env = "QUIVER_API_KEY")]
+    pub api_key: Option<String>,
+    /// Key for the admin endpoints (load/unload/list adapters); default: the API key.
+    #[arg(long, env = "QUIVER_ADMIN_API_KEY")]
+    pub admin_api_key: Option<String>,
+    /// Directory runtime loads may read from (and where unknown names are looked up on first use).
+    #[arg(long, env = "QUIVER_ADAPTER_ROOT")]
+    pub adapter_root: Option<PathBuf>,
+    /// Memory shared by KV blocks and resident adapter pages, in MiB.
+    #[arg(long, default_value_t = 2048, env = "QUIVER_MEMORY_BUDGET_MB")]
+    pub memory_budget_mb: usize,
+    /// Loaded adapters kept in host memory (LRU), in MiB.
+    #[arg(long, default_value_t = 4096, env = "QUIVER_HOST_ADAPTER_BUDGET_MB")]
+    pub host_adapter_budget_mb: usize,
+    #[arg(long, default_value_t = 64, env = "QUIVER_MAX_LORA_RANK")]
+    pub max_lora_rank: usize,
+    /// Adapter page dtype: f32 (exact) or bf16 (half the memory); auto = bf16 for bf16 models.
+    #[arg(long, default_value = "auto", env = "QUIVER_LORA_DTYPE")]
+    pub lora_dtype: String,
+    #[arg(long, env = "QUIVER_MAX_MODEL_LEN")]
+    pub max_model_len: Option<usize>,
+    #[arg(long, default_value_t = 64, env = "QUIVER_MAX_NUM_SEQS")]
+    pub max_num_seqs: usize,
+    /// Tokens per engine step (decode tokens plus prefill chunks).
+    #[arg(long, default_value_t = 512, env = "QUIVER_MAX_NUM_BATCHED_TOKENS")]
+    pub max_num_batched_tokens: usize,
+    /// `adapter-rr` (per-adapter queues in rotation) or `fcfs`.
+    #[arg(long, default_value = "adapter-rr", env = "QUIVER_SCHEDULING_POLICY")]
+    pub scheduling_policy: String,
+    /// Requests admitted at once; more get 429.
+    #[arg(long, default_value_t = 256, env = "QUIVER_MAX_CONCURRENT_REQUESTS")]
+    pub max_concurrent_requests: usize,
+    #[arg(long, default_value_t = 8 << 20, env = "QUIVER_MAX_BODY_BYTES")]
+    pub max_body_bytes: usize,
+}
+
+fn parse_module(s: &str) -> anyhow::Result<(String, PathBuf)> {
+    if s.trim_start().starts_with('{') {
+        let v: serde_json::Value = serde_json::from_str(s).with_context(|| format!("--lora-modules {s}"))?;
+        let field = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
+        match (field("name"), field("path")) {
+            (Some(n), Some(p)) => Ok((n, p.into())),
+            _ => bail!("--lora-modules {s}: JSON form needs \"name\" and \"path\""),
+        }
+    } else {
+        let (n, p) = s.split_once('=').with_context(|| format!("--lora-modules {s}: expected NAME=PATH"))?;
+        Ok((n.to_string(), p.into()))
+    }
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let mut lora_modules: Vec<(String, PathBuf)> = args.lora_modules.iter().map(|s| parse_module(s)).collect::<Result<_, _>>()?;
+    let (model, served) = match &args.model {
+        Some(m) => (m.clone(), args.served_model_name.clone()),
+        None => {
+            let (model, adapters) = crate::demo::write_demo()?;
+            lora_modules.extend(adapters);
+            (model, Some(args.served_model_name.clone().unwrap_or_else(|| "quiver-demo".into())))
+        }
+    };
+    let policy = match args.scheduling_policy.as_str() {
+        "adapter-rr" => Policy::AdapterRoundRobin,
+        "fcfs" => Policy::Fcfs,
+        other => bail!("--scheduling-policy {other}: expected adapter-rr or fcfs"),
+    };
+    let lora_dtype = match args.lora_dtype.as_str() {
+        "f32" => DType::F32,
+        "bf16" => DType::BF16,
+        "auto" => {
+            let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(model.join("config.json"))?)?;
+            let dtype = cfg.get("torch_dtype").or(cfg.get("dtype")).and_then(|v| v.as_str()).unwrap_or("float32");
+            if dtype == "bfloat16" {
+                DType::BF16
+            } else {
+                DType::F32
+            }
+        }
+        other => bail!("--lora-dtype {other}: expected auto, f32 or bf16"),
+    };
+    let opts = ServerOptions {
+        model,
+        served_model_name: served,
+        lora_modules,
+        adapter_root: args.adapter_root.clone(),
+        api_key: args.api_key.clone(),
+        admin_key: args.admin_api_key.clone(),
+        max_model_len: args.max_model_len,
+        max_concurrent: args.max_concurrent_requests,
+        max_body_bytes: args.max_body_bytes,
+        engine: EngineConfig {
+            max_num_seqs: args.max_num_seqs,
+            max_batch_tokens: args.max_num_batched_tokens,
+            memory_budget: args.memory_budget_mb << 20,
+            host_adapter_budget: args.host_adapter_budget_mb << 20,
+            max_lora_rank: args.max_lora_rank,
+            policy,
+            adapter_dtype: lora_dtype,
+            ..EngineConfig::default()
+        },
+    };
+    let state = quiver_server::build_state(opts)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let addr = format!("{}:{}", args.host, args.port);
+        let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("binding {addr}"))?;
+        let names: Vec<String> = state.adapters.read().map(|a| a.keys().cloned().collect()).unwrap_or_default();
+        tracing::info!(%addr, model = %state.served_name, adapters = ?names, "serving the OpenAI API");
+        quiver_server::serve(state, listener, shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+/// SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}

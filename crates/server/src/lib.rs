@@ -1,0 +1,122 @@
+//! The OpenAI-compatible HTTP server: axum on tokio for I/O, validation and tokenization; all
+//! tensor work on the engine's scheduler thread. See docs/ARCHITECTURE.md.
+
+pub mod admin;
+pub mod error;
+pub mod generate;
+pub mod metrics;
+pub mod openai;
+pub mod routes;
+pub mod state;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+use quiver_adapters::load_peft_adapter;
+use quiver_engine::{Engine, EngineConfig};
+use quiver_model::ModelBundle;
+use quiver_tensor::cpu::CpuBackend;
+use tokio::sync::Semaphore;
+
+pub use error::ApiError;
+pub use state::{AppState, Limits};
+
+/// Everything `quiver serve` needs besides the socket.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    pub model: PathBuf,
+    pub served_model_name: Option<String>,
+    pub lora_modules: Vec<(String, PathBuf)>,
+    pub adapter_root: Option<PathBuf>,
+    pub api_key: Option<String>,
+    pub admin_key: Option<String>,
+    pub max_model_len: Option<usize>,
+    pub max_concurrent: usize,
+    pub max_body_bytes: usize,
+    pub engine: EngineConfig,
+}
+
+/// Loads the model, starts the engine and registers the start-up adapters (each validated fully:
+/// a broken adapter stops the start with its error).
+pub fn build_state(opts: ServerOptions) -> anyhow::Result<Arc<AppState>> {
+    let bundle = ModelBundle::load(CpuBackend, &opts.model, opts.max_model_len)?;
+    let cfg = bundle.model.cfg.clone();
+    let max_model_len = bundle.model.max_positions();
+    let served_name = opts.served_model_name.clone().unwrap_or_else(|| opts.model.display().to_string());
+    let mut engine_cfg = opts.engine.clone();
+    engine_cfg.max_model_len = max_model_len;
+    let limits = Limits {
+        max_model_len,
+        max_body_bytes: opts.max_body_bytes,
+        max_concurrent: opts.max_concurrent,
+        max_lora_rank: engine_cfg.max_lora_rank,
+        max_loras: engine_cfg.max_num_seqs,
+    };
+    let engine = Engine::start(bundle.model, bundle.eos_token_ids.clone(), engine_cfg)?;
+    let mut adapters = BTreeMap::new();
+    for (name, path) in &opts.lora_modules {
+        let host = load_peft_adapter(name, path, &cfg)?;
+        engine.register_loaded_adapter(name, path.clone(), false, Arc::new(host))?.blocking_recv()??;
+        adapters.insert(name.clone(), path.clone());
+    }
+    let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    Ok(Arc::new(AppState {
+        engine,
+        tokenizer: Arc::new(bundle.tokenizer),
+        model_cfg: cfg,
+        chat_template: bundle.chat_template,
+        served_name,
+        model_path: opts.model.display().to_string(),
+        adapters: RwLock::new(adapters),
+        adapter_root: opts.adapter_root,
+        api_key: opts.api_key,
+        admin_key: opts.admin_key,
+        admission: Arc::new(Semaphore::new(limits.max_concurrent)),
+        limits,
+        draining: AtomicBool::new(false),
+        metrics: Default::default(),
+        created,
+    }))
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let limit = state.limits.max_body_bytes;
+    Router::new()
+        .route("/v1/completions", post(routes::completions))
+        .route("/v1/chat/completions", post(routes::chat_completions))
+        .route("/v1/models", get(admin::models))
+        .route("/v1/load_lora_adapter", post(admin::load_lora_adapter))
+        .route("/v1/unload_lora_adapter", post(admin::unload_lora_adapter))
+        .route("/v1/lora_adapters", get(admin::lora_adapters))
+        .route("/health", get(admin::health))
+        .route("/metrics", get(admin::metrics))
+        .fallback(|| async { ApiError::NotFound("no such route".into()) })
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// Serves until `shutdown` resolves, then drains: no new requests (503), running ones finish.
+pub async fn serve(
+    state: Arc<AppState>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let drain_state = state.clone();
+    let app = router(state.clone());
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            drain_state.draining.store(true, Ordering::Relaxed);
+            tracing::info!("draining: refusing new requests, finishing running ones");
+        })
+        .await?;
+    // Wait for in-flight generations (each holds an admission permit).
+    let _ = state.admission.acquire_many(state.limits.max_concurrent as u32).await;
+    Ok(())
+}

@@ -1,0 +1,44 @@
+//! What every handler shares: the engine handle, the tokenizer and template, the names it serves,
+//! keys, limits and the admission semaphore.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, RwLock};
+
+use quiver_engine::Engine;
+use quiver_model::{ChatTemplate, ModelConfig, Tokenizer};
+use tokio::sync::Semaphore;
+
+use crate::metrics::Metrics;
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_model_len: usize,
+    pub max_body_bytes: usize,
+    /// Requests admitted at once (running or queued in the engine); more get 429.
+    pub max_concurrent: usize,
+    pub max_lora_rank: usize,
+    /// Advertised as vLLM's `max_lora`: the most adapters that can run at once (one per sequence).
+    pub max_loras: usize,
+}
+
+pub struct AppState {
+    pub engine: Engine,
+    pub tokenizer: Arc<Tokenizer>,
+    pub model_cfg: ModelConfig,
+    pub chat_template: Option<ChatTemplate>,
+    /// The base model's name in the API (`model` field).
+    pub served_name: String,
+    pub model_path: String,
+    /// Adapters visible in `/v1/models`, by name → directory.
+    pub adapters: RwLock<BTreeMap<String, PathBuf>>,
+    pub adapter_root: Option<PathBuf>,
+    pub api_key: Option<String>,
+    pub admin_key: Option<String>,
+    pub limits: Limits,
+    pub admission: Arc<Semaphore>,
+    pub draining: AtomicBool,
+    pub metrics: Metrics,
+    pub created: u64,
+}
