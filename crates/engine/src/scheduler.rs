@@ -93,6 +93,8 @@ pub struct Scheduler<B: Backend> {
     waiting: FairQueue<Sequence>,
     running: Vec<Sequence>,
     next_id: u64,
+    /// Mixed into the seed of requests that bring none, so unseeded output differs across runs.
+    seed_base: u64,
     stats: EngineStats,
 }
 
@@ -157,6 +159,10 @@ impl<B: Backend> Scheduler<B> {
             adapters,
             running: Vec::new(),
             next_id: 0,
+            seed_base: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0x5eed),
             stats: EngineStats::default(),
         }
     }
@@ -259,7 +265,7 @@ impl<B: Backend> Scheduler<B> {
             computed: 0,
             cache: SequenceCache::default(),
             lease: None,
-            sampler: Sampler::new(request.sampling.clone(), self.next_id),
+            sampler: Sampler::new(request.sampling.clone(), self.seed_base ^ self.next_id),
             request,
             events,
         };

@@ -9,6 +9,7 @@ use std::time::Instant;
 use quiver_engine::output::TextStream;
 use quiver_engine::{Event, FinishReason, GenerateRequest};
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tracing::Instrument;
 
 use crate::error::ApiError;
 use crate::openai::GenParams;
@@ -43,6 +44,7 @@ pub fn spawn_choices(
     adapter: Option<String>,
     params: &GenParams,
     permit: OwnedSemaphorePermit,
+    request_id: &str,
 ) -> mpsc::Receiver<Delta> {
     let (tx, rx) = mpsc::channel(64);
     let permit = Arc::new(permit);
@@ -65,13 +67,18 @@ pub fn spawn_choices(
         let stops = params.stop.clone();
         let skip_special = params.skip_special_tokens;
         let permit = permit.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let index = choice.index;
-            if let Err(error) = run_choice(&state, index, request, stops, skip_special, &tx).await {
-                let _ = tx.send(Delta::Failed { index, error }).await;
+        let span = tracing::info_span!("choice", request_id = %request_id, adapter = adapter.as_deref().unwrap_or("-"), index = choice.index);
+        tokio::spawn(
+            async move {
+                let _permit = permit;
+                let index = choice.index;
+                if let Err(error) = run_choice(&state, index, request, stops, skip_special, &tx).await {
+                    tracing::info!(%error, "failed");
+                    let _ = tx.send(Delta::Failed { index, error }).await;
+                }
             }
-        });
+            .instrument(span),
+        );
     }
     rx
 }
@@ -116,6 +123,15 @@ async fn run_choice(
                 }
             }
             Event::Finished { reason, .. } => {
+                let ttft = first.map(|f| f - started).unwrap_or_default();
+                tracing::info!(
+                    prompt_tokens,
+                    completion_tokens,
+                    ttft_ms = ttft.as_millis() as u64,
+                    decode_ms = first.map(|f| (last - f).as_millis() as u64).unwrap_or(0),
+                    ?reason,
+                    "finished"
+                );
                 let rest = text.finish(tok).map_err(|e| ApiError::Internal(e.to_string()))?;
                 if !rest.is_empty() {
                     let _ = tx.send(Delta::Text { index, text: rest, tokens: vec![] }).await;

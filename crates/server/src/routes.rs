@@ -39,6 +39,7 @@ pub fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError
 /// Everything needed to answer once the choices run.
 struct Job {
     kind: Kind,
+    id: String,
     model: String,
     params: GenParams,
     logprobs: Option<usize>,
@@ -78,8 +79,9 @@ async fn start(state: &Arc<AppState>, kind: Kind, model: Option<&str>, prompts: 
     let choices: Vec<Choice> =
         prompts.into_iter().enumerate().flat_map(|(i, p)| (0..n).map(move |j| Choice { index: i * n + j, prompt: p.clone() })).collect();
     let total = choices.len();
-    let deltas = spawn_choices(state, choices, adapter, &params, permit);
-    Ok(Job { kind, model: name, params, logprobs, deltas, choices: total })
+    let id = request_id(kind);
+    let deltas = spawn_choices(state, choices, adapter, &params, permit, &id);
+    Ok(Job { kind, id, model: name, params, logprobs, deltas, choices: total })
 }
 
 pub async fn completions(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
@@ -237,7 +239,7 @@ async fn collect(state: &AppState, mut job: Job) -> Result<Value, ApiError> {
         .collect();
     let object = if job.kind == Kind::Chat { "chat.completion" } else { "text_completion" };
     Ok(json!({
-        "id": request_id(job.kind), "object": object, "created": created(), "model": job.model, "choices": choices,
+        "id": job.id, "object": object, "created": created(), "model": job.model, "choices": choices,
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens},
     }))
 }
@@ -257,7 +259,7 @@ fn stream(state: Arc<AppState>, job: Job) -> Sse<impl Stream<Item = Result<SseEv
         finished: bool,
     }
     let init = S {
-        id: request_id(job.kind),
+        id: job.id.clone(),
         created: created(),
         offsets: vec![0; job.choices],
         sent_role: vec![false; job.choices],

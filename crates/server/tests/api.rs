@@ -269,3 +269,69 @@ async fn overload_is_429_and_a_disconnect_cancels() -> Result<()> {
     }
     anyhow::bail!("the disconnected request was not cancelled")
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_adapters_edge_inputs_and_prometheus_format() -> Result<()> {
+    let srv = server(None, 64).await?;
+    // Different adapters at once, each greedy result equal to the same request made alone.
+    let names = ["base", "qwen2-r4-qkv", "qwen2-r8-all-linear-rslora", "qwen2-r2-o-down-bf16"];
+    let body = |m: &str| json!({"model": m, "prompt": "The quick brown fox", "max_tokens": 6, "temperature": 0, "ignore_eos": true}).to_string();
+    let mut alone = Vec::new();
+    for m in names {
+        let (status, text) = http(srv.addr, "POST", "/v1/completions", Some(&body(m)), None).await?;
+        ensure!(status == 200, "{m}: {status} {text}");
+        alone.push(json_of(&text)?["choices"][0]["text"].clone());
+    }
+    let together = futures_util::future::join_all(names.iter().map(|m| {
+        let b = body(m);
+        async move { http(srv.addr, "POST", "/v1/completions", Some(&b), None).await }
+    }))
+    .await;
+    for ((m, r), want) in names.iter().zip(together).zip(&alone) {
+        let (status, text) = r?;
+        ensure!(status == 200 && json_of(&text)?["choices"][0]["text"] == *want, "{m} differs when batched: {text}");
+    }
+    // A huge max_tokens does not fit the context: 400 naming the prompt.
+    let huge = json!({"model": "base", "prompt": "x", "max_tokens": 1_000_000_000}).to_string();
+    let (status, text) = http(srv.addr, "POST", "/v1/completions", Some(&huge), None).await?;
+    ensure!(error_code(status, &text)?.0 == 400 && text.contains("maximum context length"), "{text}");
+    // Wrong types and invalid UTF-8 are 400s; unknown fields are ignored, as vLLM does.
+    let (status, _) = http(srv.addr, "POST", "/v1/completions", Some(r#"{"model": "base", "prompt": "x", "max_tokens": "ten"}"#), None).await?;
+    ensure!(status == 400);
+    let mut s = TcpStream::connect(srv.addr).await?;
+    let bad = b"{\"model\": \"base\", \"prompt\": \"\xff\xfe\"}";
+    let head = format!("POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", bad.len());
+    s.write_all(head.as_bytes()).await?;
+    s.write_all(bad).await?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await?;
+    ensure!(String::from_utf8_lossy(&raw).starts_with("HTTP/1.1 400"), "invalid UTF-8: {}", String::from_utf8_lossy(&raw));
+    let unknown = json!({"model": "base", "prompt": "x", "max_tokens": 1, "frobnicate": true}).to_string();
+    let (status, _) = http(srv.addr, "POST", "/v1/completions", Some(&unknown), None).await?;
+    ensure!(status == 200);
+
+    // /metrics is valid Prometheus text: every sample belongs to a declared family and has a number.
+    let (_, metrics) = http(srv.addr, "GET", "/metrics", None, None).await?;
+    let mut families = std::collections::HashSet::new();
+    for line in metrics.lines().filter(|l| !l.is_empty()) {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut parts = rest.split(' ');
+            let (name, kind) = (parts.next().context("name")?, parts.next().context("kind")?);
+            ensure!(["counter", "gauge", "histogram"].contains(&kind), "{line}");
+            families.insert(name.to_string());
+            continue;
+        }
+        if line.starts_with('#') {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').context("sample without value")?;
+        ensure!(value.parse::<f64>().is_ok(), "bad value in {line}");
+        let name = series.split('{').next().context("name")?;
+        let family = ["_bucket", "_sum", "_count"].iter().find_map(|s| name.strip_suffix(s)).filter(|f| families.contains(*f)).unwrap_or(name);
+        ensure!(families.contains(family), "sample {name} has no TYPE line");
+        if let Some(labels) = series.strip_prefix(name).filter(|l| !l.is_empty()) {
+            ensure!(labels.starts_with('{') && labels.ends_with('}') && labels.matches('"').count() % 2 == 0, "bad labels in {line}");
+        }
+    }
+    Ok(())
+}
