@@ -70,19 +70,28 @@ fn parse_module(s: &str) -> anyhow::Result<(String, PathBuf)> {
             _ => bail!("--lora-modules {s}: JSON form needs \"name\" and \"path\""),
         }
     } else {
-        let (n, p) = s.split_once('=').with_context(|| format!("--lora-modules {s}: expected NAME=PATH"))?;
+        let (n, p) = s
+            .split_once('=')
+            .with_context(|| format!("--lora-modules {s}: expected NAME=PATH"))?;
         Ok((n.to_string(), p.into()))
     }
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let mut lora_modules: Vec<(String, PathBuf)> = args.lora_modules.iter().map(|s| parse_module(s)).collect::<Result<_, _>>()?;
+    let mut lora_modules: Vec<(String, PathBuf)> = args
+        .lora_modules
+        .iter()
+        .map(|s| parse_module(s))
+        .collect::<Result<_, _>>()?;
     let (model, served) = match &args.model {
         Some(m) => (m.clone(), args.served_model_name.clone()),
         None => {
             let (model, adapters) = crate::demo::write_demo()?;
             lora_modules.extend(adapters);
-            (model, Some(args.served_model_name.clone().unwrap_or_else(|| "quiver-demo".into())))
+            (
+                model,
+                Some(args.served_model_name.clone().unwrap_or_else(|| "quiver-demo".into())),
+            )
         }
     };
     let policy = match args.scheduling_policy.as_str() {
@@ -95,7 +104,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         "bf16" => DType::BF16,
         "auto" => {
             let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(model.join("config.json"))?)?;
-            let dtype = cfg.get("torch_dtype").or(cfg.get("dtype")).and_then(|v| v.as_str()).unwrap_or("float32");
+            let dtype = cfg
+                .get("torch_dtype")
+                .or(cfg.get("dtype"))
+                .and_then(|v| v.as_str())
+                .unwrap_or("float32");
             if dtype == "bfloat16" {
                 DType::BF16
             } else {
@@ -129,8 +142,14 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
         let addr = format!("{}:{}", args.host, args.port);
-        let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("binding {addr}"))?;
-        let names: Vec<String> = state.adapters.read().map(|a| a.keys().cloned().collect()).unwrap_or_default();
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+        let names: Vec<String> = state
+            .adapters
+            .read()
+            .map(|a| a.keys().cloned().collect())
+            .unwrap_or_default();
         tracing::info!(%addr, model = %state.served_name, adapters = ?names, "serving the OpenAI API");
         quiver_server::serve(state, listener, shutdown_signal()).await?;
         Ok(())

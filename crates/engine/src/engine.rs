@@ -59,7 +59,8 @@ impl Engine {
         self.ask(|reply| Command::RegisterAdapter {
             name: name.into(),
             path,
-            pinned, preloaded: None,
+            pinned,
+            preloaded: None,
             reply,
         })
     }
@@ -72,7 +73,13 @@ impl Engine {
         pinned: bool,
         adapter: Arc<HostAdapter>,
     ) -> Result<oneshot::Receiver<Result<(), EngineError>>, EngineError> {
-        self.ask(|reply| Command::RegisterAdapter { name: name.into(), path, pinned, preloaded: Some(adapter), reply })
+        self.ask(|reply| Command::RegisterAdapter {
+            name: name.into(),
+            path,
+            pinned,
+            preloaded: Some(adapter),
+            reply,
+        })
     }
 
     pub fn unregister_adapter(&self, name: &str) -> Result<oneshot::Receiver<Result<(), EngineError>>, EngineError> {

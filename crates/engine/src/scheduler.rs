@@ -197,7 +197,8 @@ impl<B: Backend> Scheduler<B> {
             Command::RegisterAdapter {
                 name,
                 path,
-                pinned, preloaded,
+                pinned,
+                preloaded,
                 reply,
             } => {
                 let _ = reply.send(self.adapters.register(&name, path, pinned, preloaded));

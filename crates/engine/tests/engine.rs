@@ -190,7 +190,8 @@ fn eviction_spares_pinned_and_leased_adapters() -> Result<()> {
         s.handle(Command::RegisterAdapter {
             name: name.into(),
             path: adapters.join(name),
-            pinned, preloaded: None,
+            pinned,
+            preloaded: None,
             reply: tx,
         });
         Ok(rx.try_recv()??)

@@ -93,7 +93,8 @@ fn run(ops: Vec<Op>, policy: Policy) -> Result<(), TestCaseError> {
         s.handle(Command::RegisterAdapter {
             name: (*name).into(),
             path: dir.path().join("adapters").join(name),
-            pinned: false, preloaded: None,
+            pinned: false,
+            preloaded: None,
             reply: tx,
         });
     }

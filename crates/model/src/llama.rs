@@ -349,7 +349,12 @@ impl<B: Backend> Llama<B> {
         self.backend.install(|| self.forward_inner(input, kv, pages))
     }
 
-    fn forward_inner(&self, input: &ForwardInput, kv: &mut B::KvPool, pages: Option<&B::PagePool>) -> Result<B::Tensor> {
+    fn forward_inner(
+        &self,
+        input: &ForwardInput,
+        kv: &mut B::KvPool,
+        pages: Option<&B::PagePool>,
+    ) -> Result<B::Tensor> {
         if !input.lora.is_empty() && pages.is_none() {
             return Err(ModelError::Input(
                 "batch uses adapters but no page pool was given".into(),

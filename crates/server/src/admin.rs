@@ -21,11 +21,20 @@ use crate::state::AppState;
 /// Checks `Authorization: Bearer <key>`: admin endpoints want the admin key when one is set
 /// (else the API key), the others the API key when one is set.
 pub fn check_key(state: &AppState, headers: &HeaderMap, admin: bool) -> Result<(), ApiError> {
-    let want = if admin { state.admin_key.as_ref().or(state.api_key.as_ref()) } else { state.api_key.as_ref() };
+    let want = if admin {
+        state.admin_key.as_ref().or(state.api_key.as_ref())
+    } else {
+        state.api_key.as_ref()
+    };
     let Some(want) = want else { return Ok(()) };
-    let got = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let got = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
     // Constant-time comparison: do not leak the key's prefix through timing.
-    let ok = got.is_some_and(|g| g.len() == want.len() && g.bytes().zip(want.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0);
+    let ok = got.is_some_and(|g| {
+        g.len() == want.len() && g.bytes().zip(want.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    });
     if ok {
         Ok(())
     } else {
@@ -46,7 +55,10 @@ pub async fn resolve_model(state: &Arc<AppState>, model: Option<&str>) -> Result
     };
     let known = state.adapters.read().map(|a| a.contains_key(name)).unwrap_or(false);
     if !known {
-        let root = state.adapter_root.as_ref().ok_or_else(|| ApiError::ModelNotFound(name.into()))?;
+        let root = state
+            .adapter_root
+            .as_ref()
+            .ok_or_else(|| ApiError::ModelNotFound(name.into()))?;
         let dir = safe_join(root, name).map_err(|_| ApiError::ModelNotFound(name.into()))?;
         if !dir.join("adapter_config.json").is_file() {
             return Err(ApiError::ModelNotFound(name.into()));
@@ -67,11 +79,22 @@ fn safe_join(root: &Path, rel: &str) -> Result<PathBuf, ApiError> {
     if rel_path.components().any(|c| matches!(c, Component::ParentDir)) {
         return Err(ApiError::param("lora_path", "lora_path must not contain `..`"));
     }
-    let root = root.canonicalize().map_err(|e| ApiError::Internal(format!("--adapter-root: {e}")))?;
-    let joined = if rel_path.is_absolute() { rel_path.to_path_buf() } else { root.join(rel_path) };
-    let real = joined.canonicalize().map_err(|_| ApiError::param("lora_path", format!("{rel}: no such adapter directory")))?;
+    let root = root
+        .canonicalize()
+        .map_err(|e| ApiError::Internal(format!("--adapter-root: {e}")))?;
+    let joined = if rel_path.is_absolute() {
+        rel_path.to_path_buf()
+    } else {
+        root.join(rel_path)
+    };
+    let real = joined
+        .canonicalize()
+        .map_err(|_| ApiError::param("lora_path", format!("{rel}: no such adapter directory")))?;
     if !real.starts_with(&root) {
-        return Err(ApiError::param("lora_path", format!("{rel} is outside the adapter root")));
+        return Err(ApiError::param(
+            "lora_path",
+            format!("{rel} is outside the adapter root"),
+        ));
     }
     Ok(real)
 }
@@ -91,7 +114,11 @@ async fn load(state: &Arc<AppState>, name: &str, dir: PathBuf) -> Result<(), Api
             state.limits.max_lora_rank
         )));
     }
-    state.engine.register_loaded_adapter(name, dir.clone(), false, Arc::new(host))?.await.map_err(|_| ApiError::Unavailable)??;
+    state
+        .engine
+        .register_loaded_adapter(name, dir.clone(), false, Arc::new(host))?
+        .await
+        .map_err(|_| ApiError::Unavailable)??;
     if let Ok(mut a) = state.adapters.write() {
         a.insert(name.to_string(), dir);
     }
@@ -108,10 +135,19 @@ pub async fn load_lora_adapter(State(state): State<Arc<AppState>>, headers: Head
     let r = async {
         check_key(&state, &headers, true)?;
         let b: LoadBody = parse(&body)?;
-        let name = b.lora_name.filter(|n| !n.is_empty()).ok_or_else(|| ApiError::param("lora_name", "lora_name is required"))?;
-        let path = b.lora_path.filter(|p| !p.is_empty()).ok_or_else(|| ApiError::param("lora_path", "lora_path is required"))?;
+        let name = b
+            .lora_name
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| ApiError::param("lora_name", "lora_name is required"))?;
+        let path = b
+            .lora_path
+            .filter(|p| !p.is_empty())
+            .ok_or_else(|| ApiError::param("lora_path", "lora_path is required"))?;
         if name == state.served_name || state.adapters.read().map(|a| a.contains_key(&name)).unwrap_or(false) {
-            return Err(ApiError::param("lora_name", format!("The lora adapter '{name}' has already been loaded.")));
+            return Err(ApiError::param(
+                "lora_name",
+                format!("The lora adapter '{name}' has already been loaded."),
+            ));
         }
         let root = state.adapter_root.as_ref().ok_or_else(|| {
             ApiError::bad("runtime adapter loading is disabled: start the server with --adapter-root")
@@ -136,12 +172,25 @@ pub async fn unload_lora_adapter(State(state): State<Arc<AppState>>, headers: He
     let r = async {
         check_key(&state, &headers, true)?;
         let b: UnloadBody = parse(&body)?;
-        let name = b.lora_name.filter(|n| !n.is_empty()).ok_or_else(|| ApiError::param("lora_name", "lora_name is required"))?;
-        let known = state.adapters.write().map(|mut a| a.remove(&name).is_some()).unwrap_or(false);
+        let name = b
+            .lora_name
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| ApiError::param("lora_name", "lora_name is required"))?;
+        let known = state
+            .adapters
+            .write()
+            .map(|mut a| a.remove(&name).is_some())
+            .unwrap_or(false);
         if !known {
-            return Err(ApiError::NotFound(format!("The lora adapter '{name}' cannot be found.")));
+            return Err(ApiError::NotFound(format!(
+                "The lora adapter '{name}' cannot be found."
+            )));
         }
-        state.engine.unregister_adapter(&name)?.await.map_err(|_| ApiError::Unavailable)??;
+        state
+            .engine
+            .unregister_adapter(&name)?
+            .await
+            .map_err(|_| ApiError::Unavailable)??;
         Ok::<_, ApiError>(format!("Success: LoRA adapter '{name}' removed successfully."))
     }
     .await;
@@ -207,7 +256,11 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let r = async {
         let stats = state.engine.stats()?.await.map_err(|_| ApiError::Unavailable)?;
         let adapters = state.engine.adapters()?.await.map_err(|_| ApiError::Unavailable)?;
-        Ok::<_, ApiError>(state.metrics.render(&stats, &adapters, state.limits.max_loras, &state.served_name))
+        Ok::<_, ApiError>(
+            state
+                .metrics
+                .render(&stats, &adapters, state.limits.max_loras, &state.served_name),
+        )
     }
     .await;
     match r {

@@ -29,22 +29,50 @@ pub enum ApiError {
 
 impl ApiError {
     pub fn bad(message: impl Into<String>) -> Self {
-        ApiError::BadRequest { message: message.into(), param: None }
+        ApiError::BadRequest {
+            message: message.into(),
+            param: None,
+        }
     }
 
     pub fn param(param: &str, message: impl Into<String>) -> Self {
-        ApiError::BadRequest { message: message.into(), param: Some(param.into()) }
+        ApiError::BadRequest {
+            message: message.into(),
+            param: Some(param.into()),
+        }
     }
 
     fn parts(&self) -> (StatusCode, &'static str, Option<&str>, Option<&'static str>) {
         match self {
-            ApiError::BadRequest { param, .. } => (StatusCode::BAD_REQUEST, "invalid_request_error", param.as_deref(), None),
-            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "authentication_error", None, Some("invalid_api_key")),
-            ApiError::ModelNotFound(_) => (StatusCode::NOT_FOUND, "invalid_request_error", Some("model"), Some("model_not_found")),
+            ApiError::BadRequest { param, .. } => {
+                (StatusCode::BAD_REQUEST, "invalid_request_error", param.as_deref(), None)
+            }
+            ApiError::Unauthorized => (
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                None,
+                Some("invalid_api_key"),
+            ),
+            ApiError::ModelNotFound(_) => (
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                Some("model"),
+                Some("model_not_found"),
+            ),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "invalid_request_error", None, Some("not_found")),
             ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", None, None),
-            ApiError::Overloaded => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", None, Some("overloaded")),
-            ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "server_error", None, Some("shutting_down")),
+            ApiError::Overloaded => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                None,
+                Some("overloaded"),
+            ),
+            ApiError::Unavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                None,
+                Some("shutting_down"),
+            ),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None, None),
         }
     }
@@ -64,7 +92,9 @@ impl From<EngineError> for ApiError {
         match e {
             EngineError::TooLarge(m) | EngineError::Invalid(m) => ApiError::bad(m),
             EngineError::UnknownAdapter(name) => ApiError::ModelNotFound(name),
-            EngineError::AdapterExists(name) => ApiError::bad(format!("The lora adapter '{name}' has already been loaded.")),
+            EngineError::AdapterExists(name) => {
+                ApiError::bad(format!("The lora adapter '{name}' has already been loaded."))
+            }
             e @ EngineError::AdapterLoad { .. } => ApiError::bad(e.to_string()),
             EngineError::Stopped => ApiError::Unavailable,
             EngineError::Model(m) => ApiError::Internal(m),

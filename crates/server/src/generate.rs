@@ -27,9 +27,21 @@ pub struct TokenInfo {
 pub enum Delta {
     /// New text (possibly empty while a character or a stop string is incomplete) and the
     /// tokens that produced it.
-    Text { index: usize, text: String, tokens: Vec<TokenInfo> },
-    Done { index: usize, finish_reason: &'static str, prompt_tokens: usize, completion_tokens: usize },
-    Failed { index: usize, error: ApiError },
+    Text {
+        index: usize,
+        text: String,
+        tokens: Vec<TokenInfo>,
+    },
+    Done {
+        index: usize,
+        finish_reason: &'static str,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+    Failed {
+        index: usize,
+        error: ApiError,
+    },
 }
 
 pub struct Choice {
@@ -51,8 +63,10 @@ pub fn spawn_choices(
     for choice in choices {
         let state = state.clone();
         let tx = tx.clone();
-        let max_tokens =
-            params.max_tokens.unwrap_or_else(|| state.limits.max_model_len.saturating_sub(choice.prompt.len())).max(1);
+        let max_tokens = params
+            .max_tokens
+            .unwrap_or_else(|| state.limits.max_model_len.saturating_sub(choice.prompt.len()))
+            .max(1);
         let mut sampling = params.sampling.clone();
         // n > 1 with a seed: distinct but reproducible samples.
         sampling.seed = sampling.seed.map(|s| s.wrapping_add(choice.index as u64));
@@ -112,13 +126,34 @@ async fn run_choice(
                 last = now;
                 completion_tokens += 1;
                 let piece = text.push(tok, s.token).map_err(|e| ApiError::Internal(e.to_string()))?;
-                let info = TokenInfo { id: s.token, logprob: s.logprob, top: s.top_logprobs };
-                if tx.send(Delta::Text { index, text: piece.text, tokens: vec![info] }).await.is_err() {
+                let info = TokenInfo {
+                    id: s.token,
+                    logprob: s.logprob,
+                    top: s.top_logprobs,
+                };
+                if tx
+                    .send(Delta::Text {
+                        index,
+                        text: piece.text,
+                        tokens: vec![info],
+                    })
+                    .await
+                    .is_err()
+                {
                     return Ok(()); // client gone: dropping `events` cancels the request
                 }
                 if piece.stopped {
-                    state.metrics.finished(adapter.as_deref(), prompt_tokens, completion_tokens, started.elapsed());
-                    let _ = tx.send(Delta::Done { index, finish_reason: "stop", prompt_tokens, completion_tokens }).await;
+                    state
+                        .metrics
+                        .finished(adapter.as_deref(), prompt_tokens, completion_tokens, started.elapsed());
+                    let _ = tx
+                        .send(Delta::Done {
+                            index,
+                            finish_reason: "stop",
+                            prompt_tokens,
+                            completion_tokens,
+                        })
+                        .await;
                     return Ok(());
                 }
             }
@@ -134,14 +169,29 @@ async fn run_choice(
                 );
                 let rest = text.finish(tok).map_err(|e| ApiError::Internal(e.to_string()))?;
                 if !rest.is_empty() {
-                    let _ = tx.send(Delta::Text { index, text: rest, tokens: vec![] }).await;
+                    let _ = tx
+                        .send(Delta::Text {
+                            index,
+                            text: rest,
+                            tokens: vec![],
+                        })
+                        .await;
                 }
                 let finish_reason = match reason {
                     FinishReason::Length => "length",
                     FinishReason::Stop => "stop",
                 };
-                state.metrics.finished(adapter.as_deref(), prompt_tokens, completion_tokens, started.elapsed());
-                let _ = tx.send(Delta::Done { index, finish_reason, prompt_tokens, completion_tokens }).await;
+                state
+                    .metrics
+                    .finished(adapter.as_deref(), prompt_tokens, completion_tokens, started.elapsed());
+                let _ = tx
+                    .send(Delta::Done {
+                        index,
+                        finish_reason,
+                        prompt_tokens,
+                        completion_tokens,
+                    })
+                    .await;
                 return Ok(());
             }
             Event::Error(e) => return Err(e.into()),

@@ -48,7 +48,10 @@ pub fn build_state(opts: ServerOptions) -> anyhow::Result<Arc<AppState>> {
     let bundle = ModelBundle::load(CpuBackend, &opts.model, opts.max_model_len)?;
     let cfg = bundle.model.cfg.clone();
     let max_model_len = bundle.model.max_positions();
-    let served_name = opts.served_model_name.clone().unwrap_or_else(|| opts.model.display().to_string());
+    let served_name = opts
+        .served_model_name
+        .clone()
+        .unwrap_or_else(|| opts.model.display().to_string());
     let mut engine_cfg = opts.engine.clone();
     engine_cfg.max_model_len = max_model_len;
     let limits = Limits {
@@ -62,10 +65,15 @@ pub fn build_state(opts: ServerOptions) -> anyhow::Result<Arc<AppState>> {
     let mut adapters = BTreeMap::new();
     for (name, path) in &opts.lora_modules {
         let host = load_peft_adapter(name, path, &cfg)?;
-        engine.register_loaded_adapter(name, path.clone(), false, Arc::new(host))?.blocking_recv()??;
+        engine
+            .register_loaded_adapter(name, path.clone(), false, Arc::new(host))?
+            .blocking_recv()??;
         adapters.insert(name.clone(), path.clone());
     }
-    let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let created = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     Ok(Arc::new(AppState {
         engine,
         tokenizer: Arc::new(bundle.tokenizer),

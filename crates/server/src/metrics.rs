@@ -11,7 +11,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use quiver_engine::adapters::{AdapterInfo, Tier};
 use quiver_engine::EngineStats;
 
-const BUCKETS: [f64; 14] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
+const BUCKETS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
 
 #[derive(Default, Clone)]
 struct Histogram {
@@ -36,7 +38,11 @@ impl Histogram {
         for (c, b) in self.counts.iter().zip(BUCKETS) {
             let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {c}");
         }
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}\n{name}_sum {}\n{name}_count {}", self.count, self.sum, self.count);
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{le=\"+Inf\"}} {}\n{name}_sum {}\n{name}_count {}",
+            self.count, self.sum, self.count
+        );
     }
 }
 
@@ -97,14 +103,40 @@ impl Metrics {
     pub fn render(&self, stats: &EngineStats, adapters: &[AdapterInfo], max_lora: usize, model: &str) -> String {
         let mut out = String::new();
         let Ok(m) = self.inner.lock() else { return out };
-        let kv_usage = if stats.kv_blocks_total == 0 { 0.0 } else { stats.kv_blocks_used as f64 / stats.kv_blocks_total as f64 };
-        let gauge = |out: &mut String, name: &str, help: &str, v: f64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{model_name=\"{}\"}} {v}", label(model));
+        let kv_usage = if stats.kv_blocks_total == 0 {
+            0.0
+        } else {
+            stats.kv_blocks_used as f64 / stats.kv_blocks_total as f64
         };
-        gauge(&mut out, "vllm:num_requests_running", "Requests running on the engine.", stats.running as f64);
-        gauge(&mut out, "vllm:num_requests_waiting", "Requests waiting to be scheduled.", stats.waiting as f64);
-        gauge(&mut out, "vllm:kv_cache_usage_perc", "Fraction of KV-cache blocks in use.", kv_usage);
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+        let gauge = |out: &mut String, name: &str, help: &str, v: f64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{model_name=\"{}\"}} {v}",
+                label(model)
+            );
+        };
+        gauge(
+            &mut out,
+            "vllm:num_requests_running",
+            "Requests running on the engine.",
+            stats.running as f64,
+        );
+        gauge(
+            &mut out,
+            "vllm:num_requests_waiting",
+            "Requests waiting to be scheduled.",
+            stats.waiting as f64,
+        );
+        gauge(
+            &mut out,
+            "vllm:kv_cache_usage_perc",
+            "Fraction of KV-cache blocks in use.",
+            kv_usage,
+        );
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
         let _ = writeln!(
             out,
             "# HELP vllm:lora_requests_info Running and waiting LoRA adapters.\n# TYPE vllm:lora_requests_info gauge\n\
@@ -112,21 +144,72 @@ impl Metrics {
             label(&stats.running_adapters.join(",")),
             label(&stats.waiting_adapters.join(","))
         );
-        gauge(&mut out, "quiver_memory_budget_bytes", "Device memory shared by KV blocks and adapter pages.", stats.memory_budget as f64);
-        gauge(&mut out, "quiver_kv_cache_bytes", "Bytes of the budget held by KV blocks.", stats.kv_bytes as f64);
-        gauge(&mut out, "quiver_adapter_device_bytes", "Bytes of the budget held by adapter pages.", stats.adapter_bytes as f64);
+        gauge(
+            &mut out,
+            "quiver_memory_budget_bytes",
+            "Device memory shared by KV blocks and adapter pages.",
+            stats.memory_budget as f64,
+        );
+        gauge(
+            &mut out,
+            "quiver_kv_cache_bytes",
+            "Bytes of the budget held by KV blocks.",
+            stats.kv_bytes as f64,
+        );
+        gauge(
+            &mut out,
+            "quiver_adapter_device_bytes",
+            "Bytes of the budget held by adapter pages.",
+            stats.adapter_bytes as f64,
+        );
         let a = &stats.adapters;
         let counters = [
-            ("quiver_preemptions_total", "Sequences preempted for KV memory and recomputed.", stats.preemptions),
+            (
+                "quiver_preemptions_total",
+                "Sequences preempted for KV memory and recomputed.",
+                stats.preemptions,
+            ),
             ("quiver_engine_steps_total", "Engine iterations.", stats.steps),
-            ("quiver_requests_cancelled_total", "Requests whose client went away.", stats.cancelled),
-            ("quiver_adapter_loads_total", "Adapters loaded from disk into host memory.", a.loads),
-            ("quiver_adapter_load_failures_total", "Adapter loads that failed validation.", a.load_failures),
-            ("quiver_adapter_uploads_total", "Adapters copied from host into device pages.", a.uploads),
-            ("quiver_adapter_device_hits_total", "Adapter acquisitions served from device memory.", a.device_hits),
-            ("quiver_adapter_host_hits_total", "Adapter acquisitions served from the host cache.", a.host_hits),
-            ("quiver_adapter_device_evictions_total", "Adapters evicted from device memory.", a.device_evictions),
-            ("quiver_adapter_host_evictions_total", "Adapters evicted from the host cache.", a.host_evictions),
+            (
+                "quiver_requests_cancelled_total",
+                "Requests whose client went away.",
+                stats.cancelled,
+            ),
+            (
+                "quiver_adapter_loads_total",
+                "Adapters loaded from disk into host memory.",
+                a.loads,
+            ),
+            (
+                "quiver_adapter_load_failures_total",
+                "Adapter loads that failed validation.",
+                a.load_failures,
+            ),
+            (
+                "quiver_adapter_uploads_total",
+                "Adapters copied from host into device pages.",
+                a.uploads,
+            ),
+            (
+                "quiver_adapter_device_hits_total",
+                "Adapter acquisitions served from device memory.",
+                a.device_hits,
+            ),
+            (
+                "quiver_adapter_host_hits_total",
+                "Adapter acquisitions served from the host cache.",
+                a.host_hits,
+            ),
+            (
+                "quiver_adapter_device_evictions_total",
+                "Adapters evicted from device memory.",
+                a.device_evictions,
+            ),
+            (
+                "quiver_adapter_host_evictions_total",
+                "Adapters evicted from the host cache.",
+                a.host_evictions,
+            ),
         ];
         for (name, help, v) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
@@ -139,12 +222,24 @@ impl Metrics {
                 Tier::Host => "host",
                 Tier::Device => "device",
             };
-            let _ = writeln!(out, "quiver_adapter_residency{{adapter=\"{}\",tier=\"{tier}\"}} 1", label(&info.name));
+            let _ = writeln!(
+                out,
+                "quiver_adapter_residency{{adapter=\"{}\",tier=\"{tier}\"}} 1",
+                label(&info.name)
+            );
         }
         for (name, help, f) in [
-            ("quiver_requests_total", "Finished requests per adapter (\"\" = base model).", (|p: &PerAdapter| p.requests) as fn(&PerAdapter) -> u64),
-            ("quiver_prompt_tokens_total", "Prompt tokens per adapter.", |p| p.prompt_tokens),
-            ("quiver_generation_tokens_total", "Generated tokens per adapter.", |p| p.generation_tokens),
+            (
+                "quiver_requests_total",
+                "Finished requests per adapter (\"\" = base model).",
+                (|p: &PerAdapter| p.requests) as fn(&PerAdapter) -> u64,
+            ),
+            ("quiver_prompt_tokens_total", "Prompt tokens per adapter.", |p| {
+                p.prompt_tokens
+            }),
+            ("quiver_generation_tokens_total", "Generated tokens per adapter.", |p| {
+                p.generation_tokens
+            }),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
             for (adapter, p) in &m.per_adapter {
@@ -155,9 +250,18 @@ impl Metrics {
         for (status, n) in &m.rejected {
             let _ = writeln!(out, "quiver_requests_rejected_total{{status=\"{status}\"}} {n}");
         }
-        m.ttft.render("quiver_time_to_first_token_seconds", "Time to first token.", &mut out);
-        m.tpot.render("quiver_time_per_output_token_seconds", "Time between output tokens.", &mut out);
-        m.e2e.render("quiver_e2e_request_latency_seconds", "End-to-end request latency.", &mut out);
+        m.ttft
+            .render("quiver_time_to_first_token_seconds", "Time to first token.", &mut out);
+        m.tpot.render(
+            "quiver_time_per_output_token_seconds",
+            "Time between output tokens.",
+            &mut out,
+        );
+        m.e2e.render(
+            "quiver_e2e_request_latency_seconds",
+            "End-to-end request latency.",
+            &mut out,
+        );
         out
     }
 }

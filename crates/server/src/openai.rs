@@ -94,7 +94,11 @@ fn stops(v: &Option<Value>) -> Result<Vec<String>, ApiError> {
         Some(Value::String(s)) => Ok(vec![s.clone()]),
         Some(Value::Array(a)) if a.len() <= MAX_STOPS => a
             .iter()
-            .map(|s| s.as_str().map(str::to_string).ok_or_else(|| ApiError::param("stop", "stop must be a string or a list of strings")))
+            .map(|s| {
+                s.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| ApiError::param("stop", "stop must be a string or a list of strings"))
+            })
             .collect(),
         Some(Value::Array(_)) => Err(ApiError::param("stop", format!("at most {MAX_STOPS} stop sequences"))),
         Some(_) => Err(ApiError::param("stop", "stop must be a string or a list of strings")),
@@ -106,17 +110,30 @@ impl Common {
     pub fn params(&self, max_tokens: Option<i64>, logprobs: Option<usize>) -> Result<GenParams, ApiError> {
         let n = self.n.unwrap_or(1);
         if n < 1 || n as usize > MAX_N {
-            return Err(ApiError::param("n", format!("n must be between 1 and {MAX_N}, got {n}")));
+            return Err(ApiError::param(
+                "n",
+                format!("n must be between 1 and {MAX_N}, got {n}"),
+            ));
         }
         let max_tokens = match max_tokens.or(self.max_tokens) {
-            Some(m) if m < 1 => return Err(ApiError::param("max_tokens", format!("max_tokens must be at least 1, got {m}"))),
+            Some(m) if m < 1 => {
+                return Err(ApiError::param(
+                    "max_tokens",
+                    format!("max_tokens must be at least 1, got {m}"),
+                ))
+            }
             Some(m) => Some(m as usize),
             None => None,
         };
         let top_k = match self.top_k {
             None | Some(-1) | Some(0) => 0,
             Some(k) if k > 0 => k as usize,
-            Some(k) => return Err(ApiError::param("top_k", format!("top_k must be -1 (off) or positive, got {k}"))),
+            Some(k) => {
+                return Err(ApiError::param(
+                    "top_k",
+                    format!("top_k must be -1 (off) or positive, got {k}"),
+                ))
+            }
         };
         let sampling = SamplingParams {
             temperature: self.temperature.unwrap_or(1.0),
@@ -129,7 +146,10 @@ impl Common {
             frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
             logprobs,
         };
-        sampling.validate().map_err(|e| ApiError::BadRequest { message: e.to_string(), param: e.param().map(str::to_string) })?;
+        sampling.validate().map_err(|e| ApiError::BadRequest {
+            message: e.to_string(),
+            param: e.param().map(str::to_string),
+        })?;
         let stop = stops(&self.stop)?;
         if stop.iter().any(String::is_empty) {
             return Err(ApiError::param("stop", "stop sequences must not be empty"));
@@ -156,16 +176,29 @@ pub enum Prompt {
 }
 
 pub fn prompts(v: &Value) -> Result<Vec<Prompt>, ApiError> {
-    let bad = || ApiError::param("prompt", "prompt must be a string, a list of strings, a list of token ids or a list of such lists");
+    let bad = || {
+        ApiError::param(
+            "prompt",
+            "prompt must be a string, a list of strings, a list of token ids or a list of such lists",
+        )
+    };
     let ids = |a: &Vec<Value>| -> Result<Vec<u32>, ApiError> {
-        a.iter().map(|t| t.as_u64().filter(|&t| t <= u32::MAX as u64).map(|t| t as u32).ok_or_else(bad)).collect()
+        a.iter()
+            .map(|t| {
+                t.as_u64()
+                    .filter(|&t| t <= u32::MAX as u64)
+                    .map(|t| t as u32)
+                    .ok_or_else(bad)
+            })
+            .collect()
     };
     let out = match v {
         Value::String(s) => vec![Prompt::Text(s.clone())],
         Value::Array(a) if a.is_empty() => return Err(ApiError::param("prompt", "prompt must not be empty")),
-        Value::Array(a) if a.iter().all(Value::is_string) => {
-            a.iter().map(|s| Prompt::Text(s.as_str().unwrap_or_default().to_string())).collect()
-        }
+        Value::Array(a) if a.iter().all(Value::is_string) => a
+            .iter()
+            .map(|s| Prompt::Text(s.as_str().unwrap_or_default().to_string()))
+            .collect(),
         Value::Array(a) if a.iter().all(Value::is_number) => vec![Prompt::Tokens(ids(a)?)],
         Value::Array(a) => a
             .iter()

@@ -29,7 +29,10 @@ enum Kind {
 fn request_id(kind: Kind) -> String {
     static NEXT: AtomicU64 = AtomicU64::new(1);
     let prefix = if kind == Kind::Chat { "chatcmpl" } else { "cmpl" };
-    format!("{prefix}-{:016x}", NEXT.fetch_add(1, Ordering::Relaxed) ^ 0x5eed_0000_0000)
+    format!(
+        "{prefix}-{:016x}",
+        NEXT.fetch_add(1, Ordering::Relaxed) ^ 0x5eed_0000_0000
+    )
 }
 
 pub fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
@@ -69,19 +72,51 @@ fn check_length(state: &AppState, prompt: &[u32], params: &GenParams, what: &str
     Ok(())
 }
 
-async fn start(state: &Arc<AppState>, kind: Kind, model: Option<&str>, prompts: Vec<Vec<u32>>, params: GenParams, logprobs: Option<usize>) -> Result<Job, ApiError> {
+async fn start(
+    state: &Arc<AppState>,
+    kind: Kind,
+    model: Option<&str>,
+    prompts: Vec<Vec<u32>>,
+    params: GenParams,
+    logprobs: Option<usize>,
+) -> Result<Job, ApiError> {
     let (name, adapter) = resolve_model(state, model).await?;
     for p in &prompts {
-        check_length(state, p, &params, if kind == Kind::Chat { "messages" } else { "prompt" })?;
+        check_length(
+            state,
+            p,
+            &params,
+            if kind == Kind::Chat { "messages" } else { "prompt" },
+        )?;
     }
-    let permit = state.admission.clone().try_acquire_owned().map_err(|_| ApiError::Overloaded)?;
+    let permit = state
+        .admission
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| ApiError::Overloaded)?;
     let n = params.n;
-    let choices: Vec<Choice> =
-        prompts.into_iter().enumerate().flat_map(|(i, p)| (0..n).map(move |j| Choice { index: i * n + j, prompt: p.clone() })).collect();
+    let choices: Vec<Choice> = prompts
+        .into_iter()
+        .enumerate()
+        .flat_map(|(i, p)| {
+            (0..n).map(move |j| Choice {
+                index: i * n + j,
+                prompt: p.clone(),
+            })
+        })
+        .collect();
     let total = choices.len();
     let id = request_id(kind);
     let deltas = spawn_choices(state, choices, adapter, &params, permit, &id);
-    Ok(Job { kind, id, model: name, params, logprobs, deltas, choices: total })
+    Ok(Job {
+        kind,
+        id,
+        model: name,
+        params,
+        logprobs,
+        deltas,
+        choices: total,
+    })
 }
 
 pub async fn completions(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
@@ -94,17 +129,33 @@ pub async fn completions(State(state): State<Arc<AppState>>, headers: HeaderMap,
         let logprobs = match req.logprobs {
             None => None,
             Some(n) if (0..=20).contains(&n) => Some(n as usize),
-            Some(n) => return Err(ApiError::param("logprobs", format!("logprobs must be between 0 and 20, got {n}"))),
+            Some(n) => {
+                return Err(ApiError::param(
+                    "logprobs",
+                    format!("logprobs must be between 0 and 20, got {n}"),
+                ))
+            }
         };
         let params = req.common.params(None, logprobs)?;
         let mut ids = Vec::new();
         for p in prompts(&req.prompt)? {
             ids.push(match p {
-                Prompt::Text(t) => state.tokenizer.encode(&t, true).map_err(|e| ApiError::Internal(e.to_string()))?,
+                Prompt::Text(t) => state
+                    .tokenizer
+                    .encode(&t, true)
+                    .map_err(|e| ApiError::Internal(e.to_string()))?,
                 Prompt::Tokens(t) => t,
             });
         }
-        start(&state, Kind::Completion, req.common.model.as_deref(), ids, params, logprobs).await
+        start(
+            &state,
+            Kind::Completion,
+            req.common.model.as_deref(),
+            ids,
+            params,
+            logprobs,
+        )
+        .await
     }
     .await;
     respond(state, result).await
@@ -122,15 +173,34 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, headers: Heade
             (false, Some(_)) => return Err(ApiError::param("top_logprobs", "top_logprobs needs logprobs: true")),
             (true, None) => Some(0),
             (true, Some(n)) if (0..=20).contains(&n) => Some(n as usize),
-            (true, Some(n)) => return Err(ApiError::param("top_logprobs", format!("top_logprobs must be between 0 and 20, got {n}"))),
+            (true, Some(n)) => {
+                return Err(ApiError::param(
+                    "top_logprobs",
+                    format!("top_logprobs must be between 0 and 20, got {n}"),
+                ))
+            }
         };
         let params = req.common.params(req.max_completion_tokens, logprobs)?;
-        let template = state.chat_template.as_ref().ok_or_else(|| ApiError::bad("this model has no chat template"))?;
+        let template = state
+            .chat_template
+            .as_ref()
+            .ok_or_else(|| ApiError::bad("this model has no chat template"))?;
         let text = template
             .render(&req.messages, req.add_generation_prompt, req.tools.as_ref())
             .map_err(|e| ApiError::param("messages", e.to_string()))?;
-        let ids = state.tokenizer.encode(&text, false).map_err(|e| ApiError::Internal(e.to_string()))?;
-        start(&state, Kind::Chat, req.common.model.as_deref(), vec![ids], params, logprobs).await
+        let ids = state
+            .tokenizer
+            .encode(&text, false)
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        start(
+            &state,
+            Kind::Chat,
+            req.common.model.as_deref(),
+            vec![ids],
+            params,
+            logprobs,
+        )
+        .await
     }
     .await;
     respond(state, result).await
@@ -195,7 +265,10 @@ fn logprobs_json(state: &AppState, kind: Kind, tokens: &[TokenInfo], as_ids: boo
 }
 
 fn created() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 async fn collect(state: &AppState, mut job: Job) -> Result<Value, ApiError> {
@@ -204,7 +277,13 @@ async fn collect(state: &AppState, mut job: Job) -> Result<Value, ApiError> {
         tokens: Vec<TokenInfo>,
         finish: Option<&'static str>,
     }
-    let mut acc: Vec<Acc> = (0..job.choices).map(|_| Acc { text: String::new(), tokens: Vec::new(), finish: None }).collect();
+    let mut acc: Vec<Acc> = (0..job.choices)
+        .map(|_| Acc {
+            text: String::new(),
+            tokens: Vec::new(),
+            finish: None,
+        })
+        .collect();
     let (mut prompt_tokens, mut completion_tokens) = (0, 0);
     let mut done = 0;
     while done < job.choices {
@@ -213,7 +292,12 @@ async fn collect(state: &AppState, mut job: Job) -> Result<Value, ApiError> {
                 acc[index].text.push_str(&text);
                 acc[index].tokens.extend(tokens);
             }
-            Delta::Done { index, finish_reason, prompt_tokens: p, completion_tokens: c } => {
+            Delta::Done {
+                index,
+                finish_reason,
+                prompt_tokens: p,
+                completion_tokens: c,
+            } => {
                 acc[index].finish = Some(finish_reason);
                 // n samples of one prompt count its tokens once, as OpenAI does.
                 if index % job.params.n == 0 {
@@ -237,7 +321,11 @@ async fn collect(state: &AppState, mut job: Job) -> Result<Value, ApiError> {
             }
         })
         .collect();
-    let object = if job.kind == Kind::Chat { "chat.completion" } else { "text_completion" };
+    let object = if job.kind == Kind::Chat {
+        "chat.completion"
+    } else {
+        "text_completion"
+    };
     Ok(json!({
         "id": job.id, "object": object, "created": created(), "model": job.model, "choices": choices,
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens},
@@ -274,10 +362,12 @@ fn stream(state: Arc<AppState>, job: Job) -> Sse<impl Stream<Item = Result<SseEv
         if s.finished {
             return None;
         }
-        let object = if s.job.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
-        let chunk = |s: &S, choices: Value, usage: Value| {
-            json!({"id": s.id, "object": object, "created": s.created, "model": s.job.model, "choices": choices, "usage": usage})
+        let object = if s.job.kind == Kind::Chat {
+            "chat.completion.chunk"
+        } else {
+            "text_completion"
         };
+        let chunk = |s: &S, choices: Value, usage: Value| json!({"id": s.id, "object": object, "created": s.created, "model": s.job.model, "choices": choices, "usage": usage});
         if s.done == s.job.choices {
             s.finished = true;
             let mut frames = Vec::new();
@@ -302,7 +392,15 @@ fn stream(state: Arc<AppState>, job: Job) -> Sse<impl Stream<Item = Result<SseEv
                 return Some((vec![], s));
             }
             Some(Delta::Text { index, text, tokens }) => {
-                let lp = s.job.logprobs.map(|_| logprobs_json(&s.state, s.job.kind, &tokens, s.job.params.token_ids_as_text, s.offsets[index]));
+                let lp = s.job.logprobs.map(|_| {
+                    logprobs_json(
+                        &s.state,
+                        s.job.kind,
+                        &tokens,
+                        s.job.params.token_ids_as_text,
+                        s.offsets[index],
+                    )
+                });
                 s.offsets[index] += text.len();
                 let choice = match s.job.kind {
                     Kind::Chat => {
@@ -317,21 +415,32 @@ fn stream(state: Arc<AppState>, job: Job) -> Sse<impl Stream<Item = Result<SseEv
                 };
                 chunk(&s, json!([choice]), Value::Null).to_string()
             }
-            Some(Delta::Done { index, finish_reason, prompt_tokens, completion_tokens }) => {
+            Some(Delta::Done {
+                index,
+                finish_reason,
+                prompt_tokens,
+                completion_tokens,
+            }) => {
                 s.done += 1;
                 if index % s.job.params.n == 0 {
                     s.prompt_tokens += prompt_tokens;
                 }
                 s.completion_tokens += completion_tokens;
                 let choice = match s.job.kind {
-                    Kind::Chat => json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": finish_reason}),
-                    Kind::Completion => json!({"index": index, "text": "", "logprobs": null, "finish_reason": finish_reason}),
+                    Kind::Chat => {
+                        json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": finish_reason})
+                    }
+                    Kind::Completion => {
+                        json!({"index": index, "text": "", "logprobs": null, "finish_reason": finish_reason})
+                    }
                 };
                 chunk(&s, json!([choice]), Value::Null).to_string()
             }
         };
         Some((vec![frame], s))
     });
-    let events = futures_util::StreamExt::flat_map(frames, |frames| stream::iter(frames.into_iter().map(|f| Ok(SseEvent::default().data(f)))));
+    let events = futures_util::StreamExt::flat_map(frames, |frames| {
+        stream::iter(frames.into_iter().map(|f| Ok(SseEvent::default().data(f))))
+    });
     Sse::new(events).keep_alive(KeepAlive::default())
 }

@@ -36,21 +36,38 @@ async fn server(api_key: Option<&str>, max_concurrent: usize) -> Result<Server> 
         max_model_len: Some(256),
         max_concurrent,
         max_body_bytes: 1 << 20,
-        engine: EngineConfig { memory_budget: 64 << 20, ..Default::default() },
+        engine: EngineConfig {
+            memory_budget: 64 << 20,
+            ..Default::default()
+        },
     };
     let state = tokio::task::spawn_blocking(move || build_state(opts)).await??;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let s = state.clone();
     tokio::spawn(async move { quiver_server::serve(s, listener, std::future::pending()).await });
-    Ok(Server { addr, state, _dir: dir, adapters, golden })
+    Ok(Server {
+        addr,
+        state,
+        _dir: dir,
+        adapters,
+        golden,
+    })
 }
 
 /// A minimal HTTP/1.1 client (Connection: close), decoding chunked bodies.
-async fn http(addr: std::net::SocketAddr, method: &str, path: &str, body: Option<&str>, key: Option<&str>) -> Result<(u16, String)> {
+async fn http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    key: Option<&str>,
+) -> Result<(u16, String)> {
     let mut s = TcpStream::connect(addr).await?;
     let body = body.unwrap_or("");
-    let auth = key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
+    let auth = key
+        .map(|k| format!("Authorization: Bearer {k}\r\n"))
+        .unwrap_or_default();
     let req = format!(
         "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
@@ -61,7 +78,11 @@ async fn http(addr: std::net::SocketAddr, method: &str, path: &str, body: Option
     let text = String::from_utf8(raw)?;
     let (head, rest) = text.split_once("\r\n\r\n").context("no header end")?;
     let status: u16 = head.split(' ').nth(1).context("status")?.parse()?;
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(rest)? } else { rest.to_string() };
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        dechunk(rest)?
+    } else {
+        rest.to_string()
+    };
     Ok((status, body))
 }
 
@@ -84,7 +105,10 @@ fn json_of(body: &str) -> Result<Value> {
 
 fn error_code(status: u16, body: &str) -> Result<(u16, Value)> {
     let v = json_of(body)?;
-    ensure!(v["error"]["message"].is_string() && v["error"]["type"].is_string(), "not OpenAI's error format: {body}");
+    ensure!(
+        v["error"]["message"].is_string() && v["error"]["type"].is_string(),
+        "not OpenAI's error format: {body}"
+    );
     Ok((status, v["error"].clone()))
 }
 
@@ -102,15 +126,27 @@ async fn greedy_completions_match_peft_through_http() -> Result<()> {
             .as_array()
             .context("tokens")?
             .iter()
-            .map(|t| t.as_str().and_then(|t| t.strip_prefix("token_id:")).and_then(|t| t.parse().ok()).context("token_id"))
+            .map(|t| {
+                t.as_str()
+                    .and_then(|t| t.strip_prefix("token_id:"))
+                    .and_then(|t| t.parse().ok())
+                    .context("token_id")
+            })
             .collect::<Result<_>>()?;
         for (step, (g, w)) in got.iter().zip(&single.greedy).enumerate() {
             if g != w {
-                ensure!(single.greedy_margins[step] < 1e-3, "{}: token {step} {g} vs PEFT {w}", single.adapter);
+                ensure!(
+                    single.greedy_margins[step] < 1e-3,
+                    "{}: token {step} {g} vs PEFT {w}",
+                    single.adapter
+                );
                 break;
             }
         }
-        ensure!(v["usage"]["prompt_tokens"] == single.ids.len() && v["usage"]["completion_tokens"] == single.greedy.len(), "{v}");
+        ensure!(
+            v["usage"]["prompt_tokens"] == single.ids.len() && v["usage"]["completion_tokens"] == single.greedy.len(),
+            "{v}"
+        );
     }
     Ok(())
 }
@@ -121,9 +157,20 @@ async fn models_stream_and_metrics() -> Result<()> {
     let (status, text) = http(srv.addr, "GET", "/v1/models", None, None).await?;
     ensure!(status == 200);
     let v = json_of(&text)?;
-    let ids: Vec<&str> = v["data"].as_array().context("data")?.iter().filter_map(|m| m["id"].as_str()).collect();
+    let ids: Vec<&str> = v["data"]
+        .as_array()
+        .context("data")?
+        .iter()
+        .filter_map(|m| m["id"].as_str())
+        .collect();
     ensure!(ids == ["base", "qwen2-r4-qkv"], "{ids:?}");
-    ensure!(v["data"][1]["parent"] == "base" && v["data"][1]["root"].as_str().is_some_and(|r| r.ends_with("qwen2-r4-qkv")), "{v}");
+    ensure!(
+        v["data"][1]["parent"] == "base"
+            && v["data"][1]["root"]
+                .as_str()
+                .is_some_and(|r| r.ends_with("qwen2-r4-qkv")),
+        "{v}"
+    );
 
     let body = json!({"model": "qwen2-r4-qkv", "messages": [{"role": "user", "content": "Bonjour, ça va?"}], "max_tokens": 6,
                       "stream": true, "stream_options": {"include_usage": true}, "seed": 7, "temperature": 0.8, "n": 2});
@@ -131,18 +178,40 @@ async fn models_stream_and_metrics() -> Result<()> {
     ensure!(status == 200, "{status}: {text}");
     let frames: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
     ensure!(frames.last() == Some(&"[DONE]"), "stream must end with [DONE]: {text}");
-    let chunks: Vec<Value> = frames[..frames.len() - 1].iter().map(|f| json_of(f)).collect::<Result<_>>()?;
-    ensure!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk" && c["model"] == "qwen2-r4-qkv"), "{text}");
-    let finished: Vec<_> = chunks.iter().filter(|c| c["choices"][0]["finish_reason"] == "length").collect();
+    let chunks: Vec<Value> = frames[..frames.len() - 1]
+        .iter()
+        .map(|f| json_of(f))
+        .collect::<Result<_>>()?;
+    ensure!(
+        chunks
+            .iter()
+            .all(|c| c["object"] == "chat.completion.chunk" && c["model"] == "qwen2-r4-qkv"),
+        "{text}"
+    );
+    let finished: Vec<_> = chunks
+        .iter()
+        .filter(|c| c["choices"][0]["finish_reason"] == "length")
+        .collect();
     ensure!(finished.len() == 2, "two choices must finish: {text}");
     let usage = &chunks.last().context("usage chunk")?["usage"];
-    ensure!(usage["completion_tokens"] == 12 && usage["total_tokens"].as_u64() > Some(12), "{usage}");
-    ensure!(chunks.iter().any(|c| c["choices"][0]["delta"]["role"] == "assistant"), "first delta carries the role");
+    ensure!(
+        usage["completion_tokens"] == 12 && usage["total_tokens"].as_u64() > Some(12),
+        "{usage}"
+    );
+    ensure!(
+        chunks.iter().any(|c| c["choices"][0]["delta"]["role"] == "assistant"),
+        "first delta carries the role"
+    );
 
     let (_, metrics) = http(srv.addr, "GET", "/metrics", None, None).await?;
-    for needle in ["vllm:lora_requests_info{max_lora=", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
-                   "quiver_requests_total{adapter=\"qwen2-r4-qkv\"} 2", "quiver_adapter_residency{adapter=\"qwen2-r4-qkv\",tier=\"device\"} 1",
-                   "quiver_time_to_first_token_seconds_count 2"] {
+    for needle in [
+        "vllm:lora_requests_info{max_lora=",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+        "quiver_requests_total{adapter=\"qwen2-r4-qkv\"} 2",
+        "quiver_adapter_residency{adapter=\"qwen2-r4-qkv\",tier=\"device\"} 1",
+        "quiver_time_to_first_token_seconds_count 2",
+    ] {
         ensure!(metrics.contains(needle), "metrics lack {needle}:\n{metrics}");
     }
     let (status, _) = http(srv.addr, "GET", "/health", None, None).await?;
@@ -156,16 +225,66 @@ async fn bad_requests_get_openai_errors_and_the_server_keeps_serving() -> Result
     let long: Vec<u32> = vec![5; 300];
     let cases: Vec<(&str, String, u16, Option<&str>)> = vec![
         ("/v1/completions", "{not json".into(), 400, None),
-        ("/v1/completions", json!({"model": "nope", "prompt": "x"}).to_string(), 404, Some("model")),
-        ("/v1/completions", json!({"model": "base", "prompt": long}).to_string(), 400, Some("prompt")),
-        ("/v1/completions", json!({"model": "base", "prompt": "x", "n": 99}).to_string(), 400, Some("n")),
-        ("/v1/completions", json!({"model": "base", "prompt": "x", "temperature": -1}).to_string(), 400, Some("temperature")),
-        ("/v1/completions", json!({"model": "base", "prompt": "x", "top_p": 0}).to_string(), 400, Some("top_p")),
-        ("/v1/completions", json!({"model": "base", "prompt": "x", "max_tokens": 0}).to_string(), 400, Some("max_tokens")),
-        ("/v1/completions", json!({"model": "base", "prompt": [[1, -2]]}).to_string(), 400, Some("prompt")),
-        ("/v1/completions", json!({"model": "base", "prompt": [999999]}).to_string(), 400, Some("prompt")),
-        ("/v1/chat/completions", json!({"model": "base", "messages": []}).to_string(), 400, Some("messages")),
-        ("/v1/chat/completions", json!({"model": "base", "messages": [{"role": "robot", "content": "x"}]}).to_string(), 400, Some("messages")),
+        (
+            "/v1/completions",
+            json!({"model": "nope", "prompt": "x"}).to_string(),
+            404,
+            Some("model"),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "base", "prompt": long}).to_string(),
+            400,
+            Some("prompt"),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "base", "prompt": "x", "n": 99}).to_string(),
+            400,
+            Some("n"),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "base", "prompt": "x", "temperature": -1}).to_string(),
+            400,
+            Some("temperature"),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "base", "prompt": "x", "top_p": 0}).to_string(),
+            400,
+            Some("top_p"),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "base", "prompt": "x", "max_tokens": 0}).to_string(),
+            400,
+            Some("max_tokens"),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "base", "prompt": [[1, -2]]}).to_string(),
+            400,
+            Some("prompt"),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "base", "prompt": [999999]}).to_string(),
+            400,
+            Some("prompt"),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "base", "messages": []}).to_string(),
+            400,
+            Some("messages"),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "base", "messages": [{"role": "robot", "content": "x"}]}).to_string(),
+            400,
+            Some("messages"),
+        ),
         ("/v1/nothing", "{}".into(), 404, None),
     ];
     for (path, body, want, param) in cases {
@@ -208,29 +327,71 @@ async fn runtime_load_unload_and_jit() -> Result<()> {
         let addr = srv.addr;
         async move { http(addr, "POST", path, Some(&body.to_string()), None).await }
     };
-    let (status, text) = post("/v1/load_lora_adapter", json!({"lora_name": "rs", "lora_path": "qwen2-r8-all-linear-rslora"})).await?;
+    let (status, text) = post(
+        "/v1/load_lora_adapter",
+        json!({"lora_name": "rs", "lora_path": "qwen2-r8-all-linear-rslora"}),
+    )
+    .await?;
     ensure!(status == 200, "{status}: {text}");
-    let (status, _) = post("/v1/load_lora_adapter", json!({"lora_name": "rs", "lora_path": "qwen2-r8-all-linear-rslora"})).await?;
+    let (status, _) = post(
+        "/v1/load_lora_adapter",
+        json!({"lora_name": "rs", "lora_path": "qwen2-r8-all-linear-rslora"}),
+    )
+    .await?;
     ensure!(status == 400, "loading a name twice is a 400");
     let (status, _) = post("/v1/load_lora_adapter", json!({"lora_name": "rs2"})).await?;
     ensure!(status == 400, "missing lora_path");
-    let (status, text) = post("/v1/load_lora_adapter", json!({"lora_name": "up", "lora_path": "../base"})).await?;
-    ensure!(status == 400 && text.contains(".."), "escaping the root: {status} {text}");
-    std::os::unix::fs::symlink(srv.adapters.parent().context("parent")?.join("base"), srv.adapters.join("sneaky"))?;
-    let (status, text) = post("/v1/load_lora_adapter", json!({"lora_name": "sneaky", "lora_path": "sneaky"})).await?;
-    ensure!(status == 400 && text.contains("outside"), "symlink out of the root: {status} {text}");
+    let (status, text) = post(
+        "/v1/load_lora_adapter",
+        json!({"lora_name": "up", "lora_path": "../base"}),
+    )
+    .await?;
+    ensure!(
+        status == 400 && text.contains(".."),
+        "escaping the root: {status} {text}"
+    );
+    std::os::unix::fs::symlink(
+        srv.adapters.parent().context("parent")?.join("base"),
+        srv.adapters.join("sneaky"),
+    )?;
+    let (status, text) = post(
+        "/v1/load_lora_adapter",
+        json!({"lora_name": "sneaky", "lora_path": "sneaky"}),
+    )
+    .await?;
+    ensure!(
+        status == 400 && text.contains("outside"),
+        "symlink out of the root: {status} {text}"
+    );
     // A broken adapter: refused, and nothing is left behind.
     let broken = srv.adapters.join("broken");
     std::fs::create_dir(&broken)?;
-    std::fs::copy(srv.adapters.join("qwen2-r4-qkv/adapter_model.safetensors"), broken.join("adapter_model.safetensors"))?;
-    std::fs::write(broken.join("adapter_config.json"), r#"{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "use_dora": true}"#)?;
-    let (status, text) = post("/v1/load_lora_adapter", json!({"lora_name": "broken", "lora_path": "broken"})).await?;
+    std::fs::copy(
+        srv.adapters.join("qwen2-r4-qkv/adapter_model.safetensors"),
+        broken.join("adapter_model.safetensors"),
+    )?;
+    std::fs::write(
+        broken.join("adapter_config.json"),
+        r#"{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "use_dora": true}"#,
+    )?;
+    let (status, text) = post(
+        "/v1/load_lora_adapter",
+        json!({"lora_name": "broken", "lora_path": "broken"}),
+    )
+    .await?;
     ensure!(status == 400 && text.contains("use_dora"), "{status} {text}");
     let (_, models) = http(srv.addr, "GET", "/v1/models", None, None).await?;
     ensure!(models.contains("\"rs\"") && !models.contains("\"broken\""), "{models}");
     // Just-in-time: an unknown name that is a directory under the root loads on first use.
-    let (status, text) = post("/v1/completions", json!({"model": "qwen2-r2-o-down-bf16", "prompt": "hi", "max_tokens": 2})).await?;
-    ensure!(status == 200 && text.contains("qwen2-r2-o-down-bf16"), "{status} {text}");
+    let (status, text) = post(
+        "/v1/completions",
+        json!({"model": "qwen2-r2-o-down-bf16", "prompt": "hi", "max_tokens": 2}),
+    )
+    .await?;
+    ensure!(
+        status == 200 && text.contains("qwen2-r2-o-down-bf16"),
+        "{status} {text}"
+    );
     let (status, text) = http(srv.addr, "GET", "/v1/lora_adapters", None, None).await?;
     ensure!(status == 200 && text.contains("\"tier\":\"device\""), "{text}");
     // Unload.
@@ -238,7 +399,11 @@ async fn runtime_load_unload_and_jit() -> Result<()> {
     ensure!(status == 200);
     let (status, _) = post("/v1/unload_lora_adapter", json!({"lora_name": "rs"})).await?;
     ensure!(status == 404);
-    let (status, _) = post("/v1/completions", json!({"model": "rs", "prompt": "hi", "max_tokens": 1})).await?;
+    let (status, _) = post(
+        "/v1/completions",
+        json!({"model": "rs", "prompt": "hi", "max_tokens": 1}),
+    )
+    .await?;
     ensure!(status == 404, "an unloaded adapter is gone");
     Ok(())
 }
@@ -248,20 +413,41 @@ async fn overload_is_429_and_a_disconnect_cancels() -> Result<()> {
     let srv = server(None, 1).await?;
     // Hold the only slot with a long stream, reading one frame, then hang up.
     let mut s = TcpStream::connect(srv.addr).await?;
-    let body = json!({"model": "base", "prompt": "go on", "max_tokens": 200, "stream": true, "ignore_eos": true}).to_string();
-    let req = format!("POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+    let body =
+        json!({"model": "base", "prompt": "go on", "max_tokens": 200, "stream": true, "ignore_eos": true}).to_string();
+    let req = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
     s.write_all(req.as_bytes()).await?;
     let mut buf = [0u8; 512];
     let n = s.read(&mut buf).await?;
-    ensure!(n > 0 && String::from_utf8_lossy(&buf[..n]).contains("200"), "stream did not start");
-    let (status, text) = http(srv.addr, "POST", "/v1/completions", Some(&json!({"model": "base", "prompt": "x"}).to_string()), None).await?;
+    ensure!(
+        n > 0 && String::from_utf8_lossy(&buf[..n]).contains("200"),
+        "stream did not start"
+    );
+    let (status, text) = http(
+        srv.addr,
+        "POST",
+        "/v1/completions",
+        Some(&json!({"model": "base", "prompt": "x"}).to_string()),
+        None,
+    )
+    .await?;
     ensure!(error_code(status, &text)?.0 == 429, "{status} {text}");
     drop(s);
     // The engine sees the consumer gone and frees the sequence.
     for _ in 0..100 {
         let stats = srv.state.engine.stats()?.await?;
         if stats.cancelled >= 1 && stats.running == 0 && stats.kv_blocks_used == 0 {
-            let (status, _) = http(srv.addr, "POST", "/v1/completions", Some(&json!({"model": "base", "prompt": "x", "max_tokens": 1}).to_string()), None).await?;
+            let (status, _) = http(
+                srv.addr,
+                "POST",
+                "/v1/completions",
+                Some(&json!({"model": "base", "prompt": "x", "max_tokens": 1}).to_string()),
+                None,
+            )
+            .await?;
             ensure!(status == 200, "the slot must be free again");
             return Ok(());
         }
@@ -274,8 +460,16 @@ async fn overload_is_429_and_a_disconnect_cancels() -> Result<()> {
 async fn concurrent_adapters_edge_inputs_and_prometheus_format() -> Result<()> {
     let srv = server(None, 64).await?;
     // Different adapters at once, each greedy result equal to the same request made alone.
-    let names = ["base", "qwen2-r4-qkv", "qwen2-r8-all-linear-rslora", "qwen2-r2-o-down-bf16"];
-    let body = |m: &str| json!({"model": m, "prompt": "The quick brown fox", "max_tokens": 6, "temperature": 0, "ignore_eos": true}).to_string();
+    let names = [
+        "base",
+        "qwen2-r4-qkv",
+        "qwen2-r8-all-linear-rslora",
+        "qwen2-r2-o-down-bf16",
+    ];
+    let body = |m: &str| {
+        json!({"model": m, "prompt": "The quick brown fox", "max_tokens": 6, "temperature": 0, "ignore_eos": true})
+            .to_string()
+    };
     let mut alone = Vec::new();
     for m in names {
         let (status, text) = http(srv.addr, "POST", "/v1/completions", Some(&body(m)), None).await?;
@@ -289,23 +483,43 @@ async fn concurrent_adapters_edge_inputs_and_prometheus_format() -> Result<()> {
     .await;
     for ((m, r), want) in names.iter().zip(together).zip(&alone) {
         let (status, text) = r?;
-        ensure!(status == 200 && json_of(&text)?["choices"][0]["text"] == *want, "{m} differs when batched: {text}");
+        ensure!(
+            status == 200 && json_of(&text)?["choices"][0]["text"] == *want,
+            "{m} differs when batched: {text}"
+        );
     }
     // A huge max_tokens does not fit the context: 400 naming the prompt.
     let huge = json!({"model": "base", "prompt": "x", "max_tokens": 1_000_000_000}).to_string();
     let (status, text) = http(srv.addr, "POST", "/v1/completions", Some(&huge), None).await?;
-    ensure!(error_code(status, &text)?.0 == 400 && text.contains("maximum context length"), "{text}");
+    ensure!(
+        error_code(status, &text)?.0 == 400 && text.contains("maximum context length"),
+        "{text}"
+    );
     // Wrong types and invalid UTF-8 are 400s; unknown fields are ignored, as vLLM does.
-    let (status, _) = http(srv.addr, "POST", "/v1/completions", Some(r#"{"model": "base", "prompt": "x", "max_tokens": "ten"}"#), None).await?;
+    let (status, _) = http(
+        srv.addr,
+        "POST",
+        "/v1/completions",
+        Some(r#"{"model": "base", "prompt": "x", "max_tokens": "ten"}"#),
+        None,
+    )
+    .await?;
     ensure!(status == 400);
     let mut s = TcpStream::connect(srv.addr).await?;
     let bad = b"{\"model\": \"base\", \"prompt\": \"\xff\xfe\"}";
-    let head = format!("POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", bad.len());
+    let head = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        bad.len()
+    );
     s.write_all(head.as_bytes()).await?;
     s.write_all(bad).await?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).await?;
-    ensure!(String::from_utf8_lossy(&raw).starts_with("HTTP/1.1 400"), "invalid UTF-8: {}", String::from_utf8_lossy(&raw));
+    ensure!(
+        String::from_utf8_lossy(&raw).starts_with("HTTP/1.1 400"),
+        "invalid UTF-8: {}",
+        String::from_utf8_lossy(&raw)
+    );
     let unknown = json!({"model": "base", "prompt": "x", "max_tokens": 1, "frobnicate": true}).to_string();
     let (status, _) = http(srv.addr, "POST", "/v1/completions", Some(&unknown), None).await?;
     ensure!(status == 200);
@@ -327,10 +541,17 @@ async fn concurrent_adapters_edge_inputs_and_prometheus_format() -> Result<()> {
         let (series, value) = line.rsplit_once(' ').context("sample without value")?;
         ensure!(value.parse::<f64>().is_ok(), "bad value in {line}");
         let name = series.split('{').next().context("name")?;
-        let family = ["_bucket", "_sum", "_count"].iter().find_map(|s| name.strip_suffix(s)).filter(|f| families.contains(*f)).unwrap_or(name);
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .filter(|f| families.contains(*f))
+            .unwrap_or(name);
         ensure!(families.contains(family), "sample {name} has no TYPE line");
         if let Some(labels) = series.strip_prefix(name).filter(|l| !l.is_empty()) {
-            ensure!(labels.starts_with('{') && labels.ends_with('}') && labels.matches('"').count() % 2 == 0, "bad labels in {line}");
+            ensure!(
+                labels.starts_with('{') && labels.ends_with('}') && labels.matches('"').count() % 2 == 0,
+                "bad labels in {line}"
+            );
         }
     }
     Ok(())

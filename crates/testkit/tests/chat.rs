@@ -26,15 +26,8 @@ fn minijinja_renders_golden_chats() -> Result<()> {
         let tok = build_tokenizer(spec.tokenizer)?;
         for chat in &golden.chat {
             let text = render(spec.tokenizer, &serde_json::to_value(&chat.messages)?)?;
-            let enc = tok
-                .encode(text.as_str(), false)
-                .map_err(|e| anyhow!("{e}"))?;
-            assert_eq!(
-                enc.get_ids(),
-                chat.ids.as_slice(),
-                "{}: {text:?}",
-                spec.name
-            );
+            let enc = tok.encode(text.as_str(), false).map_err(|e| anyhow!("{e}"))?;
+            assert_eq!(enc.get_ids(), chat.ids.as_slice(), "{}: {text:?}", spec.name);
         }
     }
     Ok(())
@@ -45,9 +38,6 @@ fn unknown_role_raises() {
     let msgs = serde_json::json!([{"role": "tool", "content": "x"}]);
     for flavor in [TokenizerFlavor::Llama, TokenizerFlavor::ChatMl] {
         let err = render(flavor, &msgs).err().map(|e| format!("{e:#}"));
-        assert!(
-            err.is_some_and(|e| e.contains("Unknown role")),
-            "{flavor:?}"
-        );
+        assert!(err.is_some_and(|e| e.contains("Unknown role")), "{flavor:?}");
     }
 }

@@ -45,9 +45,7 @@ fn goldens_match_current_kit() -> Result<()> {
             assert_eq!(p.last_logits.len(), vocab);
             assert_eq!(p.greedy.len(), p.greedy_margins.len());
             let tok = build_tokenizer(s.tokenizer).map_err(|e| anyhow::anyhow!("{e}"))?;
-            let enc = tok
-                .encode(p.text.as_str(), true)
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let enc = tok.encode(p.text.as_str(), true).map_err(|e| anyhow::anyhow!("{e}"))?;
             assert_eq!(enc.get_ids(), p.ids.as_slice(), "{}: {:?}", s.name, p.text);
         }
         assert!(dir.path().join("config.json").is_file());
@@ -111,10 +109,7 @@ fn tokenizer_round_trips_corpus_and_specials() -> Result<()> {
     let err = |e: tokenizers::Error| anyhow::anyhow!("{e}");
     for flavor in [TokenizerFlavor::Llama, TokenizerFlavor::ChatMl] {
         let tok = build_tokenizer(flavor)?;
-        for text in CORPUS
-            .lines()
-            .chain(["Un café 😀 — 今天很好, καλημέρα! 👨‍👩‍👧"])
-        {
+        for text in CORPUS.lines().chain(["Un café 😀 — 今天很好, καλημέρα! 👨‍👩‍👧"]) {
             let ids = tok.encode(text, false).map_err(err)?.get_ids().to_vec();
             assert_eq!(tok.decode(&ids, false).map_err(err)?, text, "{flavor:?}");
         }
@@ -125,9 +120,7 @@ fn tokenizer_round_trips_corpus_and_specials() -> Result<()> {
         let eos = tok.id_to_token(ids.eos).context("eos")?;
         assert!(eos == "<|eot_id|>" || eos == "<|im_end|>");
         // Special tokens in text are matched whole, never split into bytes.
-        let enc = tok
-            .encode(format!("a{eos}b").as_str(), false)
-            .map_err(err)?;
+        let enc = tok.encode(format!("a{eos}b").as_str(), false).map_err(err)?;
         assert_eq!(enc.get_ids().len(), 3);
         let specials = match flavor {
             TokenizerFlavor::Llama => 5,
@@ -144,9 +137,7 @@ fn weights_have_hf_names_and_match_generator() -> Result<()> {
     for (name, d) in write_golden_models(dir.path())? {
         let s = spec(&name);
         let expected = tensor_specs(&s, s.vocab_size());
-        let files: Vec<String> = (0..s.shards)
-            .map(|i| shard_file_name(i, s.shards))
-            .collect();
+        let files: Vec<String> = (0..s.shards).map(|i| shard_file_name(i, s.shards)).collect();
         let mut seen: BTreeMap<String, String> = BTreeMap::new();
         let mut total = 0usize;
         for f in &files {
@@ -155,10 +146,7 @@ fn weights_have_hf_names_and_match_generator() -> Result<()> {
             for (tname, view) in st.tensors() {
                 let prev = seen.insert(tname.clone(), f.clone());
                 assert!(prev.is_none(), "{name}: {tname} in two shards");
-                let t = expected
-                    .iter()
-                    .find(|t| t.name == tname)
-                    .context("unexpected")?;
+                let t = expected.iter().find(|t| t.name == tname).context("unexpected")?;
                 assert_eq!(view.shape(), t.shape.as_slice(), "{name}: {tname}");
                 total += view.data().len();
                 // Spot-check the data against the in-memory generator.
@@ -179,11 +167,7 @@ fn weights_have_hf_names_and_match_generator() -> Result<()> {
         if s.shards > 1 {
             let index = read_json(&d.join("model.safetensors.index.json"))?;
             let map = index["weight_map"].as_object().context("weight_map")?;
-            assert_eq!(
-                map.len(),
-                seen.len(),
-                "{name}: index covers each tensor once"
-            );
+            assert_eq!(map.len(), seen.len(), "{name}: index covers each tensor once");
             for (tname, file) in &seen {
                 assert_eq!(map[tname], file.as_str(), "{name}: {tname}");
             }
@@ -207,10 +191,7 @@ fn golden_specs_cover_the_features() {
         assert!(s.validate().is_ok(), "{}", s.name);
     }
     let big = qwen25_05b_spec();
-    let params: usize = tensor_specs(&big, big.vocab_size())
-        .iter()
-        .map(TensorSpec::numel)
-        .sum();
+    let params: usize = tensor_specs(&big, big.vocab_size()).iter().map(TensorSpec::numel).sum();
     assert_eq!(big.vocab_size(), 151_936);
     assert!((490_000_000..500_000_000).contains(&params), "{params}");
 }

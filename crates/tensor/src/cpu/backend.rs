@@ -13,7 +13,13 @@ pub struct CpuBackend;
 /// which case kernels use rayon's global pool from the calling thread.
 fn worker_pool() -> Option<&'static rayon::ThreadPool> {
     static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
-    POOL.get_or_init(|| rayon::ThreadPoolBuilder::new().thread_name(|i| format!("quiver-cpu-{i}")).build().ok()).as_ref()
+    POOL.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .thread_name(|i| format!("quiver-cpu-{i}"))
+            .build()
+            .ok()
+    })
+    .as_ref()
 }
 
 /// K and V of every layer, `[num_blocks * block_size, kv_heads, head_dim]` each.
@@ -38,7 +44,10 @@ impl Backend for CpuBackend {
     type PagePool = CpuPagePool;
 
     fn name(&self) -> String {
-        format!("cpu ({} threads)", worker_pool().map_or_else(rayon::current_num_threads, |p| p.current_num_threads()))
+        format!(
+            "cpu ({} threads)",
+            worker_pool().map_or_else(rayon::current_num_threads, |p| p.current_num_threads())
+        )
     }
 
     fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
