@@ -37,6 +37,8 @@ pub enum Event {
         reason: FinishReason,
         prompt_tokens: usize,
         completion_tokens: usize,
+        /// From submission until the request first ran (adapter loading and queueing included).
+        queue_time: std::time::Duration,
     },
     Error(EngineError),
 }

@@ -6,6 +6,7 @@
 
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use quiver_model::{lora_page_size, BatchBuilder, BlockAllocator, Llama, LoraAdapter, SequenceCache};
 use quiver_tensor::Backend;
@@ -32,6 +33,9 @@ struct Sequence {
     sampler: Sampler,
     request: GenerateRequest,
     events: UnboundedSender<Event>,
+    submitted: Instant,
+    /// Set when the sequence first runs.
+    queue_time: Option<Duration>,
 }
 
 impl Sequence {
@@ -269,6 +273,8 @@ impl<B: Backend> Scheduler<B> {
             sampler: Sampler::new(request.sampling.clone(), self.seed_base ^ self.next_id),
             request,
             events,
+            submitted: Instant::now(),
+            queue_time: None,
         };
         if let Some(name) = &seq.adapter {
             self.adapters.prefetch(name);
@@ -379,6 +385,7 @@ impl<B: Backend> Scheduler<B> {
             }
             plan.push((self.running.len(), chunk));
             token_budget -= chunk;
+            seq.queue_time.get_or_insert_with(|| seq.submitted.elapsed());
             self.running.push(seq);
         }
         if plan.is_empty() {
@@ -446,6 +453,7 @@ impl<B: Backend> Scheduler<B> {
                     reason,
                     prompt_tokens: seq.prompt_len,
                     completion_tokens: seq.generated(),
+                    queue_time: seq.queue_time.unwrap_or_default(),
                 });
                 finished.push(i);
             }

@@ -157,12 +157,14 @@ async fn run_choice(
                     return Ok(());
                 }
             }
-            Event::Finished { reason, .. } => {
+            Event::Finished { reason, queue_time, .. } => {
+                state.metrics.observe_queue(queue_time);
                 let ttft = first.map(|f| f - started).unwrap_or_default();
                 tracing::info!(
                     prompt_tokens,
                     completion_tokens,
                     ttft_ms = ttft.as_millis() as u64,
+                    queue_ms = queue_time.as_millis() as u64,
                     decode_ms = first.map(|f| (last - f).as_millis() as u64).unwrap_or(0),
                     ?reason,
                     "finished"

@@ -58,6 +58,7 @@ struct Inner {
     ttft: Histogram,
     tpot: Histogram,
     e2e: Histogram,
+    queue: Histogram,
     per_adapter: BTreeMap<String, PerAdapter>,
     rejected: BTreeMap<u16, u64>,
 }
@@ -80,6 +81,10 @@ impl Metrics {
 
     pub fn observe_ttft(&self, d: Duration) {
         self.with(|m| m.ttft.observe(d.as_secs_f64()));
+    }
+
+    pub fn observe_queue(&self, d: Duration) {
+        self.with(|m| m.queue.observe(d.as_secs_f64()));
     }
 
     pub fn observe_tpot(&self, d: Duration) {
@@ -260,6 +265,11 @@ impl Metrics {
         m.e2e.render(
             "quiver_e2e_request_latency_seconds",
             "End-to-end request latency.",
+            &mut out,
+        );
+        m.queue.render(
+            "quiver_request_queue_time_seconds",
+            "Time from submission until a request first runs.",
             &mut out,
         );
         out

@@ -211,6 +211,7 @@ async fn models_stream_and_metrics() -> Result<()> {
         "quiver_requests_total{adapter=\"qwen2-r4-qkv\"} 2",
         "quiver_adapter_residency{adapter=\"qwen2-r4-qkv\",tier=\"device\"} 1",
         "quiver_time_to_first_token_seconds_count 2",
+        "quiver_request_queue_time_seconds_count 2",
     ] {
         ensure!(metrics.contains(needle), "metrics lack {needle}:\n{metrics}");
     }
