@@ -43,7 +43,7 @@ def main(base_url: str) -> None:
         raise AssertionError("unknown model must be a 404")
     except NotFoundError as e:
         assert e.body["code"] == "model_not_found", e.body
-    print("openai client smoke test: 4 passed, 0 failed")
+    print("openai-smoke: 4 passed, 0 failed")
 
 
 if __name__ == "__main__":

@@ -14,24 +14,10 @@ use quiver_model::generate::{generate_greedy, BLOCK_SIZE};
 use quiver_model::{lora_page_size, BatchBuilder, BlockAllocator, LoraAdapter, ModelBundle, SequenceCache};
 use quiver_tensor::cpu::{CpuBackend, CpuPagePool};
 use quiver_tensor::{Backend, DType};
-use quiver_testkit::{load_golden, materialize_lora};
+use quiver_testkit::{load_golden, materialize_lora, max_abs_diff};
 
 const LOGIT_TOL: f32 = 1e-3;
 const TIE_MARGIN: f32 = 1e-3;
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| {
-            if x.is_nan() || y.is_nan() {
-                f32::INFINITY
-            } else {
-                (x - y).abs()
-            }
-        })
-        .fold(0.0, f32::max)
-}
 
 struct Loaded {
     bundle: ModelBundle<CpuBackend>,

@@ -38,9 +38,14 @@ impl BlockAllocator {
     fn alloc(&mut self) -> Option<u32> {
         self.free.pop()
     }
-    /// `n` blocks, or none at all if fewer are free.
+    /// `n` blocks, or none at all if fewer are free; in the order `alloc` would give them (so a
+    /// fresh pool hands out ascending, contiguous ids, which the gather kernels stream well).
     pub fn alloc_many(&mut self, n: usize) -> Option<Vec<u32>> {
-        (n <= self.free.len()).then(|| self.free.split_off(self.free.len() - n))
+        (n <= self.free.len()).then(|| {
+            let mut blocks = self.free.split_off(self.free.len() - n);
+            blocks.reverse();
+            blocks
+        })
     }
     pub fn release(&mut self, blocks: impl IntoIterator<Item = u32>) {
         self.free.extend(blocks);

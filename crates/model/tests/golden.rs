@@ -10,7 +10,7 @@ use quiver_model::generate::{argmax, generate_greedy, BLOCK_SIZE};
 use quiver_model::{BatchBuilder, BlockAllocator, ModelBundle, SequenceCache};
 use quiver_tensor::cpu::CpuBackend;
 use quiver_tensor::Backend;
-use quiver_testkit::{materialize, Golden};
+use quiver_testkit::{materialize, max_abs_diff, Golden};
 
 const LOGIT_TOL: f32 = 1e-3;
 const TIE_MARGIN: f32 = 1e-3;
@@ -21,20 +21,6 @@ const MODELS: &[&str] = &[
     "qwen2-bf16-linear",
     "mistral-f32",
 ];
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "logit vectors differ in length");
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| {
-            if x.is_nan() || y.is_nan() {
-                f32::INFINITY
-            } else {
-                (x - y).abs()
-            }
-        })
-        .fold(0.0, f32::max)
-}
 
 fn check_greedy(name: &str, i: usize, got: &[u32], golden: &Golden) -> Result<()> {
     let p = &golden.prompts[i];

@@ -54,6 +54,21 @@ pub struct Golden {
     pub chat: Vec<GoldenChat>,
 }
 
+/// Largest absolute difference between two logit vectors; a NaN on either side is infinitely far.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "logit vectors differ in length");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| {
+            if x.is_nan() || y.is_nan() {
+                f32::INFINITY
+            } else {
+                (x - y).abs()
+            }
+        })
+        .fold(0.0, f32::max)
+}
+
 /// `<workspace root>/tests/goldens`.
 pub fn goldens_dir() -> PathBuf {
     // CARGO_MANIFEST_DIR is <root>/crates/testkit.

@@ -29,7 +29,8 @@ pub use adapter::{
 pub use config::{config_json, generation_config_json};
 pub use corpus::CORPUS;
 pub use golden::{
-    file_hashes, goldens_dir, load_golden, materialize, ChatMessage, Generator, Golden, GoldenChat, GoldenPrompt,
+    file_hashes, goldens_dir, load_golden, materialize, max_abs_diff, ChatMessage, Generator, Golden, GoldenChat,
+    GoldenPrompt,
 };
 pub use lora_golden::{
     load_lora_golden, materialize_lora, GoldenAdapter, LoraGenerator, LoraGolden, LoraMixed, LoraSingle, MixedRow,
