@@ -304,7 +304,10 @@ impl<B: Backend> AdapterManager<B> {
             self.prefetch(name);
             return Acquire::Pending;
         };
-        let host = self.host[pos].1.clone();
+        // Most recently used goes last (the host tier evicts from the front).
+        let entry = self.host.remove(pos);
+        let host = entry.1.clone();
+        self.host.push(entry);
         let need_pages: usize = host
             .modules
             .iter()
