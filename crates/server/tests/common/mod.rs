@@ -1,0 +1,144 @@
+//! Shared by the API tests: an in-process server on 127.0.0.1:0 over the test kit's qwen2 and its
+//! PEFT adapters, and a minimal HTTP/1.1 client.
+#![allow(dead_code)] // each test file uses a different subset
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use quiver_engine::EngineConfig;
+use quiver_server::{build_state, AppState, ServerOptions};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+pub const BASE: &str = "qwen2-f32-tied";
+
+pub struct Server {
+    pub addr: std::net::SocketAddr,
+    pub state: Arc<AppState>,
+    pub _dir: tempfile::TempDir,
+    pub adapters: PathBuf,
+    pub golden: quiver_testkit::LoraGolden,
+}
+
+pub async fn server(api_key: Option<&str>, max_concurrent: usize) -> Result<Server> {
+    let (dir, golden) = quiver_testkit::materialize_lora(BASE)?;
+    let adapters = dir.path().join("adapters");
+    let preloaded = "qwen2-r4-qkv";
+    let opts = ServerOptions {
+        model: dir.path().join("base"),
+        served_model_name: Some("base".into()),
+        lora_modules: vec![(preloaded.into(), adapters.join(preloaded))],
+        adapter_root: Some(adapters.clone()),
+        api_key: api_key.map(str::to_string),
+        admin_key: None,
+        max_model_len: Some(256),
+        max_concurrent,
+        max_body_bytes: 1 << 20,
+        engine: EngineConfig {
+            memory_budget: 64 << 20,
+            ..Default::default()
+        },
+    };
+    let state = tokio::task::spawn_blocking(move || build_state(opts)).await??;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let s = state.clone();
+    tokio::spawn(async move { quiver_server::serve(s, listener, std::future::pending()).await });
+    Ok(Server {
+        addr,
+        state,
+        _dir: dir,
+        adapters,
+        golden,
+    })
+}
+
+/// A minimal HTTP/1.1 client (Connection: close), decoding chunked bodies.
+pub async fn http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    key: Option<&str>,
+) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect(addr).await?;
+    let body = body.unwrap_or("");
+    let auth = key
+        .map(|k| format!("Authorization: Bearer {k}\r\n"))
+        .unwrap_or_default();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await?;
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut raw)).await??;
+    let text = String::from_utf8(raw)?;
+    let (head, rest) = text.split_once("\r\n\r\n").context("no header end")?;
+    let status: u16 = head.split(' ').nth(1).context("status")?.parse()?;
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        dechunk(rest)?
+    } else {
+        rest.to_string()
+    };
+    Ok((status, body))
+}
+
+pub fn dechunk(mut s: &str) -> Result<String> {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = s.split_once("\r\n").context("chunk size")?;
+        let n = usize::from_str_radix(size.trim(), 16)?;
+        if n == 0 {
+            return Ok(out);
+        }
+        out.push_str(&rest[..n]);
+        s = &rest[n + 2..];
+    }
+}
+
+pub fn json_of(body: &str) -> Result<Value> {
+    serde_json::from_str(body).with_context(|| format!("not JSON: {body}"))
+}
+
+pub fn error_code(status: u16, body: &str) -> Result<(u16, Value)> {
+    let v = json_of(body)?;
+    ensure!(
+        v["error"]["message"].is_string() && v["error"]["type"].is_string(),
+        "not OpenAI's error format: {body}"
+    );
+    Ok((status, v["error"].clone()))
+}
+
+/// Token ids of a completion, from `logprobs.tokens` with `return_tokens_as_token_ids`.
+pub fn token_ids(v: &Value) -> Result<Vec<u32>> {
+    v.as_array()
+        .context("tokens")?
+        .iter()
+        .map(|t| {
+            t.as_str()
+                .and_then(|t| t.strip_prefix("token_id:"))
+                .and_then(|t| t.parse().ok())
+                .context("token_id")
+        })
+        .collect()
+}
+
+pub fn check_greedy(got: &[u32], want: &[u32], margins: &[f32], what: &str) -> Result<()> {
+    for (step, (g, w)) in got.iter().zip(want).enumerate() {
+        if g != w {
+            ensure!(margins[step] < 1e-3, "{what}: token {step} {g} vs reference {w}");
+            return Ok(());
+        }
+    }
+    ensure!(
+        got.len() == want.len(),
+        "{what}: {} tokens, expected {}",
+        got.len(),
+        want.len()
+    );
+    Ok(())
+}
