@@ -23,6 +23,8 @@
 //! `QUIVER_ENGINE_BENCH_ROUNDS` (sweeps; each point keeps its best, default 3),
 //! `QUIVER_ENGINE_BENCH_TRIES` (runs per point while other processes disturb it, default 3),
 //! `QUIVER_ENGINE_BENCH_POLICY=round-robin` (the engine's default queue policy instead of FCFS),
+//! `QUIVER_ENGINE_BENCH_MEMORY_MB` / `QUIVER_ENGINE_BENCH_HOST_MB` (memory budget and host adapter
+//! cache, default 256 / 128), `QUIVER_ENGINE_BENCH_PLOT=FILE` (where the PNG goes),
 //! `QUIVER_BENCH_FONT` (a TTF file for the plot's labels).
 
 use std::collections::BTreeMap;
@@ -50,7 +52,7 @@ const RANK: usize = 16;
 const ZIPF_ALPHA: f64 = 1.0;
 const PROMPT_LEN: (usize, usize) = (16, 128);
 const OUTPUT_LEN: (usize, usize) = (8, 64);
-/// Requests per sweep point (about 30 s of work on 2 Zen 3 cores).
+/// Requests per sweep point (about 37 s per run on the 2-vCPU development machine).
 const REQUESTS: usize = 80;
 /// Offered load relative to the capacity measured by the calibration burst.
 const OVERLOAD: f64 = 2.0;
@@ -249,8 +251,8 @@ fn engine_config() -> EngineConfig {
         max_num_seqs: 32,
         max_batch_tokens: 256,
         block_size: 16,
-        memory_budget: MEMORY_BUDGET,
-        host_adapter_budget: HOST_ADAPTER_BUDGET,
+        memory_budget: env_mb("QUIVER_ENGINE_BENCH_MEMORY_MB").unwrap_or(MEMORY_BUDGET),
+        host_adapter_budget: env_mb("QUIVER_ENGINE_BENCH_HOST_MB").unwrap_or(HOST_ADAPTER_BUDGET),
         max_lora_rank: RANK,
         max_model_len: MAX_MODEL_LEN,
         adapter_dtype: DType::BF16,
@@ -562,6 +564,14 @@ fn machine() -> String {
     format!("{cpu}, {cores} cores, {mem} RAM, {}", std::env::consts::ARCH)
 }
 
+/// A size in MiB from the environment, in bytes (ignored if unparsable; `main` checks first).
+fn env_mb(name: &str) -> Option<usize> {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .map(|mb| mb << 20)
+}
+
 fn env_usize(name: &str) -> Result<Option<usize>> {
     std::env::var(name)
         .ok()
@@ -579,7 +589,8 @@ fn load_font() -> Result<()> {
         .map_err(|_| anyhow::anyhow!("{path} is not a usable TrueType font"))
 }
 
-fn plot(points: &[Point], all_runs: &[Vec<f64>], reference: Option<f64>, path: &Path) -> Result<()> {
+/// `all_runs[i]`: (output tok/s, disturbed) of every round of point `i`.
+fn plot(points: &[Point], all_runs: &[Vec<(f64, bool)>], reference: Option<f64>, path: &Path) -> Result<()> {
     load_font()?;
     let root = BitMapBackend::new(path, (1400, 560)).into_drawing_area();
     root.fill(&WHITE)?;
@@ -588,7 +599,7 @@ fn plot(points: &[Point], all_runs: &[Vec<f64>], reference: Option<f64>, path: &
     let x_range = (0.7f64..3000.0).log_scale();
     let fmt_x = |x: &f64| format!("{x:.0}");
 
-    let top = all_runs.iter().flatten().fold(0.0, |a: f64, &b| a.max(b)) * 1.15;
+    let top = all_runs.iter().flatten().fold(0.0, |a: f64, b| a.max(b.0)) * 1.15;
     let mut c = ChartBuilder::on(&left)
         .caption("Throughput vs number of adapters", ("sans-serif", 24))
         .margin(16)
@@ -609,13 +620,30 @@ fn plot(points: &[Point], all_runs: &[Vec<f64>], reference: Option<f64>, path: &
     .label("throughput")
     .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLUE.stroke_width(3)));
     c.draw_series(points.iter().map(|p| Circle::new((xs(p), p.tok_s()), 5, BLUE.filled())))?;
-    let every = points
+    let every: Vec<(f64, f64, bool)> = points
         .iter()
         .zip(all_runs)
-        .flat_map(|(p, v)| v.iter().map(move |&t| (xs(p), t)));
-    c.draw_series(every.map(|(x, t)| Circle::new((x, t), 4, BLUE.mix(0.6).stroke_width(1))))?
-        .label("each round (line: best)")
-        .legend(|(x, y)| Circle::new((x + 10, y), 4, BLUE.mix(0.6).stroke_width(1)));
+        .flat_map(|(p, v)| v.iter().map(move |&(t, d)| (xs(p), t, d)))
+        .collect();
+    let faint = BLUE.mix(0.6).stroke_width(1);
+    c.draw_series(
+        every
+            .iter()
+            .filter(|e| !e.2)
+            .map(|&(x, t, _)| Circle::new((x, t), 4, faint)),
+    )?
+    .label("each round (line: best)")
+    .legend(move |(x, y)| Circle::new((x + 10, y), 4, faint));
+    if every.iter().any(|e| e.2) {
+        c.draw_series(
+            every
+                .iter()
+                .filter(|e| e.2)
+                .map(|&(x, t, _)| Cross::new((x, t), 4, faint)),
+        )?
+        .label("round disturbed by other processes")
+        .legend(move |(x, y)| Cross::new((x + 10, y), 4, faint));
+    }
     if let Some(r) = reference {
         let target = RED.mix(0.7).stroke_width(2);
         c.draw_series(DashedLineSeries::new(
@@ -658,7 +686,7 @@ fn plot(points: &[Point], all_runs: &[Vec<f64>], reference: Option<f64>, path: &
             RED,
             (|p: &Point| percentile(&p.ttft, 99.0)) as fn(&Point) -> f64,
         ),
-        ("mean TTFT", GREEN, |p: &Point| mean(&p.ttft)),
+        ("mean TTFT", RGBColor(0, 140, 60), |p: &Point| mean(&p.ttft)),
     ] {
         c.draw_series(LineSeries::new(
             points.iter().map(|p| (xs(p), f(p))),
@@ -701,6 +729,8 @@ fn main() -> Result<()> {
     let requests = env_usize("QUIVER_ENGINE_BENCH_REQUESTS")?.unwrap_or(REQUESTS);
     let tries = env_usize("QUIVER_ENGINE_BENCH_TRIES")?.unwrap_or(TRIES);
     let rounds = env_usize("QUIVER_ENGINE_BENCH_ROUNDS")?.unwrap_or(ROUNDS).max(1);
+    env_usize("QUIVER_ENGINE_BENCH_MEMORY_MB")?;
+    env_usize("QUIVER_ENGINE_BENCH_HOST_MB")?;
 
     let cfg = engine_config();
     {
@@ -800,7 +830,10 @@ fn main() -> Result<()> {
             runs[i].push(p);
         }
     }
-    let all_runs: Vec<Vec<f64>> = runs.iter().map(|v| v.iter().map(Point::tok_s).collect()).collect();
+    let all_runs: Vec<Vec<(f64, bool)>> = runs
+        .iter()
+        .map(|v| v.iter().map(|p| (p.tok_s(), p.others >= NOISE_CORES)).collect())
+        .collect();
     let results: Vec<Point> = runs
         .into_iter()
         .map(|v| {
@@ -811,19 +844,31 @@ fn main() -> Result<()> {
         .collect::<Result<_>>()?;
 
     let reference = results.iter().find(|p| p.adapters == 8).map(Point::tok_s);
-    let png = repo.join("docs/bench-engine.png");
+    let png =
+        std::env::var("QUIVER_ENGINE_BENCH_PLOT").map_or_else(|_| repo.join("docs/bench-engine.png"), PathBuf::from);
     plot(&results, &all_runs, reference, &png)?;
 
     println!("\nmachine: {}", machine());
-    println!("command: CARGO_TARGET_DIR=/work/target-enginebench cargo bench -p quiver-benches --bench engine");
+    let mut knobs: Vec<String> = std::env::vars()
+        .filter(|(k, _)| k.starts_with("QUIVER_"))
+        .map(|(k, v)| format!("{k}={v} "))
+        .collect();
+    knobs.sort();
+    println!(
+        "command: {}cargo bench -p quiver-benches --bench engine",
+        knobs.concat()
+    );
     println!("plot: {}", png.display());
     println!(
-        "columns: req/s and output tok/s over the saturated window (best of {rounds} rounds); TTFT = submit → first token; TPOT = (last − first token) / (tokens − 1) per request; adapter loads = disk → host loads; host hit rate = 1 − min(loads, uploads) / acquisitions (a lower bound) and device hit rate = device hits / acquisitions, where acquisitions = device hits + uploads from the host tier (about one per admitted request)\n"
+        "columns: req/s and output tok/s over the saturated window (best of {rounds} rounds); TTFT = submit → first token; TPOT = (last − first token) / (tokens − 1) per request; adapter loads = disk → host loads; host hit rate = 1 − min(loads, uploads) / acquisitions (a lower bound) and device hit rate = device hits / acquisitions, where acquisitions = device hits + uploads from the host tier (about one per admitted request); * = a round that other processes disturbed (≥ {NOISE_CORES} cores busy) in all its tries\n"
     );
     println!("| adapters | req/s | output tok/s | mean TTFT | p99 TTFT | mean TPOT | p99 TPOT | adapter loads | host hit rate | device hit rate | mean batch | vs 8 adapters | tok/s of each round |");
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
     for (p, each) in results.iter().zip(&all_runs) {
-        let each: Vec<String> = each.iter().map(|t| format!("{t:.1}")).collect();
+        let each: Vec<String> = each
+            .iter()
+            .map(|&(t, disturbed)| format!("{t:.1}{}", if disturbed { "*" } else { "" }))
+            .collect();
         let vs = reference.map_or_else(|| "–".into(), |r| format!("{:+.1}%", 100.0 * (p.tok_s() / r - 1.0)));
         println!(
             "| {} | {:.2} | {:.1} | {:.2} s | {:.2} s | {:.0} ms | {:.0} ms | {} | {:.1}% | {:.1}% | {:.1} | {vs} | {} |",
