@@ -19,27 +19,8 @@ async fn greedy_completions_match_peft_through_http() -> Result<()> {
         ensure!(status == 200, "{status}: {text}");
         let v = json_of(&text)?;
         ensure!(v["model"] == single.adapter.as_str(), "model not echoed: {v}");
-        let got: Vec<u32> = v["choices"][0]["logprobs"]["tokens"]
-            .as_array()
-            .context("tokens")?
-            .iter()
-            .map(|t| {
-                t.as_str()
-                    .and_then(|t| t.strip_prefix("token_id:"))
-                    .and_then(|t| t.parse().ok())
-                    .context("token_id")
-            })
-            .collect::<Result<_>>()?;
-        for (step, (g, w)) in got.iter().zip(&single.greedy).enumerate() {
-            if g != w {
-                ensure!(
-                    single.greedy_margins[step] < 1e-3,
-                    "{}: token {step} {g} vs PEFT {w}",
-                    single.adapter
-                );
-                break;
-            }
-        }
+        let got = token_ids(&v["choices"][0]["logprobs"]["tokens"])?;
+        check_greedy(&got, &single.greedy, &single.greedy_margins, &single.adapter)?;
         ensure!(
             v["usage"]["prompt_tokens"] == single.ids.len() && v["usage"]["completion_tokens"] == single.greedy.len(),
             "{v}"
