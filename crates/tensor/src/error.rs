@@ -8,4 +8,7 @@ pub enum TensorError {
     DType { dtype: String, what: String },
     #[error("out of range: {0}")]
     Range(String),
+    /// A device (driver, compiler, library or memory) failure, with its context.
+    #[error("device error: {0}")]
+    Device(String),
 }
