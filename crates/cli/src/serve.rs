@@ -33,9 +33,17 @@ pub struct ServeArgs {
     /// Directory runtime loads may read from (and where unknown names are looked up on first use).
     #[arg(long, env = "QUIVER_ADAPTER_ROOT")]
     pub adapter_root: Option<PathBuf>,
-    /// Memory shared by KV blocks and resident adapter pages, in MiB.
-    #[arg(long, default_value_t = 2048, env = "QUIVER_MEMORY_BUDGET_MB")]
-    pub memory_budget_mb: usize,
+    /// Where the model runs: auto (CUDA when built with it and a GPU answers, else CPU), cpu,
+    /// cuda or cuda:N.
+    #[arg(long, default_value = "auto", env = "QUIVER_DEVICE")]
+    pub device: quiver_server::Device,
+    /// Memory shared by KV blocks and resident adapter pages, in MiB. Default: 2048 on the CPU;
+    /// on a GPU, --gpu-memory-utilization of the memory left once the weights are loaded.
+    #[arg(long, env = "QUIVER_MEMORY_BUDGET_MB")]
+    pub memory_budget_mb: Option<usize>,
+    /// Fraction of free GPU memory (after the weights) for KV blocks and adapter pages.
+    #[arg(long, default_value_t = 0.9, env = "QUIVER_GPU_MEMORY_UTILIZATION")]
+    pub gpu_memory_utilization: f64,
     /// Loaded adapters kept in host memory (LRU), in MiB.
     #[arg(long, default_value_t = 4096, env = "QUIVER_HOST_ADAPTER_BUDGET_MB")]
     pub host_adapter_budget_mb: usize,
@@ -127,10 +135,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         max_model_len: args.max_model_len,
         max_concurrent: args.max_concurrent_requests,
         max_body_bytes: args.max_body_bytes,
+        device: args.device,
+        gpu_memory_utilization: args.memory_budget_mb.is_none().then_some(args.gpu_memory_utilization),
         engine: EngineConfig {
             max_num_seqs: args.max_num_seqs,
             max_batch_tokens: args.max_num_batched_tokens,
-            memory_budget: args.memory_budget_mb << 20,
+            memory_budget: args.memory_budget_mb.unwrap_or(2048) << 20,
             host_adapter_budget: args.host_adapter_budget_mb << 20,
             max_lora_rank: args.max_lora_rank,
             policy,

@@ -2,6 +2,7 @@
 //! tensor work on the engine's scheduler thread. See docs/ARCHITECTURE.md.
 
 pub mod admin;
+pub mod device;
 pub mod error;
 pub mod generate;
 pub mod metrics;
@@ -22,8 +23,10 @@ use quiver_adapters::load_peft_adapter;
 use quiver_engine::{Engine, EngineConfig};
 use quiver_model::ModelBundle;
 use quiver_tensor::cpu::CpuBackend;
+use quiver_tensor::Backend;
 use tokio::sync::Semaphore;
 
+pub use device::Device;
 pub use error::ApiError;
 pub use state::{AppState, Limits};
 
@@ -39,13 +42,65 @@ pub struct ServerOptions {
     pub max_model_len: Option<usize>,
     pub max_concurrent: usize,
     pub max_body_bytes: usize,
+    pub device: Device,
+    /// On a GPU, size the KV + adapter budget as this fraction of the memory left free once the
+    /// weights are resident; `None` keeps `engine.memory_budget`.
+    pub gpu_memory_utilization: Option<f64>,
     pub engine: EngineConfig,
 }
 
 /// Loads the model, starts the engine and registers the start-up adapters (each validated fully:
 /// a broken adapter stops the start with its error).
 pub fn build_state(opts: ServerOptions) -> anyhow::Result<Arc<AppState>> {
-    let bundle = ModelBundle::load(CpuBackend, &opts.model, opts.max_model_len)?;
+    match opts.device {
+        Device::Cpu => build_on(CpuBackend, opts, None),
+        Device::Cuda(n) => build_on_cuda(n, opts),
+        Device::Auto => {
+            #[cfg(feature = "cuda")]
+            match quiver_cuda::CudaBackend::new(0) {
+                Ok(be) => return build_on_backend_cuda(be, opts),
+                Err(e) => tracing::info!("--device auto: {e}; using the CPU"),
+            }
+            #[cfg(not(feature = "cuda"))]
+            tracing::info!("--device auto: this build has no CUDA support (cargo feature `cuda`); using the CPU");
+            build_on(CpuBackend, opts, None)
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn build_on_cuda(ordinal: usize, opts: ServerOptions) -> anyhow::Result<Arc<AppState>> {
+    let be = quiver_cuda::CudaBackend::new(ordinal)?;
+    build_on_backend_cuda(be, opts)
+}
+
+#[cfg(feature = "cuda")]
+fn build_on_backend_cuda(be: quiver_cuda::CudaBackend, opts: ServerOptions) -> anyhow::Result<Arc<AppState>> {
+    let probe = be.clone();
+    let fraction = opts.gpu_memory_utilization;
+    let budget = move || -> anyhow::Result<Option<usize>> {
+        let Some(f) = fraction else { return Ok(None) };
+        let (free, total) = probe.memory_info()?;
+        Ok(Some(device::device_budget(free, total, f)))
+    };
+    build_on(be, opts, Some(Box::new(budget)))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn build_on_cuda(ordinal: usize, _opts: ServerOptions) -> anyhow::Result<Arc<AppState>> {
+    anyhow::bail!("--device cuda:{ordinal}: this build has no CUDA support; rebuild with `cargo build --release -p quiver --features cuda`")
+}
+
+/// Measures the device's memory budget once the weights are resident (`None`: keep the flag's).
+type DeviceBudget = Box<dyn FnOnce() -> anyhow::Result<Option<usize>>>;
+
+fn build_on<B: Backend>(
+    backend: B,
+    opts: ServerOptions,
+    device_budget: Option<DeviceBudget>,
+) -> anyhow::Result<Arc<AppState>> {
+    tracing::info!(backend = %backend.name(), "loading {}", opts.model.display());
+    let bundle = ModelBundle::load(backend, &opts.model, opts.max_model_len)?;
     let cfg = bundle.model.cfg.clone();
     let max_model_len = bundle.model.max_positions();
     let served_name = opts
@@ -54,6 +109,10 @@ pub fn build_state(opts: ServerOptions) -> anyhow::Result<Arc<AppState>> {
         .unwrap_or_else(|| opts.model.display().to_string());
     let mut engine_cfg = opts.engine.clone();
     engine_cfg.max_model_len = max_model_len;
+    if let Some(budget) = device_budget.map(|f| f()).transpose()?.flatten() {
+        tracing::info!(bytes = budget, "KV + adapter budget sized from free device memory");
+        engine_cfg.memory_budget = budget;
+    }
     let limits = Limits {
         max_model_len,
         max_body_bytes: opts.max_body_bytes,

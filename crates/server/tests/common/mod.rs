@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use quiver_engine::EngineConfig;
-use quiver_server::{build_state, AppState, ServerOptions};
+use quiver_server::{build_state, AppState, Device, ServerOptions};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -21,6 +21,13 @@ pub struct Server {
     pub _dir: tempfile::TempDir,
     pub adapters: PathBuf,
     pub golden: quiver_testkit::LoraGolden,
+}
+
+pub fn test_device() -> Result<Device> {
+    match std::env::var("QUIVER_TEST_DEVICE") {
+        Ok(d) => d.parse().map_err(anyhow::Error::msg),
+        Err(_) => Ok(Device::Cpu),
+    }
 }
 
 pub async fn server(api_key: Option<&str>, max_concurrent: usize) -> Result<Server> {
@@ -37,6 +44,9 @@ pub async fn server(api_key: Option<&str>, max_concurrent: usize) -> Result<Serv
         max_model_len: Some(256),
         max_concurrent,
         max_body_bytes: 1 << 20,
+        // The GPU check script runs these tests on CUDA with QUIVER_TEST_DEVICE=cuda.
+        device: test_device()?,
+        gpu_memory_utilization: None,
         engine: EngineConfig {
             memory_budget: 64 << 20,
             ..Default::default()
