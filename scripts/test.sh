@@ -5,15 +5,23 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }
-cargo fmt --all -- --check
-cargo clippy --workspace --all-targets --locked -- -D warnings
-cargo test --workspace --locked
-
-# Smoke test: quiver serve (demo model and adapters) + the openai client, in a venv under target/.
-cargo build --release --locked -p quiver
+# A venv under target/ for the Python pieces: the `openai` client for the smoke test, and NVRTC
+# from NVIDIA's wheels, which compiles every CUDA kernel to PTX (sm_80, sm_90) without a GPU.
 venv=target/smoke-venv
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-"$venv/bin/pip" install -q --disable-pip-version-check openai
+"$venv/bin/pip" install -q --disable-pip-version-check openai nvidia-cuda-nvrtc-cu12 nvidia-cuda-runtime-cu12
+nvrtc_lib=$(ls -d "$venv"/lib/python3*/site-packages/nvidia/cuda_nvrtc/lib | head -n 1)
+export LD_LIBRARY_PATH="$PWD/$nvrtc_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export QUIVER_REQUIRE_NVRTC=1
+
+cargo fmt --all -- --check
+# --all-features also lints the `cuda` code paths of the server and CLI.
+cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
+cargo test --workspace --locked
+
+# Smoke test: quiver serve (demo model and adapters) + the openai client. Built with the CUDA
+# backend, so `--device auto` (the default) also exercises the fallback to the CPU here.
+cargo build --release --locked -p quiver --features cuda
 port=$((20000 + RANDOM % 20000))
 ./target/release/quiver serve --port "$port" > target/smoke-server.log 2>&1 &
 server=$!
@@ -30,6 +38,7 @@ else:
     sys.exit("quiver serve did not become healthy; see target/smoke-server.log")
 PY
 "$venv/bin/python" tests/smoke/openai_smoke.py "http://127.0.0.1:$port/v1"
+grep -q "using the CPU" target/smoke-server.log || { echo "no CPU fallback line in target/smoke-server.log" >&2; exit 1; }
 # SIGTERM drains and exits cleanly.
 kill -TERM "$server"
 wait "$server"

@@ -76,7 +76,7 @@ pub fn attention(
         layer < l.num_layers
             && hd <= MAX_HEAD_DIM
             && l.num_kv_heads > 0
-            && heads % l.num_kv_heads == 0
+            && heads.is_multiple_of(l.num_kv_heads)
             && q.len() >= tokens * heads * hd
             && out.len() >= tokens * heads * hd
             && batch.seq.len() == tokens,

@@ -256,7 +256,7 @@ impl Backend for CudaBackend {
 
     fn add_bias(&self, x: &mut CudaSlice<f32>, bias: &CudaSlice<f32>) -> Result<(), TensorError> {
         let (n, width) = (x.len(), bias.len());
-        check("add_bias", width > 0 && n % width == 0, || {
+        check("add_bias", width > 0 && n.is_multiple_of(width), || {
             format!("{n} values, bias of {width}")
         })?;
         let w = width as i32;
@@ -285,9 +285,11 @@ impl Backend for CudaBackend {
         out: &mut CudaSlice<f32>,
     ) -> Result<(), TensorError> {
         let d = w.len();
-        check("rms_norm", d > 0 && x.len() % d == 0 && out.len() >= x.len(), || {
-            format!("{} values, width {d}, out {}", x.len(), out.len())
-        })?;
+        check(
+            "rms_norm",
+            d > 0 && x.len().is_multiple_of(d) && out.len() >= x.len(),
+            || format!("{} values, width {d}, out {}", x.len(), out.len()),
+        )?;
         let (rows, width) = (x.len() / d, d as i32);
         let mut b = self.stream().launch_builder(self.func("rms_norm")?);
         b.arg(x).arg(w).arg(out).arg(&width).arg(&eps);

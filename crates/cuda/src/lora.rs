@@ -72,7 +72,7 @@ pub fn lora(
     segments: &[LoraSegment<'_>],
 ) -> Result<(), TensorError> {
     let p = pool.page;
-    check("lora", in_f % p == 0 && out_f % p == 0, || {
+    check("lora", in_f.is_multiple_of(p) && out_f.is_multiple_of(p), || {
         format!("{in_f}→{out_f} not whole pages of {p}")
     })?;
     let tokens = x.len() / in_f.max(1);
