@@ -46,6 +46,7 @@ pub struct CudaPagePool {
     pub page: usize,
     pub dtype: DType,
     pub pool: ChunkedPool,
+    pub staging: crate::lora::Staging,
 }
 
 pub(crate) fn check(op: &'static str, ok: bool, detail: impl FnOnce() -> String) -> Result<(), TensorError> {
@@ -198,6 +199,7 @@ impl Backend for CudaBackend {
             page: page_floats,
             dtype,
             pool,
+            staging: Default::default(),
         })
     }
 

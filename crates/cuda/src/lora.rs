@@ -1,7 +1,7 @@
 //! Adapter pages on the device: host → device paging through a pinned buffer on the copy stream,
 //! and the shrink/expand gather kernels (SGMV for prefill segments, BGMV for decode rows).
 
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::{CudaEvent, CudaSlice, DevicePtrMut, PinnedHostSlice, PushKernelArg};
 use half::bf16;
 use quiver_tensor::{DType, LoraSegment, TensorError};
 
@@ -124,6 +124,49 @@ pub fn lora(
     Ok(())
 }
 
+/// A pinned host buffer reused for every page upload; it grows to the largest upload seen, and is
+/// only overwritten once the copy reading it has finished.
+#[derive(Default)]
+pub struct Staging {
+    buf: Option<PinnedHostSlice<u8>>,
+    copied: Option<CudaEvent>,
+}
+
+impl Staging {
+    /// Copies `bytes` to a new device buffer on the copy stream; the compute stream waits for the
+    /// copy before its next kernel, the host does not.
+    fn stage(&mut self, be: &CudaBackend, bytes: &[u8]) -> Result<CudaSlice<u8>, TensorError> {
+        let inner = &be.inner;
+        if let Some(done) = self.copied.take() {
+            done.synchronize().map_err(dev)?;
+        }
+        if self.buf.as_ref().is_none_or(|b| b.len() < bytes.len()) {
+            // SAFETY: written below before any copy reads it; the old buffer's copy is done.
+            let grown = bytes.len().max(self.buf.as_ref().map_or(0, |b| 2 * b.len()));
+            self.buf = Some(unsafe { inner.ctx.alloc_pinned::<u8>(grown) }.map_err(dev)?);
+        }
+        let buf = self
+            .buf
+            .as_mut()
+            .ok_or_else(|| TensorError::Device("no pinned staging buffer".into()))?;
+        let host = &mut buf.as_mut_slice().map_err(dev)?[..bytes.len()];
+        host.copy_from_slice(bytes);
+        // SAFETY: filled by the copy below before anything reads it.
+        let mut staged = unsafe { inner.copy_stream.alloc::<u8>(bytes.len()) }.map_err(dev)?;
+        {
+            let (dst, _sync) = staged.device_ptr_mut(&inner.copy_stream);
+            // SAFETY: `host` is pinned memory of `bytes.len()` bytes that stays untouched until
+            // `copied` fires; `dst` has room for all of it.
+            unsafe { cudarc::driver::result::memcpy_htod_async(dst, host, inner.copy_stream.cu_stream()) }
+                .map_err(dev)?;
+        }
+        let copied = inner.copy_stream.record_event(None).map_err(dev)?;
+        inner.stream.wait(&copied).map_err(dev)?;
+        self.copied = Some(copied);
+        Ok(staged)
+    }
+}
+
 /// Rounds `data` to the pool's dtype into a pinned buffer, copies it on the copy stream, and
 /// scatters it to its pages on the compute stream once the copy is done. The forward pass
 /// already queued keeps running meanwhile; the next one sees the pages.
@@ -142,14 +185,8 @@ pub fn write_pages(be: &CudaBackend, pool: &mut CudaPagePool, pages: &[u32], dat
         DType::BF16 => bytemuck::cast_slice(&data.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>()).to_vec(),
         _ => bytemuck::cast_slice(data).to_vec(),
     };
-    let inner = &be.inner;
-    // SAFETY: the pinned buffer is fully written before the copy reads it.
-    let mut pinned = unsafe { inner.ctx.alloc_pinned::<u8>(bytes.len()) }.map_err(dev)?;
-    pinned.as_mut_slice().map_err(dev)?.copy_from_slice(&bytes);
-    let staged = inner.copy_stream.clone_htod(&pinned).map_err(dev)?;
-    let copied = inner.copy_stream.record_event(None).map_err(dev)?;
+    let staged = pool.staging.stage(be, &bytes)?;
     pool.pool.ensure(be.stream(), pages)?;
-    be.stream().wait(&copied).map_err(dev)?;
     let ids = be.htod(pages)?;
     let (per_chunk, page_bytes) = (pool.pool.per_chunk, (p * pool.dtype.size()) as i32);
     let mut b = be.stream().launch_builder(be.func("scatter_pages")?);
