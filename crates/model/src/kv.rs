@@ -6,20 +6,25 @@ use std::sync::Arc;
 use crate::llama::ForwardInput;
 use crate::lora::{AdapterRun, LoraAdapter};
 
-/// Fixed pool of KV blocks; a block is `block_size` token slots in every layer.
+/// Fixed pool of KV blocks (also used for adapter pages); a block is `block_size` token slots in
+/// every layer. Ids never handed out are not listed: a pool sized for a large GPU holds hundreds of
+/// millions of pages, and a free list of all of them would cost gigabytes of host memory.
 #[derive(Debug)]
 pub struct BlockAllocator {
-    free: Vec<u32>,
+    /// Released ids, reused last-released first.
+    released: Vec<u32>,
+    /// Ids `fresh..total` have never been handed out.
+    fresh: usize,
     total: usize,
     block_size: usize,
 }
 
 impl BlockAllocator {
     pub fn new(total: usize, block_size: usize) -> Self {
-        // Hand out low block numbers first (pop from the end).
         BlockAllocator {
-            free: (0..total as u32).rev().collect(),
-            total,
+            released: Vec::new(),
+            fresh: 0,
+            total: total.min(u32::MAX as usize),
             block_size,
         }
     }
@@ -30,26 +35,53 @@ impl BlockAllocator {
         self.total
     }
     pub fn num_free(&self) -> usize {
-        self.free.len()
+        self.released.len() + (self.total - self.fresh)
     }
     pub fn blocks_for(&self, tokens: usize) -> usize {
         tokens.div_ceil(self.block_size)
     }
-    fn alloc(&mut self) -> Option<u32> {
-        self.free.pop()
-    }
-    /// `n` blocks, or none at all if fewer are free; in the order `alloc` would give them (so a
-    /// fresh pool hands out ascending, contiguous ids, which the gather kernels stream well).
+    /// `n` blocks, or none at all if fewer are free: released ones first (last released first),
+    /// then never-used ids in ascending order (so a fresh pool hands out contiguous ids, which
+    /// the gather kernels stream well).
     pub fn alloc_many(&mut self, n: usize) -> Option<Vec<u32>> {
-        (n <= self.free.len()).then(|| {
-            let mut blocks = self.free.split_off(self.free.len() - n);
+        (n <= self.num_free()).then(|| {
+            let reused = n.min(self.released.len());
+            let mut blocks = self.released.split_off(self.released.len() - reused);
             blocks.reverse();
+            let more = n - reused;
+            blocks.extend((self.fresh..self.fresh + more).map(|b| b as u32));
+            self.fresh += more;
             blocks
         })
     }
     pub fn release(&mut self, blocks: impl IntoIterator<Item = u32>) {
-        self.free.extend(blocks);
-        debug_assert!(self.free.len() <= self.total, "a block was released twice");
+        self.released.extend(blocks);
+        debug_assert!(self.num_free() <= self.total, "a block was released twice");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allocator_hands_out_ascending_then_reuses_last_released_first() {
+        let mut a = BlockAllocator::new(6, 16);
+        assert_eq!(a.alloc_many(3), Some(vec![0, 1, 2]));
+        assert_eq!(a.num_free(), 3);
+        a.release([1, 2]);
+        assert_eq!(a.alloc_many(4), Some(vec![2, 1, 3, 4]));
+        assert_eq!(a.alloc_many(2), None, "only one left: nothing is taken");
+        assert_eq!(a.num_free(), 1);
+        assert_eq!(a.alloc_many(1), Some(vec![5]));
+        assert_eq!(a.num_free(), 0);
+    }
+
+    #[test]
+    fn a_huge_pool_costs_nothing_until_used() {
+        let mut a = BlockAllocator::new(400_000_000, 1);
+        assert_eq!(a.num_free(), 400_000_000);
+        assert_eq!(a.alloc_many(2), Some(vec![0, 1]));
     }
 }
 
@@ -69,12 +101,8 @@ impl SequenceCache {
         let need = alloc
             .blocks_for(self.len + count)
             .saturating_sub(self.block_table.len());
-        if need > alloc.num_free() {
-            return Err(OutOfBlocks);
-        }
-        for _ in 0..need {
-            self.block_table.extend(alloc.alloc());
-        }
+        let blocks = alloc.alloc_many(need).ok_or(OutOfBlocks)?;
+        self.block_table.extend(blocks);
         Ok(())
     }
 
