@@ -1,0 +1,471 @@
+//! Quiver's side of the side-by-side benchmark against llama.cpp and transformers + PEFT
+//! (`benches/peers/run.sh` drives it; see `benches/peers/README.md`).
+//!
+//!     cargo bench -p quiver-benches --bench peers -- prepare WORK
+//!     cargo bench -p quiver-benches --bench peers -- run WORK OUT.json
+//!
+//! `prepare` writes the rank-16 all-linear PEFT adapters under `WORK/adapters/` (the base model is
+//! the Qwen2.5-0.5B-shaped test-kit model of the other benchmarks, see `bench_model_dir`) and
+//! `WORK/workload.json`, the one definition of the work every system runs: token ids (no
+//! tokenizer is involved), lengths, adapters per request. `run` measures Quiver on it and writes
+//! the results and the greedy tokens it produced (for the agreement check) as JSON.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, ensure, Context, Result};
+use quiver_adapters::load_peft_adapter;
+use quiver_benches::bench_model_dir;
+use quiver_engine::sampling::SamplingParams;
+use quiver_engine::{Engine, EngineConfig, Event, GenerateRequest};
+use quiver_model::generate::{argmax, BLOCK_SIZE};
+use quiver_model::{BatchBuilder, BlockAllocator, Llama, LoraAdapter, ModelBundle, SequenceCache};
+use quiver_tensor::cpu::{CpuBackend, CpuPagePool};
+use quiver_tensor::{Backend, DType};
+use quiver_testkit::{write_adapter, AdapterSpec, Targets};
+use rayon::prelude::*;
+
+/// Adapters written by `prepare` (workload 2's largest batch uses one each).
+const ADAPTERS: usize = 32;
+const RANK: usize = 16;
+/// Bump when the adapters change.
+const ADAPTER_SET: &str = "32 PEFT adapters, rank 16, alpha 32, all-linear, bf16, seeds 70000+i, v1";
+const PREFILL_LEN: usize = 512;
+const DECODE_PROMPT: usize = 64;
+const DECODE_STEPS: usize = 32;
+const AGREE_TOKENS: usize = 8;
+/// Workload 2: every request has a `BATCH_PROMPT`-token prompt and asks for `BATCH_NEW` tokens.
+const BATCH_PROMPT: usize = 64;
+const BATCH_NEW: usize = 32;
+/// Workload 3 (S-LoRA's synthetic workload, offline): requests, lengths, adapter counts.
+const SLORA_REQUESTS: usize = 32;
+const SLORA_PROMPT: (usize, usize) = (16, 128);
+const SLORA_OUTPUT: (usize, usize) = (8, 32);
+const SLORA_POINTS: [usize; 3] = [1, 8, 32];
+const ZIPF_ALPHA: f64 = 1.0;
+const SEED: u64 = 0x5EED_0000_0007;
+const MAX_MODEL_LEN: usize = 1024;
+
+/// SplitMix64, as in the engine benchmark.
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    fn range(&mut self, (lo, hi): (usize, usize)) -> usize {
+        lo + (self.next_u64() % (hi - lo + 1) as u64) as usize
+    }
+    /// Token ids inside the test-kit tokenizer's ordinary range.
+    fn prompt(&mut self, len: usize) -> Vec<u32> {
+        (0..len).map(|_| 3 + (self.next_u64() % 500) as u32).collect()
+    }
+}
+
+fn adapter_name(i: usize) -> String {
+    format!("peer-r16-{i:02}")
+}
+
+fn adapter_spec(i: usize) -> AdapterSpec {
+    AdapterSpec {
+        name: adapter_name(i),
+        base: "qwen2.5-0.5b".into(),
+        r: RANK,
+        lora_alpha: 32.0,
+        use_rslora: false,
+        target: Targets::AllLinear,
+        rank_pattern: BTreeMap::new(),
+        alpha_pattern: BTreeMap::new(),
+        layers_to_transform: None,
+        dtype: quiver_testkit::DType::Bf16,
+        seed: 70_000 + i as u64,
+    }
+}
+
+/// Cumulative Zipf(α) over `n` adapters.
+fn zipf_cdf(n: usize) -> Vec<f64> {
+    let w: Vec<f64> = (1..=n).map(|k| (k as f64).powf(-ZIPF_ALPHA)).collect();
+    let total: f64 = w.iter().sum();
+    let mut acc = 0.0;
+    w.iter()
+        .map(|x| {
+            acc += x / total;
+            acc
+        })
+        .collect()
+}
+
+fn ids(v: &[u32]) -> String {
+    let s: Vec<String> = v.iter().map(u32::to_string).collect();
+    format!("[{}]", s.join(","))
+}
+
+fn floats(v: &[f64]) -> String {
+    let s: Vec<String> = v.iter().map(|x| format!("{x:.6}")).collect();
+    format!("[{}]", s.join(","))
+}
+
+fn prepare(work: &Path) -> Result<()> {
+    let model = bench_model_dir()?;
+    let root = work.join("adapters");
+    let marker = root.join("COMPLETE");
+    if std::fs::read_to_string(&marker).is_ok_and(|s| s == ADAPTER_SET) {
+        println!("adapters: reusing {} ({ADAPTER_SET})", root.display());
+    } else {
+        (0..ADAPTERS)
+            .into_par_iter()
+            .try_for_each(|i| write_adapter(&adapter_spec(i), &root.join(adapter_name(i))).map(|_| ()))?;
+        std::fs::write(&marker, ADAPTER_SET)?;
+        println!("adapters: wrote {ADAPTERS} to {} ({ADAPTER_SET})", root.display());
+    }
+    let mut rng = Rng(SEED);
+    let long = rng.prompt(PREFILL_LEN);
+    let batch: Vec<Vec<u32>> = (0..ADAPTERS).map(|_| rng.prompt(BATCH_PROMPT)).collect();
+    let cdfs: Vec<Vec<f64>> = SLORA_POINTS.iter().map(|&n| zipf_cdf(n)).collect();
+    let mut requests = Vec::new();
+    for _ in 0..SLORA_REQUESTS {
+        let len = rng.range(SLORA_PROMPT);
+        let prompt = rng.prompt(len);
+        let max_tokens = rng.range(SLORA_OUTPUT);
+        let u = rng.unit();
+        let at: Vec<String> = cdfs
+            .iter()
+            .map(|c| c.partition_point(|&x| x <= u).min(c.len() - 1).to_string())
+            .collect();
+        requests.push(format!(
+            "{{\"prompt\":{},\"max_tokens\":{max_tokens},\"adapter_at\":[{}]}}",
+            ids(&prompt),
+            at.join(",")
+        ));
+    }
+    let adapters: Vec<String> = (0..ADAPTERS)
+        .map(|i| format!("\"{}\"", root.join(adapter_name(i)).display()))
+        .collect();
+    let prompts: Vec<String> = batch.iter().map(|p| ids(p)).collect();
+    let points: Vec<String> = SLORA_POINTS.iter().map(usize::to_string).collect();
+    let mut json = String::new();
+    write!(
+        json,
+        "{{\"model\":\"{}\",\"adapters\":[{}],\"prefill_prompt\":{},\"decode_prompt_len\":{DECODE_PROMPT},\"decode_steps\":{DECODE_STEPS},\"agree_tokens\":{AGREE_TOKENS},\"batch\":{{\"new_tokens\":{BATCH_NEW},\"prompts\":[{}]}},\"slora\":{{\"points\":[{}],\"zipf_alpha\":{ZIPF_ALPHA},\"requests\":[{}]}}}}",
+        model.display(),
+        adapters.join(","),
+        ids(&long),
+        prompts.join(","),
+        points.join(","),
+        requests.join(",")
+    )?;
+    std::fs::write(work.join("workload.json"), json)?;
+    println!("workload: {}", work.join("workload.json").display());
+    Ok(())
+}
+
+/// The parts of `workload.json` that `run` needs, read back with a minimal parser (it is the
+/// file `prepare` wrote: flat integer arrays under known keys).
+struct Workload {
+    model: PathBuf,
+    adapters: Vec<PathBuf>,
+    long: Vec<u32>,
+    batch: Vec<Vec<u32>>,
+    /// (prompt, max_tokens, adapter per point)
+    slora: Vec<(Vec<u32>, usize, Vec<usize>)>,
+}
+
+fn int_arrays(s: &str) -> Result<Vec<Vec<u32>>> {
+    s.split('[')
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| {
+            p.split(']')
+                .next()
+                .unwrap_or("")
+                .split(',')
+                .filter(|x| !x.trim().is_empty())
+                .map(|x| x.trim().parse::<u32>().with_context(|| format!("bad id {x:?}")))
+                .collect()
+        })
+        .collect()
+}
+
+fn between<'a>(s: &'a str, from: &str, to: &str) -> Result<&'a str> {
+    let a = s.find(from).with_context(|| format!("workload.json: no {from}"))? + from.len();
+    let b = s[a..]
+        .find(to)
+        .with_context(|| format!("workload.json: no {to} after {from}"))?;
+    Ok(&s[a..a + b])
+}
+
+fn read_workload(work: &Path) -> Result<Workload> {
+    let s = std::fs::read_to_string(work.join("workload.json")).context("reading workload.json (run prepare first)")?;
+    let adapters = between(&s, "\"adapters\":[", "]")?
+        .split(',')
+        .map(|x| PathBuf::from(x.trim_matches('"')))
+        .collect();
+    let mut slora = Vec::new();
+    for r in between(&s, "\"requests\":[", "]}}")?.split("{\"prompt\":").skip(1) {
+        let prompt = int_arrays(between(r, "", "]")?)?.concat();
+        let max_tokens = between(r, "\"max_tokens\":", ",")?.parse()?;
+        let at = int_arrays(between(r, "\"adapter_at\":", "}")?)?.concat();
+        slora.push((prompt, max_tokens, at.into_iter().map(|x| x as usize).collect()));
+    }
+    Ok(Workload {
+        model: between(&s, "\"model\":\"", "\"")?.into(),
+        adapters,
+        long: int_arrays(between(&s, "\"prefill_prompt\":", "]")?)?.concat(),
+        batch: int_arrays(between(&s, "\"prompts\":[", "]]")?)?,
+        slora,
+    })
+}
+
+/// Prefill of `prompt` then `steps` greedy decode steps on one sequence: (prefill tok/s, decode
+/// tok/s, tokens).
+fn single(
+    model: &Llama<CpuBackend>,
+    pool: &CpuPagePool,
+    adapter: Option<&Arc<LoraAdapter>>,
+    prompt: &[u32],
+    steps: usize,
+) -> Result<(f64, f64, Vec<u32>)> {
+    let total = prompt.len() + steps;
+    let mut alloc = BlockAllocator::new(total.div_ceil(BLOCK_SIZE), BLOCK_SIZE);
+    let mut kv = model.new_kv_pool(alloc.total(), BLOCK_SIZE)?;
+    let mut seq = SequenceCache::default();
+    seq.reserve(&mut alloc, total)
+        .map_err(|_| anyhow::anyhow!("out of KV blocks"))?;
+    let mut next = prompt.to_vec();
+    let mut out = Vec::new();
+    let t = Instant::now();
+    let mut prefill = 0.0;
+    while out.len() <= steps {
+        let mut b = BatchBuilder::new();
+        b.push_with_adapter(&mut seq, BLOCK_SIZE, &next, true, adapter);
+        let logits = model.forward_with_adapters(&b.finish(), &mut kv, Some(pool))?;
+        let token = argmax(&model.backend.download(&logits)?);
+        if out.is_empty() {
+            prefill = t.elapsed().as_secs_f64();
+        }
+        out.push(token);
+        next = vec![token];
+    }
+    let decode = t.elapsed().as_secs_f64() - prefill;
+    Ok((prompt.len() as f64 / prefill, steps as f64 / decode, out))
+}
+
+struct Done {
+    tokens: Vec<Vec<u32>>,
+    /// Seconds from the common start to each request's last token.
+    latency: Vec<f64>,
+    ttft: Vec<f64>,
+    /// Tokens generated per second over the whole run (first submit to last finish).
+    tok_s: f64,
+}
+
+/// Submits every request at once and waits for all of them.
+fn run_all(engine: &Engine, requests: &[(Vec<u32>, usize, Option<String>)]) -> Result<Done> {
+    let t0 = Instant::now();
+    let rxs = requests
+        .iter()
+        .map(|(prompt, max_tokens, adapter)| {
+            engine.submit(GenerateRequest {
+                prompt: prompt.clone(),
+                adapter: adapter.clone(),
+                sampling: SamplingParams::default(),
+                max_tokens: *max_tokens,
+                stop_token_ids: vec![],
+                ignore_eos: true,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let results = std::thread::scope(|s| {
+        let handles: Vec<_> = rxs
+            .into_iter()
+            .map(|mut rx| {
+                s.spawn(move || -> Result<(Vec<u32>, f64, f64)> {
+                    let mut tokens = Vec::new();
+                    let mut first = None;
+                    loop {
+                        match rx.blocking_recv() {
+                            Some(Event::Token(t)) => {
+                                first.get_or_insert_with(|| t0.elapsed().as_secs_f64());
+                                tokens.push(t.token);
+                            }
+                            Some(Event::Finished { .. }) => {
+                                let done = t0.elapsed().as_secs_f64();
+                                return Ok((tokens, done, first.unwrap_or(done)));
+                            }
+                            Some(Event::Error(e)) => bail!("request failed: {e}"),
+                            None => bail!("the engine dropped a request"),
+                        }
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().map_err(|_| anyhow::anyhow!("collector panicked"))?)
+            .collect::<Result<Vec<_>>>()
+    })?;
+    let end = results.iter().map(|r| r.1).fold(0.0, f64::max);
+    let total: usize = results.iter().map(|r| r.0.len()).sum();
+    for ((t, _, _), (_, want, _)) in results.iter().zip(requests) {
+        ensure!(t.len() == *want, "a request produced {} of {want} tokens", t.len());
+    }
+    Ok(Done {
+        tok_s: total as f64 / end,
+        latency: results.iter().map(|r| r.1).collect(),
+        ttft: results.iter().map(|r| r.2).collect(),
+        tokens: results.into_iter().map(|r| r.0).collect(),
+    })
+}
+
+/// Best (highest tok/s) of `n` runs.
+fn best_of(engine: &Engine, n: usize, requests: &[(Vec<u32>, usize, Option<String>)]) -> Result<Done> {
+    let mut best: Option<Done> = None;
+    for _ in 0..n {
+        let d = run_all(engine, requests)?;
+        if best.as_ref().is_none_or(|b| d.tok_s > b.tok_s) {
+            best = Some(d);
+        }
+    }
+    best.context("no run")
+}
+
+fn done_json(name: &str, d: &Done, extra: &str) -> String {
+    let toks: Vec<String> = d.tokens.iter().map(|t| ids(t)).collect();
+    format!(
+        "{{\"name\":\"{name}\",{extra}\"tok_s\":{:.4},\"latency\":{},\"ttft\":{},\"tokens\":[{}]}}",
+        d.tok_s,
+        floats(&d.latency),
+        floats(&d.ttft),
+        toks.join(",")
+    )
+}
+
+fn run(work: &Path, out: &Path) -> Result<()> {
+    let w = read_workload(work)?;
+    let threads = rayon::current_num_threads();
+    println!("quiver: model {} · {threads} threads", w.model.display());
+    let bundle = ModelBundle::load(CpuBackend, &w.model, Some(MAX_MODEL_LEN))?;
+    let model = &bundle.model;
+    let cfg = &model.cfg;
+
+    // Workload 1: one sequence, base and adapter 0 (bf16 pages, as the engine stores them).
+    let host = load_peft_adapter("a0", &w.adapters[0], cfg)?;
+    let page = quiver_model::lora_page_size(cfg);
+    let need: usize = host
+        .modules
+        .iter()
+        .map(|m| m.rank * (m.kind.dims(cfg).0 + m.kind.dims(cfg).1) / page)
+        .sum();
+    let mut pages = BlockAllocator::new(need, page);
+    let mut pool = model.backend.new_page_pool(page, pages.total(), DType::BF16)?;
+    let a0 = Arc::new(LoraAdapter::upload(
+        "a0",
+        &host.modules,
+        cfg,
+        &model.backend,
+        &mut pool,
+        &mut pages,
+    )?);
+    let decode_prompt = &w.long[..DECODE_PROMPT];
+    let mut single_json = Vec::new();
+    let mut agree = Vec::new();
+    for (label, adapter) in [("base", None), ("adapter", Some(&a0))] {
+        let (mut prefill, mut decode) = (0.0f64, 0.0f64);
+        let mut tokens = Vec::new();
+        for _ in 0..3 {
+            let (p, _, _) = single(model, &pool, adapter, &w.long, 0)?;
+            let (_, d, t) = single(model, &pool, adapter, decode_prompt, DECODE_STEPS)?;
+            prefill = prefill.max(p);
+            decode = decode.max(d);
+            tokens = t;
+        }
+        println!("quiver {label}: prefill {PREFILL_LEN} tokens {prefill:.1} tok/s, decode batch 1 {decode:.1} tok/s");
+        single_json.push(format!(
+            "\"{label}\":{{\"prefill_tok_s\":{prefill:.4},\"decode_tok_s\":{decode:.4}}}"
+        ));
+        agree.push(format!("\"{label}\":{}", ids(&tokens[..AGREE_TOKENS])));
+    }
+    drop(pool);
+    drop(bundle);
+
+    // Workloads 2 and 3 go through the engine, all adapters registered (and resident after a
+    // warm-up run) as PEFT holds them all in memory.
+    let bundle = ModelBundle::load(CpuBackend, &w.model, Some(MAX_MODEL_LEN))?;
+    let engine = Engine::start(
+        bundle.model,
+        bundle.eos_token_ids,
+        EngineConfig {
+            max_num_seqs: 32,
+            max_batch_tokens: 512,
+            memory_budget: 1536 << 20,
+            host_adapter_budget: 2048 << 20,
+            max_lora_rank: RANK,
+            max_model_len: MAX_MODEL_LEN,
+            adapter_dtype: DType::BF16,
+            ..EngineConfig::default()
+        },
+    )?;
+    for (i, dir) in w.adapters.iter().enumerate() {
+        engine
+            .register_adapter(&adapter_name(i), dir.clone(), false)?
+            .blocking_recv()??;
+    }
+    let batch = |n: usize, adapter: &dyn Fn(usize) -> Option<String>| -> Vec<(Vec<u32>, usize, Option<String>)> {
+        (0..n).map(|i| (w.batch[i].clone(), BATCH_NEW, adapter(i))).collect()
+    };
+    let distinct = |i: usize| Some(adapter_name(i));
+    run_all(&engine, &batch(ADAPTERS, &distinct))?;
+    let mut batch_json = Vec::new();
+    // The same list as BATCHES in peft_bench.py.
+    let configs: [(&str, usize, &dyn Fn(usize) -> Option<String>); 5] = [
+        ("base", 1, &|_| None),
+        ("base", 8, &|_| None),
+        ("one adapter", 8, &|_| Some(adapter_name(0))),
+        ("different adapters", 8, &distinct),
+        ("different adapters", 32, &distinct),
+    ];
+    for (name, n, f) in configs {
+        let d = best_of(&engine, 3, &batch(n, f))?;
+        println!("quiver batch {n}, {name}: {:.1} tok/s", d.tok_s);
+        batch_json.push(done_json(name, &d, &format!("\"batch\":{n},")));
+    }
+    let mut slora_json = Vec::new();
+    for (k, &n) in SLORA_POINTS.iter().enumerate() {
+        let reqs: Vec<_> = w
+            .slora
+            .iter()
+            .map(|(p, m, at)| (p.clone(), *m, Some(adapter_name(at[k]))))
+            .collect();
+        let d = best_of(&engine, 3, &reqs)?;
+        println!("quiver S-LoRA workload, {n} adapters: {:.1} tok/s", d.tok_s);
+        slora_json.push(done_json("slora", &d, &format!("\"adapters\":{n},")));
+    }
+    let json = format!(
+        "{{\"system\":\"quiver\",\"threads\":{threads},\"agree\":{{{}}},\"single\":{{{}}},\"batch\":[{}],\"slora\":[{}]}}",
+        agree.join(","),
+        single_json.join(","),
+        batch_json.join(","),
+        slora_json.join(",")
+    );
+    std::fs::write(out, json).with_context(|| format!("writing {}", out.display()))?;
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    // `cargo bench` appends `--bench`; everything else is ours.
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+        ["prepare", work] => prepare(Path::new(work)),
+        ["run", work, out] => run(Path::new(work), Path::new(out)),
+        _ => bail!("usage: peers prepare WORK | peers run WORK OUT.json (driven by benches/peers/run.sh)"),
+    }
+}

@@ -1,0 +1,67 @@
+"""llama.cpp (through llama-cpp-python) on workload 1 (benches/peers/run.sh runs it).
+
+    python llamacpp_bench.py WORK/workload.json BASE.gguf LORA.gguf OUT.json
+
+bf16 GGUF converted from the same safetensors, 2 threads, token ids in, greedy argmax over the
+logits of the last position. Prefill: one `eval` of the 512-token prompt. Decode: after the 64-token
+prompt, `decode_steps` single-token evals, each fed the argmax of the previous logits (the same
+loop the Quiver side times). Best of 3 for each. llama.cpp applies one LoRA per context, so it has
+no part in the mixed-adapter workloads.
+"""
+
+import json
+import sys
+import time
+
+import llama_cpp
+import numpy as np
+from llama_cpp import Llama
+
+THREADS = 2
+ROUNDS = 3
+
+
+def last_argmax(llm):
+    logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(llm.n_vocab(),))
+    return int(np.argmax(logits))
+
+
+def measure(llm, long, prompt, steps):
+    prefill, decode, tokens = 0.0, 0.0, []
+    for _ in range(ROUNDS):
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(long)
+        prefill = max(prefill, len(long) / (time.perf_counter() - t))
+        llm.reset()
+        llm.eval(prompt)
+        tokens = [last_argmax(llm)]
+        t = time.perf_counter()
+        for _ in range(steps):
+            llm.eval([tokens[-1]])
+            tokens.append(last_argmax(llm))
+        decode = max(decode, steps / (time.perf_counter() - t))
+    return prefill, decode, tokens
+
+
+def main():
+    workload_path, base, lora, out_path = sys.argv[1:5]
+    w = json.load(open(workload_path))
+    long = w["prefill_prompt"]
+    prompt = long[: w["decode_prompt_len"]]
+    result = {"system": "llama.cpp", "threads": THREADS, "version": llama_cpp.__version__,
+              "single": {}, "agree": {}}
+    for label, path in [("base", None), ("adapter", lora)]:
+        llm = Llama(model_path=base, lora_path=path, n_threads=THREADS, n_threads_batch=THREADS,
+                    n_ctx=1024, n_batch=512, n_ubatch=512, verbose=False)
+        prefill, decode, tokens = measure(llm, long, prompt, w["decode_steps"])
+        print(f"llama.cpp {label}: prefill {len(long)} tokens {prefill:.1f} tok/s, "
+              f"decode batch 1 {decode:.1f} tok/s", flush=True)
+        result["single"][label] = {"prefill_tok_s": prefill, "decode_tok_s": decode}
+        result["agree"][label] = tokens[: w["agree_tokens"]]
+        del llm
+    json.dump(result, open(out_path, "w"))
+
+
+if __name__ == "__main__":
+    main()
