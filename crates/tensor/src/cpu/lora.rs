@@ -11,6 +11,8 @@ use half::bf16;
 use rayon::prelude::*;
 
 use crate::backend::{LoraModule, LoraSegment};
+use crate::cpu::huge::HugeVec;
+use crate::cpu::simd::Weight;
 use crate::storage::DType;
 
 /// Tokens per work item: enough to reuse each loaded page, small enough to spread over cores.
@@ -18,9 +20,10 @@ const TILE: usize = 8;
 
 /// Page storage: f32 (exact for f32 adapters) or bf16 (half the memory and traffic; exact for
 /// bf16 adapters, what a bf16 base model serves with).
+/// Huge-page backed: a decode step streams hundreds of MB of pages.
 pub enum PageData {
-    F32(Vec<f32>),
-    BF16(Vec<bf16>),
+    F32(HugeVec<f32>),
+    BF16(HugeVec<bf16>),
 }
 
 /// `pages` pages of `page` values each.
@@ -47,11 +50,22 @@ impl PageElem for bf16 {
     }
 }
 
+/// A page element the SIMD tiles widen (f32 or bf16; `load8` comes from the matmul's [`Weight`]).
+pub(crate) trait Page: PageElem + Weight {
+    const BF16: bool;
+}
+impl Page for f32 {
+    const BF16: bool = false;
+}
+impl Page for bf16 {
+    const BF16: bool = true;
+}
+
 impl CpuPagePool {
     pub fn new(page: usize, pages: usize, dtype: DType) -> Result<Self, crate::TensorError> {
         let data = match dtype {
-            DType::F32 => PageData::F32(vec![0.0; page * pages]),
-            DType::BF16 => PageData::BF16(vec![bf16::ZERO; page * pages]),
+            DType::F32 => PageData::F32(HugeVec::zeroed(page * pages)),
+            DType::BF16 => PageData::BF16(HugeVec::zeroed(page * pages)),
             DType::F16 => {
                 return Err(crate::TensorError::DType {
                     dtype: dtype.to_string(),
@@ -101,8 +115,25 @@ impl<T> Pages<'_, T> {
     }
 }
 
+/// AVX2 tiles for pages of a multiple of 8 floats.
+#[cfg(target_arch = "x86_64")]
+#[path = "lora_simd.rs"]
+mod tiles;
+
+/// One work item: tokens `start..start + rows.len() / out` of one segment, and their rows of y.
+struct Tile<'a> {
+    start: usize,
+    module: &'a LoraModule,
+    rows: &'a mut [f32],
+}
+
 /// `y[t] += scale · (x[t] · Aᵀ) · Bᵀ` for the tokens of every segment. `x` is `[tokens, in]`,
 /// `y` is `[tokens, out]`; segments must be sorted by `start` and disjoint.
+///
+/// # Panics
+/// If a segment does not fit `x`/`y`, a module's page lists do not match its rank and the
+/// dimensions, or a page id is outside the pool (the backend checks all this and reports it as
+/// an error first).
 pub fn lora_apply(
     pool: &CpuPagePool,
     x: &[f32],
@@ -111,38 +142,113 @@ pub fn lora_apply(
     out_f: usize,
     segments: &[LoraSegment<'_>],
 ) {
+    let p = pool.page;
+    assert!(
+        p > 0 && in_f.is_multiple_of(p) && out_f.is_multiple_of(p),
+        "lora_apply: page {p} must divide {in_f} and {out_f}"
+    );
+    let tokens = x.len() / in_f.max(1);
+    assert!(
+        x.len() == tokens * in_f && y.len() == tokens * out_f,
+        "lora_apply: x/y shapes"
+    );
+    let num_pages = pool.num_pages();
     // Cut segments into tiles and pair each tile with its (disjoint) rows of y.
-    let mut work: Vec<(usize, &LoraModule, &mut [f32])> = Vec::new();
+    let mut work: Vec<Tile<'_>> = Vec::new();
     let mut rest = y;
     let mut consumed = 0;
     for seg in segments {
+        let m = seg.module;
+        assert!(
+            seg.start >= consumed
+                && seg.start + seg.len <= tokens
+                && m.a_pages.len() == m.rank * (in_f / p)
+                && m.b_pages.len() == m.rank * (out_f / p)
+                && m.a_pages.iter().chain(&m.b_pages).all(|&id| (id as usize) < num_pages),
+            "lora_apply: segment {}+{} (rank {}) does not fit the batch or the pool",
+            seg.start,
+            seg.len,
+            m.rank
+        );
         let mut start = seg.start;
         while start < seg.start + seg.len {
             let len = TILE.min(seg.start + seg.len - start);
             let (_, tail) = rest.split_at_mut((start - consumed) * out_f);
             let (rows, tail) = tail.split_at_mut(len * out_f);
-            work.push((start, seg.module, rows));
+            work.push(Tile { start, module: m, rows });
             rest = tail;
             consumed = start + len;
             start += len;
         }
     }
-    let run = |(start, m, rows): (usize, &LoraModule, &mut [f32])| match &pool.data {
-        PageData::F32(data) => tile(&Pages { page: pool.page, data }, x, rows, start, m, in_f, out_f),
-        PageData::BF16(data) => tile(&Pages { page: pool.page, data }, x, rows, start, m, in_f, out_f),
+    // Runs of consecutive tiles, a few per thread: each run streams its pages in one order
+    // (prefetching across tile boundaries), and work stealing evens out a busy core.
+    let per = work.len().div_ceil(4 * rayon::current_num_threads()).max(1);
+    let run = |tiles: &mut [Tile<'_>]| match &pool.data {
+        PageData::F32(data) => run_tiles(p, data, x, tiles, in_f, out_f),
+        PageData::BF16(data) => run_tiles(p, data, x, tiles, in_f, out_f),
     };
-    if work.len() > 1 {
-        work.into_par_iter().for_each(run);
+    if work.len() > per {
+        work.par_chunks_mut(per).for_each(run);
     } else {
-        work.into_iter().for_each(run);
+        run(&mut work);
     }
+}
+
+/// The tiles of one run, in order, on the calling thread.
+fn run_tiles<T: Page>(page: usize, data: &[T], x: &[f32], tiles: &mut [Tile<'_>], in_f: usize, out_f: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let wide = page.is_multiple_of(16) && has_avx512();
+        if wide || (page.is_multiple_of(8) && has_avx2_fma()) {
+            let d = tiles::Dims { page, in_f, out_f };
+            let order: Vec<(&LoraModule, bool)> = tiles
+                .iter()
+                .map(|t| (t.module, tiles::rows_first(t.rows.len() / out_f)))
+                .collect();
+            let mut ahead = tiles::Ahead::new(data.as_ptr(), d, &order);
+            for t in tiles.iter_mut() {
+                let n = t.rows.len() / out_f;
+                let xs = &x[t.start * in_f..(t.start + n) * in_f];
+                let (xp, yp) = (xs.as_ptr(), t.rows.as_mut_ptr());
+                // SAFETY: the CPU features are present (checked just above: AVX-512F with
+                // page % 16 == 0, else AVX2/FMA/F16C with page % 8 == 0); `lora_apply` checked
+                // that the module's page lists match rank and dims and that every id is a page
+                // of `data`; `xs` and `rows` hold n (1..=TILE) rows of in_f and out_f floats.
+                unsafe {
+                    if wide {
+                        tiles::tile_avx512(data.as_ptr(), d, t.module, xp, yp, n, &mut ahead)
+                    } else {
+                        tiles::tile_avx2(data.as_ptr(), d, t.module, xp, yp, n, &mut ahead)
+                    }
+                };
+            }
+            return;
+        }
+    }
+    let pages = Pages { page, data };
+    for t in tiles.iter_mut() {
+        tile(&pages, x, t.rows, t.start, t.module, in_f, out_f);
+    }
+}
+
+fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *DETECTED.get_or_init(|| is_x86_feature_detected!("avx512f") && has_avx2_fma())
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 fn has_avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *DETECTED.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+        *DETECTED.get_or_init(|| {
+            is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+        })
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
@@ -270,3 +376,7 @@ pub fn lora_ref(x: &[f32], y: &mut [f32], in_f: usize, out_f: usize, start: usiz
         }
     }
 }
+
+#[cfg(test)]
+#[path = "lora_tests.rs"]
+mod tests;

@@ -2,6 +2,7 @@
 //! work split across cores with rayon.
 
 pub mod backend;
+pub mod huge;
 pub mod lora;
 pub mod matmul;
 pub mod ops;

@@ -1,0 +1,427 @@
+//! SIMD tiles of the paged LoRA kernel (`cpu::lora`): AVX-512 for pages of a multiple of 16
+//! floats, AVX2/FMA for pages of a multiple of 8. One generic body ([`Vector`]) is compiled
+//! into each of the two `#[target_feature]` entry points.
+//!
+//! One tile is up to 8 tokens of one segment: the shrink reads each A page
+//! once and dots it against every token of the tile in registers (`NT × U` accumulator chains per
+//! row of A, summed horizontally once per row, not per page); the expand keeps a strip of
+//! `NT × UC` output vectors in registers and streams the rank pages of Bᵀ that feed it, so `y`
+//! is loaded and stored once per tile instead of once per rank. A tile reads its pages in a
+//! fixed order (A row by row, then Bᵀ column page by column page); [`Ahead`] walks the same order
+//! over the tiles a thread runs back to back and prefetches a few KB ahead, across tile
+//! boundaries, because short runs of pages scattered through the pool give the hardware
+//! prefetcher little to lock onto.
+
+use std::arch::x86_64::*;
+
+use super::Page;
+use crate::backend::LoraModule;
+
+/// How far ahead (bytes of pages) [`Ahead`] prefetches.
+const PREFETCH_BYTES: usize = 16 << 10;
+
+/// Geometry shared by every tile of one `lora_apply` call.
+#[derive(Clone, Copy)]
+pub(super) struct Dims {
+    /// Floats per page (a multiple of 8).
+    pub page: usize,
+    pub in_f: usize,
+    pub out_f: usize,
+}
+
+/// The pages of a sequence of tiles, in the order the tiles read them, prefetched
+/// `PREFETCH_BYTES` ahead of the reader. Page ids come from modules whose ids were checked
+/// against the pool; prefetch addresses are formed with `wrapping_add` and never dereferenced.
+pub(super) struct Ahead<'m, T> {
+    base: *const T,
+    d: Dims,
+    tiles: &'m [(&'m LoraModule, bool)],
+    /// Next page to prefetch: module `m`, position `i` in its read order.
+    m: usize,
+    i: usize,
+}
+
+impl<'m, T: Page> Ahead<'m, T> {
+    /// Starts the walk over `tiles` (in run order: each tile's module and whether it reads Bᵀ
+    /// row by row, see [`rows_first`]) and prefetches the first `PREFETCH_BYTES` of pages.
+    pub fn new(base: *const T, d: Dims, tiles: &'m [(&'m LoraModule, bool)]) -> Self {
+        let mut a = Ahead {
+            base,
+            d,
+            tiles,
+            m: 0,
+            i: 0,
+        };
+        let pages = PREFETCH_BYTES.div_ceil(d.page * std::mem::size_of::<T>()).max(1);
+        for _ in 0..pages {
+            a.step();
+        }
+        a
+    }
+
+    /// Prefetches the next page in read order (nothing once the walk has ended).
+    #[inline(always)]
+    pub fn step(&mut self) {
+        while let Some(&(m, rows)) = self.tiles.get(self.m) {
+            let (la, lb) = (m.a_pages.len(), m.b_pages.len());
+            if self.i < la + lb {
+                let id = if self.i < la {
+                    m.a_pages[self.i]
+                } else if rows {
+                    m.b_pages[self.i - la]
+                } else {
+                    // The strips read Bᵀ column page by column page: (j, c) for j < rank.
+                    let e = self.i - la;
+                    m.b_pages[(e % m.rank) * (self.d.out_f / self.d.page) + e / m.rank]
+                };
+                self.i += 1;
+                let bytes = self.d.page * std::mem::size_of::<T>();
+                let at = self.base.wrapping_add(id as usize * self.d.page) as *const i8;
+                for line in (0..bytes).step_by(64) {
+                    // SAFETY: SSE is part of the x86_64 baseline; a prefetch never faults.
+                    unsafe { _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(line)) };
+                }
+                return;
+            }
+            self.m += 1;
+            self.i = 0;
+        }
+    }
+}
+
+/// Whether a tile of `n` tokens expands row by row of Bᵀ (one sequential stream, y in L1)
+/// rather than in register strips (rank streams, y loaded and stored once): rows for 1–2
+/// tokens, where a strip has too little work per page to hide the scattered reads.
+pub(super) fn rows_first(n: usize) -> bool {
+    n <= ROWS_MAX_TOKENS
+}
+
+/// See [`rows_first`].
+const ROWS_MAX_TOKENS: usize = 2;
+
+/// One SIMD register of f32 lanes. Every method is `unsafe`: the caller must run with the
+/// register's target features enabled (the methods are inlined into `#[target_feature]` entry
+/// points), and pointers must have `LANES` readable (writable) elements.
+pub(super) trait Vector: Copy {
+    const LANES: usize;
+    unsafe fn zero() -> Self;
+    unsafe fn splat(v: f32) -> Self;
+    unsafe fn load(p: *const f32) -> Self;
+    unsafe fn store(self, p: *mut f32);
+    /// `LANES` page elements widened to f32 (bf16: zero-extend, shift left 16; exact).
+    unsafe fn load_page<T: Page>(p: *const T) -> Self;
+    /// `a · b + c`, fused.
+    unsafe fn fmadd(a: Self, b: Self, c: Self) -> Self;
+    unsafe fn add(a: Self, b: Self) -> Self;
+    unsafe fn hsum(self) -> f32;
+}
+
+/// AVX2: 8 lanes.
+#[derive(Clone, Copy)]
+pub(super) struct V8(__m256);
+
+impl Vector for V8 {
+    const LANES: usize = 8;
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        // SAFETY (all methods of V8): AVX2/FMA are enabled in the caller (trait contract);
+        // pointers cover 8 elements.
+        unsafe { V8(_mm256_setzero_ps()) }
+    }
+    #[inline(always)]
+    unsafe fn splat(v: f32) -> Self {
+        unsafe { V8(_mm256_set1_ps(v)) }
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        unsafe { V8(_mm256_loadu_ps(p)) }
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        unsafe { _mm256_storeu_ps(p, self.0) }
+    }
+    #[inline(always)]
+    unsafe fn load_page<T: Page>(p: *const T) -> Self {
+        unsafe { V8(T::load8(p)) }
+    }
+    #[inline(always)]
+    unsafe fn fmadd(a: Self, b: Self, c: Self) -> Self {
+        unsafe { V8(_mm256_fmadd_ps(a.0, b.0, c.0)) }
+    }
+    #[inline(always)]
+    unsafe fn add(a: Self, b: Self) -> Self {
+        unsafe { V8(_mm256_add_ps(a.0, b.0)) }
+    }
+    #[inline(always)]
+    unsafe fn hsum(self) -> f32 {
+        unsafe {
+            let v = self.0;
+            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+        }
+    }
+}
+
+/// AVX-512: 16 lanes.
+#[derive(Clone, Copy)]
+pub(super) struct V16(__m512);
+
+impl Vector for V16 {
+    const LANES: usize = 16;
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        // SAFETY (all methods of V16): AVX-512F is enabled in the caller (trait contract);
+        // pointers cover 16 elements.
+        unsafe { V16(_mm512_setzero_ps()) }
+    }
+    #[inline(always)]
+    unsafe fn splat(v: f32) -> Self {
+        unsafe { V16(_mm512_set1_ps(v)) }
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        unsafe { V16(_mm512_loadu_ps(p)) }
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        unsafe { _mm512_storeu_ps(p, self.0) }
+    }
+    #[inline(always)]
+    unsafe fn load_page<T: Page>(p: *const T) -> Self {
+        unsafe {
+            if T::BF16 {
+                let v = _mm256_loadu_si256(p as *const __m256i);
+                V16(_mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(v))))
+            } else {
+                V16(_mm512_loadu_ps(p as *const f32))
+            }
+        }
+    }
+    #[inline(always)]
+    unsafe fn fmadd(a: Self, b: Self, c: Self) -> Self {
+        unsafe { V16(_mm512_fmadd_ps(a.0, b.0, c.0)) }
+    }
+    #[inline(always)]
+    unsafe fn add(a: Self, b: Self) -> Self {
+        unsafe { V16(_mm512_add_ps(a.0, b.0)) }
+    }
+    #[inline(always)]
+    unsafe fn hsum(self) -> f32 {
+        unsafe { _mm512_reduce_add_ps(self.0) }
+    }
+}
+
+/// One tile: `y[t] += scale · (x[t] · Aᵀ) · Bᵀ` for the `n` (1..=8) tokens whose x rows start at
+/// `x` and y rows at `y` (row strides `in_f` and `out_f`), with AVX2/FMA.
+///
+/// # Safety
+/// AVX2, FMA and F16C must be available; `x` has `n · in_f` readable floats, `y` has `n · out_f`
+/// writable floats; `base` points at a pool in which every page id of `m` is a whole page;
+/// `m` has `rank · in_f / page` A pages and `rank · out_f / page` B pages; `page % 8 == 0`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn tile_avx2<T: Page>(
+    base: *const T,
+    d: Dims,
+    m: &LoraModule,
+    x: *const f32,
+    y: *mut f32,
+    n: usize,
+    ahead: &mut Ahead<'_, T>,
+) {
+    // SAFETY: forwarded contract, with the features `V8` needs.
+    unsafe { tile::<T, V8>(base, d, m, x, y, n, ahead) }
+}
+
+/// [`tile_avx2`] with AVX-512.
+///
+/// # Safety
+/// As for [`tile_avx2`], with AVX-512F available instead and `page % 16 == 0`.
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+pub(super) unsafe fn tile_avx512<T: Page>(
+    base: *const T,
+    d: Dims,
+    m: &LoraModule,
+    x: *const f32,
+    y: *mut f32,
+    n: usize,
+    ahead: &mut Ahead<'_, T>,
+) {
+    // SAFETY: forwarded contract, with the features `V16` needs.
+    unsafe { tile::<T, V16>(base, d, m, x, y, n, ahead) }
+}
+
+/// The body of both entry points; `V::LANES` divides the page.
+///
+/// # Safety
+/// As for [`tile_avx2`], with `V`'s target features enabled in the caller.
+#[inline(always)]
+unsafe fn tile<T: Page, V: Vector>(
+    base: *const T,
+    d: Dims,
+    m: &LoraModule,
+    x: *const f32,
+    y: *mut f32,
+    n: usize,
+    ahead: &mut Ahead<'_, T>,
+) {
+    let mut small = [0.0f32; 8 * 64];
+    let mut big = Vec::new();
+    let h: &mut [f32] = if n * m.rank <= small.len() {
+        &mut small[..n * m.rank]
+    } else {
+        big.resize(n * m.rank, 0.0);
+        &mut big
+    };
+    // SAFETY: forwarded contract; `h` holds n · rank floats.
+    unsafe {
+        match n {
+            1 => run::<T, V, 1, 4, 8>(base, d, m, x, y, h, ahead),
+            2 => run::<T, V, 2, 4, 4>(base, d, m, x, y, h, ahead),
+            3 => run::<T, V, 3, 2, 2>(base, d, m, x, y, h, ahead),
+            4 => run::<T, V, 4, 2, 2>(base, d, m, x, y, h, ahead),
+            5 => run::<T, V, 5, 1, 1>(base, d, m, x, y, h, ahead),
+            6 => run::<T, V, 6, 1, 1>(base, d, m, x, y, h, ahead),
+            7 => run::<T, V, 7, 1, 1>(base, d, m, x, y, h, ahead),
+            _ => run::<T, V, 8, 1, 1>(base, d, m, x, y, h, ahead),
+        }
+    }
+}
+
+/// Shrink then expand for `NT` tokens: `U` vectors of A per accumulator group in the shrink,
+/// `UC` output vectors per strip in the expand. A vector is `L = V::LANES` floats.
+///
+/// # Safety
+/// As for [`tile`], with `n == NT` and `h.len() == NT · rank`.
+#[inline(always)]
+unsafe fn run<T: Page, V: Vector, const NT: usize, const U: usize, const UC: usize>(
+    base: *const T,
+    d: Dims,
+    m: &LoraModule,
+    x: *const f32,
+    y: *mut f32,
+    h: &mut [f32],
+    ahead: &mut Ahead<'_, T>,
+) {
+    let (p, r, l) = (d.page, m.rank, V::LANES);
+    let (cin, cout, chunks) = (d.in_f / p, d.out_f / p, p / l);
+    // SAFETY (whole body): A page (j, c) is a_pages[j · cin + c] and Bᵀ page (j, c) is
+    // b_pages[j · cout + c], both whole pages of the pool; chunk offsets are < p; x offsets are
+    // t · in_f + c · p + (< p) < n · in_f, y offsets t · out_f + c · p + (< p) < n · out_f.
+    unsafe {
+        // Shrink: h[t, j] = scale · x[t] · A[j].
+        for j in 0..r {
+            let mut acc = [[V::zero(); U]; NT];
+            for c in 0..cin {
+                ahead.step();
+                let a = base.add(m.a_pages[j * cin + c] as usize * p);
+                let xc = x.add(c * p);
+                let mut v = 0;
+                while v + U <= chunks {
+                    for u in 0..U {
+                        let w = V::load_page(a.add((v + u) * l));
+                        for (t, acc_t) in acc.iter_mut().enumerate() {
+                            let xv = V::load(xc.add(t * d.in_f + (v + u) * l));
+                            acc_t[u] = V::fmadd(xv, w, acc_t[u]);
+                        }
+                    }
+                    v += U;
+                }
+                while v < chunks {
+                    let w = V::load_page(a.add(v * l));
+                    for (t, acc_t) in acc.iter_mut().enumerate() {
+                        let xv = V::load(xc.add(t * d.in_f + v * l));
+                        acc_t[0] = V::fmadd(xv, w, acc_t[0]);
+                    }
+                    v += 1;
+                }
+            }
+            for (t, acc_t) in acc.iter().enumerate() {
+                let s = acc_t[1..].iter().fold(acc_t[0], |s, a| V::add(s, *a));
+                h[t * r + j] = m.scale * s.hsum();
+            }
+        }
+        if rows_first(NT) {
+            // Expand row by row: y[t] += h[t, j] · Bᵀ[j] for each j, pages in pool order.
+            for j in 0..r {
+                let coef: [V; NT] = std::array::from_fn(|t| V::splat(h[t * r + j]));
+                for c in 0..cout {
+                    ahead.step();
+                    let b = base.add(m.b_pages[j * cout + c] as usize * p);
+                    let yc = y.add(c * p);
+                    for v in 0..chunks {
+                        let w = V::load_page(b.add(v * l));
+                        for (t, k) in coef.iter().enumerate() {
+                            let at = yc.add(t * d.out_f + v * l);
+                            V::fmadd(*k, w, V::load(at)).store(at);
+                        }
+                    }
+                }
+            }
+            return;
+        }
+        // Expand in strips: y[t] += Σ_j h[t, j] · Bᵀ[j], UC vectors of one column page at a time.
+        for c in 0..cout {
+            for _ in 0..r {
+                ahead.step();
+            }
+            let mut v = 0;
+            while v < chunks {
+                let yv = y.add(c * p + v * l);
+                if v + UC <= chunks {
+                    strip::<T, V, NT, UC>(base, p, m, h, m.b_pages.as_ptr().add(c), cout, v, yv, d.out_f);
+                    v += UC;
+                } else {
+                    strip::<T, V, NT, 1>(base, p, m, h, m.b_pages.as_ptr().add(c), cout, v, yv, d.out_f);
+                    v += 1;
+                }
+            }
+        }
+    }
+}
+
+/// `y[t, 0..L·UC] += Σ_j h[t, j] · Bᵀ page (j, c)[L·v ..]` for `NT` tokens (y row stride `ldy`);
+/// `ids[j · cout]` is page (j, c).
+///
+/// # Safety
+/// As for [`run`]; `v + UC ≤ page / L`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn strip<T: Page, V: Vector, const NT: usize, const UC: usize>(
+    base: *const T,
+    p: usize,
+    m: &LoraModule,
+    h: &[f32],
+    ids: *const u32,
+    cout: usize,
+    v: usize,
+    y: *mut f32,
+    ldy: usize,
+) {
+    let (r, l) = (m.rank, V::LANES);
+    // SAFETY: see `run`; the y strip of each token is L·UC floats inside its row, and
+    // `ids[j · cout]` is inside b_pages for j < rank.
+    unsafe {
+        let mut acc = [[V::zero(); UC]; NT];
+        for (t, acc_t) in acc.iter_mut().enumerate() {
+            for (u, a) in acc_t.iter_mut().enumerate() {
+                *a = V::load(y.add(t * ldy + u * l));
+            }
+        }
+        for j in 0..r {
+            let b = base.add(*ids.add(j * cout) as usize * p + v * l);
+            let w: [V; UC] = std::array::from_fn(|u| V::load_page(b.add(u * l)));
+            for (t, acc_t) in acc.iter_mut().enumerate() {
+                let coef = V::splat(*h.get_unchecked(t * r + j));
+                for (a, wu) in acc_t.iter_mut().zip(&w) {
+                    *a = V::fmadd(coef, *wu, *a);
+                }
+            }
+        }
+        for (t, acc_t) in acc.iter().enumerate() {
+            for (u, a) in acc_t.iter().enumerate() {
+                a.store(y.add(t * ldy + u * l));
+            }
+        }
+    }
+}
