@@ -405,6 +405,10 @@ fn read_page(gpu: &CudaBackend, pool: &CudaPagePool, id: u32) -> Result<Vec<u8>>
 fn write_pages_and_download_weight_round_trip() -> Result<()> {
     let Some(gpu) = gpu("round trips") else { return Ok(()) };
     let mut rng = Rng::seeded("round trips");
+    println!("  device: {}", gpu.name());
+    let v = rng.vec(1237, -3.0, 3.0);
+    ensure!(gpu.download(&gpu.upload(&v)?)? == v, "upload/download changed values");
+    ensure!(gpu.download(&gpu.zeros(1237)?)? == vec![0.0; 1237], "zeros is not zero");
     for dtype in DTYPES {
         let m = Matrix::from_f32_as(dtype, 37, 83, rng.vec(37 * 83, -3.0, 3.0))?;
         let back = gpu.download_weight(&gpu.upload_weight(m.clone())?)?;
