@@ -91,7 +91,7 @@ pub fn attention(
         return Ok(());
     }
     // Every position a token attends to must be in its table: an unchecked index would read
-    // another request's cache (or an uncommitted chunk).
+    // another request's cache.
     let mut table_start = Vec::with_capacity(batch.block_tables.len());
     let mut tables = Vec::new();
     for t in &batch.block_tables {
@@ -101,11 +101,22 @@ pub fn attention(
         }
         tables.extend_from_slice(t);
     }
+    // The blocks read are each sequence's first `max position / block_size + 1`; they must hold
+    // memory (written K/V), or the kernel would fault on an uncommitted chunk.
+    let mut reach = vec![0usize; batch.block_tables.len()];
     for (t, (&p, &s)) in batch.positions.iter().zip(&batch.seq).enumerate() {
         let len = batch.block_tables.get(s as usize).map(|b| b.len() * l.block_size);
         if len.is_none_or(|n| p as usize >= n) {
             return Err(TensorError::Range(format!(
                 "token {t} at position {p} beyond its block table"
+            )));
+        }
+        reach[s as usize] = reach[s as usize].max(p as usize / l.block_size + 1);
+    }
+    for (table, &n) in batch.block_tables.iter().zip(&reach) {
+        if let Some(bad) = table[..n].iter().find(|&&b| !pool.pool.is_committed(b)) {
+            return Err(TensorError::Range(format!(
+                "KV block {bad} is read before any K/V was written to it"
             )));
         }
     }

@@ -136,8 +136,7 @@ impl CudaBackend {
 
     pub(crate) fn htod<T: cudarc::driver::DeviceRepr>(&self, v: &[T]) -> Result<CudaSlice<T>, TensorError> {
         if v.is_empty() {
-            // Zero-length allocations are refused by the driver; one dummy element is never read.
-            return unsafe { self.stream().alloc::<T>(1) }.map_err(dev);
+            return self.stream().null::<T>().map_err(dev);
         }
         self.stream().clone_htod(v).map_err(dev)
     }
@@ -174,7 +173,10 @@ impl Backend for CudaBackend {
     }
 
     fn zeros(&self, len: usize) -> Result<CudaSlice<f32>, TensorError> {
-        self.stream().alloc_zeros::<f32>(len.max(1)).map_err(dev)
+        if len == 0 {
+            return self.stream().null::<f32>().map_err(dev);
+        }
+        self.stream().alloc_zeros::<f32>(len).map_err(dev)
     }
 
     fn download(&self, t: &CudaSlice<f32>) -> Result<Vec<f32>, TensorError> {

@@ -87,6 +87,15 @@ pub fn lora(
     {
         return Err(TensorError::Range(format!("page {bad} ≥ pool of {pages}")));
     }
+    // An unwritten page has no memory behind it; reading it would fault the whole context.
+    if let Some(bad) = meta[tokens + 4 * segments.len()..]
+        .iter()
+        .find(|&&id| !pool.pool.is_committed(id))
+    {
+        return Err(TensorError::Range(format!(
+            "adapter page {bad} is read before it was written"
+        )));
+    }
     if max_rank == 0 {
         return Ok(());
     }
@@ -164,6 +173,17 @@ impl Staging {
         inner.stream.wait(&copied).map_err(dev)?;
         self.copied = Some(copied);
         Ok(staged)
+    }
+}
+
+impl Drop for Staging {
+    /// The copy may still be reading the pinned buffer (the raw copy does not tell cudarc).
+    fn drop(&mut self) {
+        if let Some(done) = self.copied.take() {
+            if let Err(e) = done.synchronize() {
+                tracing::warn!(error = %e, "waiting for an adapter copy before freeing its buffer");
+            }
+        }
     }
 }
 

@@ -86,6 +86,14 @@ impl ChunkedPool {
         Ok(())
     }
 
+    /// Whether `unit`'s chunk holds memory; a kernel reading an uncommitted unit would fault and
+    /// take the whole CUDA context down, so callers refuse such reads first.
+    pub fn is_committed(&self, unit: u32) -> bool {
+        self.host_table
+            .get((unit / self.per_chunk) as usize)
+            .is_some_and(|&p| p != 0)
+    }
+
     pub fn table(&self) -> &CudaSlice<u64> {
         &self.table
     }
