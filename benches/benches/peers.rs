@@ -3,6 +3,7 @@
 //!
 //!     cargo bench -p quiver-benches --bench peers -- prepare WORK
 //!     cargo bench -p quiver-benches --bench peers -- run WORK OUT.json
+//!     cargo bench -p quiver-benches --bench peers -- single WORK OUT.json   (workload 1 only)
 //!
 //! `prepare` writes the rank-16 all-linear PEFT adapters under `WORK/adapters/` (the base model is
 //! the Qwen2.5-0.5B-shaped test-kit model of the other benchmarks, see `bench_model_dir`) and
@@ -48,6 +49,9 @@ const SLORA_POINTS: [usize; 3] = [1, 8, 32];
 const ZIPF_ALPHA: f64 = 1.0;
 const SEED: u64 = 0x5EED_0000_0007;
 const MAX_MODEL_LEN: usize = 1024;
+
+/// Which adapter request `i` of a batch names (None = the base model).
+type AdapterOf<'a> = &'a dyn Fn(usize) -> Option<String>;
 
 /// SplitMix64, as in the engine benchmark.
 struct Rng(u64);
@@ -349,15 +353,12 @@ fn done_json(name: &str, d: &Done, extra: &str) -> String {
     )
 }
 
-fn run(work: &Path, out: &Path) -> Result<()> {
-    let w = read_workload(work)?;
-    let threads = rayon::current_num_threads();
-    println!("quiver: model {} · {threads} threads", w.model.display());
+/// Workload 1: one sequence, base and adapter 0 (bf16 pages, as the engine stores them), best of
+/// 3. Returns the JSON members `"single":{..},"agree":{..}`.
+fn workload1(w: &Workload) -> Result<String> {
     let bundle = ModelBundle::load(CpuBackend, &w.model, Some(MAX_MODEL_LEN))?;
     let model = &bundle.model;
     let cfg = &model.cfg;
-
-    // Workload 1: one sequence, base and adapter 0 (bf16 pages, as the engine stores them).
     let host = load_peft_adapter("a0", &w.adapters[0], cfg)?;
     let page = quiver_model::lora_page_size(cfg);
     let need: usize = host
@@ -394,8 +395,25 @@ fn run(work: &Path, out: &Path) -> Result<()> {
         ));
         agree.push(format!("\"{label}\":{}", ids(&tokens[..AGREE_TOKENS])));
     }
-    drop(pool);
-    drop(bundle);
+    Ok(format!(
+        "\"single\":{{{}}},\"agree\":{{{}}}",
+        single_json.join(","),
+        agree.join(",")
+    ))
+}
+
+/// Workload 1 only (run.sh interleaves a second round with llama.cpp's).
+fn run_single(work: &Path, out: &Path) -> Result<()> {
+    let w = read_workload(work)?;
+    let json = format!("{{\"system\":\"quiver\",{}}}", workload1(&w)?);
+    std::fs::write(out, json).with_context(|| format!("writing {}", out.display()))
+}
+
+fn run(work: &Path, out: &Path) -> Result<()> {
+    let w = read_workload(work)?;
+    let threads = rayon::current_num_threads();
+    println!("quiver: model {} · {threads} threads", w.model.display());
+    let single_json = workload1(&w)?;
 
     // Workloads 2 and 3 go through the engine, all adapters registered (and resident after a
     // warm-up run) as PEFT holds them all in memory.
@@ -419,14 +437,14 @@ fn run(work: &Path, out: &Path) -> Result<()> {
             .register_adapter(&adapter_name(i), dir.clone(), false)?
             .blocking_recv()??;
     }
-    let batch = |n: usize, adapter: &dyn Fn(usize) -> Option<String>| -> Vec<(Vec<u32>, usize, Option<String>)> {
+    let batch = |n: usize, adapter: AdapterOf| -> Vec<(Vec<u32>, usize, Option<String>)> {
         (0..n).map(|i| (w.batch[i].clone(), BATCH_NEW, adapter(i))).collect()
     };
     let distinct = |i: usize| Some(adapter_name(i));
     run_all(&engine, &batch(ADAPTERS, &distinct))?;
     let mut batch_json = Vec::new();
     // The same list as BATCHES in peft_bench.py.
-    let configs: [(&str, usize, &dyn Fn(usize) -> Option<String>); 5] = [
+    let configs: [(&str, usize, AdapterOf); 5] = [
         ("base", 1, &|_| None),
         ("base", 8, &|_| None),
         ("one adapter", 8, &|_| Some(adapter_name(0))),
@@ -450,9 +468,7 @@ fn run(work: &Path, out: &Path) -> Result<()> {
         slora_json.push(done_json("slora", &d, &format!("\"adapters\":{n},")));
     }
     let json = format!(
-        "{{\"system\":\"quiver\",\"threads\":{threads},\"agree\":{{{}}},\"single\":{{{}}},\"batch\":[{}],\"slora\":[{}]}}",
-        agree.join(","),
-        single_json.join(","),
+        "{{\"system\":\"quiver\",\"threads\":{threads},{single_json},\"batch\":[{}],\"slora\":[{}]}}",
         batch_json.join(","),
         slora_json.join(",")
     );
@@ -466,6 +482,7 @@ fn main() -> Result<()> {
     match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
         ["prepare", work] => prepare(Path::new(work)),
         ["run", work, out] => run(Path::new(work), Path::new(out)),
-        _ => bail!("usage: peers prepare WORK | peers run WORK OUT.json (driven by benches/peers/run.sh)"),
+        ["single", work, out] => run_single(Path::new(work), Path::new(out)),
+        _ => bail!("usage: peers prepare WORK | peers run WORK OUT.json | peers single WORK OUT.json (driven by benches/peers/run.sh)"),
     }
 }

@@ -65,12 +65,22 @@ def main():
     q = json.load(open(work / "quiver.json"))
     ll = json.load(open(work / "llamacpp.json"))
     pf = json.load(open(work / "peft.json"))
+    # Second rounds of workload 1 (interleaved by run.sh): each system keeps its best.
+    for main_, extra in [(q, "quiver-single.json"), (ll, "llamacpp-2.json")]:
+        if (work / extra).exists():
+            more = json.load(open(work / extra))
+            main_.setdefault("rounds", [main_["agree"]]).append(more["agree"])
+            for label, m in more["single"].items():
+                for k, v in m.items():
+                    main_["single"][label][k] = max(main_["single"][label][k], v)
 
     check = Check()
     for label in ["base", "adapter"]:
         ref, gaps = pf["agree"][label], pf["agree_margins"][label]
-        check.seq(f"agreement prompt ({label})", "quiver", ref, gaps, q["agree"][label])
-        check.seq(f"agreement prompt ({label})", "llama.cpp", ref, gaps, ll["agree"][label])
+        for r, agree in enumerate(q.get("rounds", [q["agree"]])):
+            check.seq(f"agreement prompt ({label}, round {r + 1})", "quiver", ref, gaps, agree[label])
+        for r, agree in enumerate(ll.get("rounds", [ll["agree"]])):
+            check.seq(f"agreement prompt ({label}, round {r + 1})", "llama.cpp", ref, gaps, agree[label])
     if pf["agree"]["base"] == pf["agree"]["adapter"]:
         check.errors.append("adapter 0 does not change the agreement prompt's greedy tokens: "
                             "the check could not tell a missing adapter")
@@ -93,15 +103,18 @@ def main():
 
     qs1, ls1 = q["single"], ll["single"]
     plen, dsteps = len(w["prefill_prompt"]), w["decode_steps"]
-    row("1. prefill, base", f"{plen}-token prompt", qs1["base"]["prefill_tok_s"], "llama.cpp bf16",
+    row("1. prefill, base", f"{plen}-token prompt", qs1["base"]["prefill_tok_s"], "llama.cpp bf16, use_mmap=False",
         ls1["base"]["prefill_tok_s"])
-    row("1. prefill, 1 adapter", f"{plen}-token prompt", qs1["adapter"]["prefill_tok_s"], "llama.cpp bf16",
+    row("1. prefill, 1 adapter", f"{plen}-token prompt", qs1["adapter"]["prefill_tok_s"], "llama.cpp bf16, use_mmap=False",
         ls1["adapter"]["prefill_tok_s"])
-    row("1. decode, base", f"batch 1, {dsteps} steps", qs1["base"]["decode_tok_s"], "llama.cpp bf16",
+    row("1. decode, base", f"batch 1, {dsteps} steps", qs1["base"]["decode_tok_s"], "llama.cpp bf16, use_mmap=False",
         ls1["base"]["decode_tok_s"])
+    if "base_mmap" in ls1:
+        row("1. decode, base", f"batch 1, {dsteps} steps", qs1["base"]["decode_tok_s"], "llama.cpp bf16, mmap",
+            ls1["base_mmap"]["decode_tok_s"], f"llama.cpp's default loading (prefill {ls1['base_mmap']['prefill_tok_s']:.1f} tok/s)")
     qtax = 1 - qs1["adapter"]["decode_tok_s"] / qs1["base"]["decode_tok_s"]
     ltax = 1 - ls1["adapter"]["decode_tok_s"] / ls1["base"]["decode_tok_s"]
-    row("1. decode, 1 adapter", f"batch 1, {dsteps} steps", qs1["adapter"]["decode_tok_s"], "llama.cpp bf16",
+    row("1. decode, 1 adapter", f"batch 1, {dsteps} steps", qs1["adapter"]["decode_tok_s"], "llama.cpp bf16, use_mmap=False",
         ls1["adapter"]["decode_tok_s"], f"LoRA tax: Quiver {100 * qtax:.1f}%, llama.cpp {100 * ltax:.1f}%")
     new = w["batch"]["new_tokens"]
     plen2 = len(w["batch"]["prompts"][0])

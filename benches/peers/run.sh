@@ -95,7 +95,7 @@ if [ ! -s "$lora_gguf" ] || [ "$adapter0/adapter_model.safetensors" -nt "$lora_g
 fi
 
 # --- 4. The systems, one after the other ------------------------------------------------------
-rm -f "$work"/{quiver,llamacpp,peft}.json
+rm -f "$work"/{quiver,quiver-single,llamacpp,llamacpp-2,peft}.json
 loads=()
 log "Quiver (load average $(load))"
 loads+=("Quiver $(load)")
@@ -103,6 +103,12 @@ quiver run "$work" "$work/quiver.json"
 log "llama.cpp (load average $(load))"
 loads+=("llama.cpp $(load)")
 "$py" "$repo/benches/peers/llamacpp_bench.py" "$work/workload.json" "$base_gguf" "$lora_gguf" "$work/llamacpp.json"
+# A second round of workload 1 for both, interleaved, so that a busy spell of the machine does not
+# decide the batch-1 ratios alone (report.py keeps each system's best).
+log "workload 1 again: Quiver (load average $(load))"
+quiver single "$work" "$work/quiver-single.json"
+log "workload 1 again: llama.cpp (load average $(load))"
+"$py" "$repo/benches/peers/llamacpp_bench.py" "$work/workload.json" "$base_gguf" "$lora_gguf" "$work/llamacpp-2.json"
 log "transformers + PEFT (load average $(load); the slow part: about 15 minutes)"
 loads+=("PEFT $(load)")
 "$py" "$repo/benches/peers/peft_bench.py" "$work/workload.json" "$work/peft.json"
@@ -116,4 +122,4 @@ log "agreement check, plots and table (after $(( ($(date +%s) - start) / 60 )) m
 "$py" "$repo/benches/peers/report.py" "$work" "$plots" \
     "Run $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo '?'): $cpu, $(nproc) cores, $mem; $threads threads for every system." \
     "Command: \`benches/peers/run.sh\` ($(( ($(date +%s) - start) / 60 )) minutes). Peers: $versions." \
-    "Load average (1/5/15 min) when each system started: ${loads[*]}."
+    "Load average (1/5/15 min) when each system started: $(printf '%s; ' "${loads[@]}")"
