@@ -164,7 +164,7 @@ pub fn lora_apply(
                 && seg.start + seg.len <= tokens
                 && m.a_pages.len() == m.rank * (in_f / p)
                 && m.b_pages.len() == m.rank * (out_f / p)
-                && m.a_pages.iter().chain(&m.b_pages).all(|&id| (id as usize) < num_pages),
+                && max_id(&m.a_pages).max(max_id(&m.b_pages)) <= num_pages,
             "lora_apply: segment {}+{} (rank {}) does not fit the batch or the pool",
             seg.start,
             seg.len,
@@ -195,6 +195,11 @@ pub fn lora_apply(
     }
 }
 
+/// The largest page id in `ids` plus one (0 if empty): vectorises, unlike `all(..)`.
+fn max_id(ids: &[u32]) -> usize {
+    ids.iter().copied().max().map_or(0, |m| m as usize + 1)
+}
+
 /// The tiles of one run, in order, on the calling thread.
 fn run_tiles<T: Page>(page: usize, data: &[T], x: &[f32], tiles: &mut [Tile<'_>], in_f: usize, out_f: usize) {
     #[cfg(target_arch = "x86_64")]
@@ -202,11 +207,10 @@ fn run_tiles<T: Page>(page: usize, data: &[T], x: &[f32], tiles: &mut [Tile<'_>]
         let wide = page.is_multiple_of(16) && has_avx512();
         if wide || (page.is_multiple_of(8) && has_avx2_fma()) {
             let d = tiles::Dims { page, in_f, out_f };
-            let order: Vec<(&LoraModule, bool)> = tiles
+            let order = tiles
                 .iter()
-                .map(|t| (t.module, tiles::rows_first(t.rows.len() / out_f)))
-                .collect();
-            let mut ahead = tiles::Ahead::new(data.as_ptr(), d, &order);
+                .map(|t| (t.module, tiles::rows_first(t.rows.len() / out_f)));
+            let mut ahead = tiles::Ahead::new(data.as_ptr(), d, order);
             for t in tiles.iter_mut() {
                 let n = t.rows.len() / out_f;
                 let xs = &x[t.start * in_f..(t.start + n) * in_f];

@@ -30,62 +30,57 @@ pub(super) struct Dims {
 }
 
 /// The pages of a sequence of tiles, in the order the tiles read them, prefetched
-/// `PREFETCH_BYTES` ahead of the reader. Page ids come from modules whose ids were checked
-/// against the pool; prefetch addresses are formed with `wrapping_add` and never dereferenced.
-pub(super) struct Ahead<'m, T> {
+/// `PREFETCH_BYTES` ahead of the reader. The order is listed once per run (one id per page,
+/// cheap next to reading the page) so that each step is a load and a few prefetches. Page ids
+/// come from modules whose ids were checked against the pool; prefetch addresses are formed
+/// with `wrapping_add` and never dereferenced.
+pub(super) struct Ahead<T> {
     base: *const T,
-    d: Dims,
-    tiles: &'m [(&'m LoraModule, bool)],
-    /// Next page to prefetch: module `m`, position `i` in its read order.
-    m: usize,
-    i: usize,
+    page: usize,
+    ids: Vec<u32>,
+    /// Next entry of `ids` to prefetch.
+    pos: usize,
 }
 
-impl<'m, T: Page> Ahead<'m, T> {
-    /// Starts the walk over `tiles` (in run order: each tile's module and whether it reads Bᵀ
-    /// row by row, see [`rows_first`]) and prefetches the first `PREFETCH_BYTES` of pages.
-    pub fn new(base: *const T, d: Dims, tiles: &'m [(&'m LoraModule, bool)]) -> Self {
+impl<T: Page> Ahead<T> {
+    /// Lists the pages of `tiles` (in run order: each tile's module and whether it reads Bᵀ
+    /// row by row, see [`rows_first`]) and prefetches the first `PREFETCH_BYTES` of them.
+    pub fn new<'m>(base: *const T, d: Dims, tiles: impl Iterator<Item = (&'m LoraModule, bool)>) -> Self {
+        let cout = d.out_f / d.page;
+        let mut ids = Vec::new();
+        for (m, rows) in tiles {
+            ids.extend_from_slice(&m.a_pages);
+            if rows {
+                ids.extend_from_slice(&m.b_pages);
+            } else {
+                // The strips read Bᵀ column page by column page: (j, c) for j < rank.
+                ids.extend((0..cout).flat_map(|c| (0..m.rank).map(move |j| m.b_pages[j * cout + c])));
+            }
+        }
         let mut a = Ahead {
             base,
-            d,
-            tiles,
-            m: 0,
-            i: 0,
+            page: d.page,
+            ids,
+            pos: 0,
         };
         let pages = PREFETCH_BYTES.div_ceil(d.page * std::mem::size_of::<T>()).max(1);
-        for _ in 0..pages {
-            a.step();
-        }
+        a.step(pages);
         a
     }
 
-    /// Prefetches the next page in read order (nothing once the walk has ended).
+    /// Prefetches the next `pages` pages in read order (nothing past the end).
     #[inline(always)]
-    pub fn step(&mut self) {
-        while let Some(&(m, rows)) = self.tiles.get(self.m) {
-            let (la, lb) = (m.a_pages.len(), m.b_pages.len());
-            if self.i < la + lb {
-                let id = if self.i < la {
-                    m.a_pages[self.i]
-                } else if rows {
-                    m.b_pages[self.i - la]
-                } else {
-                    // The strips read Bᵀ column page by column page: (j, c) for j < rank.
-                    let e = self.i - la;
-                    m.b_pages[(e % m.rank) * (self.d.out_f / self.d.page) + e / m.rank]
-                };
-                self.i += 1;
-                let bytes = self.d.page * std::mem::size_of::<T>();
-                let at = self.base.wrapping_add(id as usize * self.d.page) as *const i8;
-                for line in (0..bytes).step_by(64) {
-                    // SAFETY: SSE is part of the x86_64 baseline; a prefetch never faults.
-                    unsafe { _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(line)) };
-                }
-                return;
+    pub fn step(&mut self, pages: usize) {
+        let bytes = self.page * std::mem::size_of::<T>();
+        let end = (self.pos + pages).min(self.ids.len());
+        for &id in &self.ids[self.pos.min(end)..end] {
+            let at = self.base.wrapping_add(id as usize * self.page) as *const i8;
+            for line in (0..bytes).step_by(64) {
+                // SAFETY: SSE is part of the x86_64 baseline; a prefetch never faults.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(line)) };
             }
-            self.m += 1;
-            self.i = 0;
         }
+        self.pos += pages;
     }
 }
 
@@ -227,7 +222,7 @@ pub(super) unsafe fn tile_avx2<T: Page>(
     x: *const f32,
     y: *mut f32,
     n: usize,
-    ahead: &mut Ahead<'_, T>,
+    ahead: &mut Ahead<T>,
 ) {
     // SAFETY: forwarded contract, with the features `V8` needs.
     unsafe { tile::<T, V8>(base, d, m, x, y, n, ahead) }
@@ -245,7 +240,7 @@ pub(super) unsafe fn tile_avx512<T: Page>(
     x: *const f32,
     y: *mut f32,
     n: usize,
-    ahead: &mut Ahead<'_, T>,
+    ahead: &mut Ahead<T>,
 ) {
     // SAFETY: forwarded contract, with the features `V16` needs.
     unsafe { tile::<T, V16>(base, d, m, x, y, n, ahead) }
@@ -263,7 +258,7 @@ unsafe fn tile<T: Page, V: Vector>(
     x: *const f32,
     y: *mut f32,
     n: usize,
-    ahead: &mut Ahead<'_, T>,
+    ahead: &mut Ahead<T>,
 ) {
     let mut small = [0.0f32; 8 * 64];
     let mut big = Vec::new();
@@ -273,17 +268,26 @@ unsafe fn tile<T: Page, V: Vector>(
         big.resize(n * m.rank, 0.0);
         &mut big
     };
-    // SAFETY: forwarded contract; `h` holds n · rank floats.
+    // SAFETY: forwarded contract; `h` holds n · rank floats. Unrolled variants need the
+    // vectors per page to be a multiple of 4 (pages of 128 floats: 8 or 16).
     unsafe {
-        match n {
-            1 => run::<T, V, 1, 4, 8>(base, d, m, x, y, h, ahead),
-            2 => run::<T, V, 2, 4, 4>(base, d, m, x, y, h, ahead),
-            3 => run::<T, V, 3, 2, 2>(base, d, m, x, y, h, ahead),
-            4 => run::<T, V, 4, 2, 2>(base, d, m, x, y, h, ahead),
-            5 => run::<T, V, 5, 1, 1>(base, d, m, x, y, h, ahead),
-            6 => run::<T, V, 6, 1, 1>(base, d, m, x, y, h, ahead),
-            7 => run::<T, V, 7, 1, 1>(base, d, m, x, y, h, ahead),
-            _ => run::<T, V, 8, 1, 1>(base, d, m, x, y, h, ahead),
+        match (n, (d.page / V::LANES).is_multiple_of(4)) {
+            (1, true) => run::<T, V, 1, 4, 1>(base, d, m, x, y, h, ahead),
+            (2, true) => run::<T, V, 2, 4, 1>(base, d, m, x, y, h, ahead),
+            (3, true) => run::<T, V, 3, 2, 2>(base, d, m, x, y, h, ahead),
+            (4, true) => run::<T, V, 4, 2, 2>(base, d, m, x, y, h, ahead),
+            (5, true) => run::<T, V, 5, 1, 1>(base, d, m, x, y, h, ahead),
+            (6, true) => run::<T, V, 6, 1, 1>(base, d, m, x, y, h, ahead),
+            (7, true) => run::<T, V, 7, 1, 1>(base, d, m, x, y, h, ahead),
+            (_, true) => run::<T, V, 8, 1, 1>(base, d, m, x, y, h, ahead),
+            (1, false) => run::<T, V, 1, 1, 1>(base, d, m, x, y, h, ahead),
+            (2, false) => run::<T, V, 2, 1, 1>(base, d, m, x, y, h, ahead),
+            (3, false) => run::<T, V, 3, 1, 1>(base, d, m, x, y, h, ahead),
+            (4, false) => run::<T, V, 4, 1, 1>(base, d, m, x, y, h, ahead),
+            (5, false) => run::<T, V, 5, 1, 1>(base, d, m, x, y, h, ahead),
+            (6, false) => run::<T, V, 6, 1, 1>(base, d, m, x, y, h, ahead),
+            (7, false) => run::<T, V, 7, 1, 1>(base, d, m, x, y, h, ahead),
+            (_, false) => run::<T, V, 8, 1, 1>(base, d, m, x, y, h, ahead),
         }
     }
 }
@@ -301,7 +305,7 @@ unsafe fn run<T: Page, V: Vector, const NT: usize, const U: usize, const UC: usi
     x: *const f32,
     y: *mut f32,
     h: &mut [f32],
-    ahead: &mut Ahead<'_, T>,
+    ahead: &mut Ahead<T>,
 ) {
     let (p, r, l) = (d.page, m.rank, V::LANES);
     let (cin, cout, chunks) = (d.in_f / p, d.out_f / p, p / l);
@@ -311,13 +315,13 @@ unsafe fn run<T: Page, V: Vector, const NT: usize, const U: usize, const UC: usi
     unsafe {
         // Shrink: h[t, j] = scale · x[t] · A[j].
         for j in 0..r {
+            ahead.step(cin);
             let mut acc = [[V::zero(); U]; NT];
             for c in 0..cin {
-                ahead.step();
                 let a = base.add(m.a_pages[j * cin + c] as usize * p);
                 let xc = x.add(c * p);
-                let mut v = 0;
-                while v + U <= chunks {
+                // `U` divides `chunks` (see `tile`).
+                for v in (0..chunks).step_by(U) {
                     for u in 0..U {
                         let w = V::load_page(a.add((v + u) * l));
                         for (t, acc_t) in acc.iter_mut().enumerate() {
@@ -325,15 +329,6 @@ unsafe fn run<T: Page, V: Vector, const NT: usize, const U: usize, const UC: usi
                             acc_t[u] = V::fmadd(xv, w, acc_t[u]);
                         }
                     }
-                    v += U;
-                }
-                while v < chunks {
-                    let w = V::load_page(a.add(v * l));
-                    for (t, acc_t) in acc.iter_mut().enumerate() {
-                        let xv = V::load(xc.add(t * d.in_f + v * l));
-                        acc_t[0] = V::fmadd(xv, w, acc_t[0]);
-                    }
-                    v += 1;
                 }
             }
             for (t, acc_t) in acc.iter().enumerate() {
@@ -344,9 +339,9 @@ unsafe fn run<T: Page, V: Vector, const NT: usize, const U: usize, const UC: usi
         if rows_first(NT) {
             // Expand row by row: y[t] += h[t, j] · Bᵀ[j] for each j, pages in pool order.
             for j in 0..r {
+                ahead.step(cout);
                 let coef: [V; NT] = std::array::from_fn(|t| V::splat(h[t * r + j]));
                 for c in 0..cout {
-                    ahead.step();
                     let b = base.add(m.b_pages[j * cout + c] as usize * p);
                     let yc = y.add(c * p);
                     for v in 0..chunks {
@@ -362,19 +357,11 @@ unsafe fn run<T: Page, V: Vector, const NT: usize, const U: usize, const UC: usi
         }
         // Expand in strips: y[t] += Σ_j h[t, j] · Bᵀ[j], UC vectors of one column page at a time.
         for c in 0..cout {
-            for _ in 0..r {
-                ahead.step();
-            }
-            let mut v = 0;
-            while v < chunks {
+            ahead.step(r);
+            // `UC` divides `chunks` (see `tile`).
+            for v in (0..chunks).step_by(UC) {
                 let yv = y.add(c * p + v * l);
-                if v + UC <= chunks {
-                    strip::<T, V, NT, UC>(base, p, m, h, m.b_pages.as_ptr().add(c), cout, v, yv, d.out_f);
-                    v += UC;
-                } else {
-                    strip::<T, V, NT, 1>(base, p, m, h, m.b_pages.as_ptr().add(c), cout, v, yv, d.out_f);
-                    v += 1;
-                }
+                strip::<T, V, NT, UC>(base, p, m, h, m.b_pages.as_ptr().add(c), cout, v, yv, d.out_f);
             }
         }
     }
