@@ -5,11 +5,17 @@
 //! copies to exceed the L3 cache, so small matrices are read from DRAM as in real decode.
 //! Times are wall clock; "best" is the figure to compare on a shared machine (neighbours only
 //! slow a run down), GB/s and GFLOP/s are computed from it.
+//!
+//! `cargo bench -p quiver-benches --bench matmul -- hugepages`: batch-1 bf16 GEMV over weight
+//! copies in 4 KB pages (a plain heap allocation) against the same copies in 2 MB transparent
+//! huge pages ([`HugeVec`]), interleaved call by call in one run.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use half::{bf16, f16};
 use quiver_benches::measure_read_bandwidth_gbps;
+use quiver_tensor::cpu::huge::HugeVec;
 use quiver_tensor::cpu::matmul;
 use quiver_tensor::{DType, Matrix, MatrixData, TypedSlice};
 
@@ -33,6 +39,10 @@ fn main() {
     // Run on a worker of the pool, as a forward pass should: a call from outside the pool pays
     // a cross-thread hand-off every time (measured separately below).
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+    if filters.iter().any(|f| f == "hugepages") {
+        pool.install(|| hugepages(threads));
+        return;
+    }
     let rows = pool.install(|| run_table(&filters, threads));
     println!("{threads} threads; %BW = weight GB/s / read bandwidth probed just before the row\n");
     println!(
@@ -176,4 +186,68 @@ fn deep_copy(w: &Matrix) -> Matrix {
         MatrixData::BF16(s) => MatrixData::BF16(TypedSlice::from_vec(s.to_vec())),
     };
     Matrix::new(w.rows, w.cols, data).unwrap()
+}
+
+/// Bytes in huge pages, as the storage layer's shared-bytes type.
+struct HugeBytes(HugeVec<u8>);
+impl AsRef<[u8]> for HugeBytes {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// A bf16 copy of `w` in 2 MB pages.
+fn huge_copy(w: &Matrix) -> Matrix {
+    let MatrixData::BF16(s) = &w.data else {
+        unreachable!("bf16 only")
+    };
+    let mut buf = HugeVec::<u8>::zeroed(2 * s.len());
+    for (d, v) in buf.chunks_exact_mut(2).zip(s.iter()) {
+        d.copy_from_slice(&v.to_bits().to_le_bytes());
+    }
+    let data = TypedSlice::from_bytes(Arc::new(HugeBytes(buf)), 0, s.len()).unwrap();
+    Matrix::new(w.rows, w.cols, MatrixData::BF16(data)).unwrap()
+}
+
+/// Batch-1 bf16 GEMV, 4 KB pages vs 2 MB pages: calls alternate between the two sets of copies
+/// (each set ≥ 128 MB, so every call reads from DRAM); best and median per set.
+fn hugepages(threads: usize) {
+    let mut seed = 3u64;
+    println!("{threads} threads; bf16, m = 1; 4 KB pages vs 2 MB pages, interleaved\n");
+    println!("| shape (n × k) | 4 KB: best, GB/s | 2 MB: best, GB/s | 4 KB median | 2 MB median | best 2 MB / 4 KB |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for (name, n, k) in SHAPES {
+        let w = random_matrix(n, k, DType::BF16, &mut seed);
+        let count = COLD_BYTES.div_ceil(w.bytes());
+        let small: Vec<Matrix> = (0..count).map(|_| deep_copy(&w)).collect();
+        let huge: Vec<Matrix> = (0..count).map(|_| huge_copy(&w)).collect();
+        let x = random_vec(k, &mut seed);
+        let mut out = vec![0.0f32; n];
+        matmul(&x, 1, &small[0], &mut out);
+        matmul(&x, 1, &huge[0], &mut out);
+        let (mut ts, mut th) = (Vec::new(), Vec::new());
+        let start = Instant::now();
+        while ts.len() < 2 * MIN_REPS || start.elapsed() < 2 * ROW_BUDGET {
+            let i = ts.len() % count;
+            for (set, times) in [(&small, &mut ts), (&huge, &mut th)] {
+                let t = Instant::now();
+                matmul(&x, 1, &set[i], &mut out);
+                times.push(t.elapsed().as_secs_f64());
+            }
+        }
+        std::hint::black_box(&out);
+        ts.sort_by(f64::total_cmp);
+        th.sort_by(f64::total_cmp);
+        let gb = w.bytes() as f64 / 1e9;
+        println!(
+            "| {name} | {}, {:.1} | {}, {:.1} | {} | {} | {:.2} |",
+            fmt_time(ts[0]),
+            gb / ts[0],
+            fmt_time(th[0]),
+            gb / th[0],
+            fmt_time(ts[ts.len() / 2]),
+            fmt_time(th[th.len() / 2]),
+            ts[0] / th[0]
+        );
+    }
 }
