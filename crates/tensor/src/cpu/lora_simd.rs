@@ -2,15 +2,15 @@
 //! floats, AVX2/FMA for pages of a multiple of 8. One generic body ([`Vector`]) is compiled
 //! into each of the two `#[target_feature]` entry points.
 //!
-//! One tile is up to 8 tokens of one segment: the shrink reads each A page
-//! once and dots it against every token of the tile in registers (`NT × U` accumulator chains per
-//! row of A, summed horizontally once per row, not per page); the expand keeps a strip of
-//! `NT × UC` output vectors in registers and streams the rank pages of Bᵀ that feed it, so `y`
-//! is loaded and stored once per tile instead of once per rank. A tile reads its pages in a
-//! fixed order (A row by row, then Bᵀ column page by column page); [`Ahead`] walks the same order
-//! over the tiles a thread runs back to back and prefetches a few KB ahead, across tile
-//! boundaries, because short runs of pages scattered through the pool give the hardware
-//! prefetcher little to lock onto.
+//! One tile is up to 8 tokens of one segment. The shrink reads each A page once and dots it
+//! against every token of the tile in registers (`NT × U` accumulator chains per row of A,
+//! summed horizontally once per row, not per page). The expand of tiles of 3 or more tokens
+//! keeps a strip of `NT × UC` output vectors in registers and streams the rank pages of Bᵀ
+//! that feed it, so `y` is loaded and stored once per tile instead of once per rank; tiles of
+//! 1–2 tokens (decode, BGMV) read Bᵀ row by row instead, one sequential stream with `y` in L1
+//! ([`rows_first`]). [`Ahead`] lists the pages of the tiles a thread runs back to back in the
+//! order they are read and prefetches 16 KB ahead, across tile boundaries, because short runs of
+//! pages scattered through the pool give the hardware prefetcher little to lock onto.
 
 use std::arch::x86_64::*;
 

@@ -1,7 +1,7 @@
 //! `out[m, n] = x[m, k] · W[n, k]ᵀ` with W in f32, f16 or bf16 (widened in the kernel).
 //!
 //! Two paths, picked by the number of x rows `m`:
-//! * small m (decode): [`simd::gemv_block`] streams each weight row from memory once and dots it
+//! * small m (decode): `simd::gemv_block` streams each weight row from memory once and dots it
 //!   against every row of x; rows of W are split across cores. Memory-bandwidth bound.
 //! * large m (prefill): compute bound; W is widened to f32 panel by panel and handed to the
 //!   `gemm` crate's packed, cache-blocked f32 kernel.
