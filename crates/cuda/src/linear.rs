@@ -93,6 +93,9 @@ fn gemm(
         }
     };
     let (alpha, beta) = (1.0f32, 0.0f32);
+    // cuBLAS runs in the thread's current context; the scheduler thread is not the one that
+    // created it, and the f32 path launches no kernel (which would bind it) first.
+    be.inner.ctx.bind_to_thread().map_err(dev)?;
     let (w_ptr, _w_sync) = w.data.device_ptr(stream);
     let (x_ptr, _x_sync) = match &rounded {
         Some(h) => h.device_ptr(stream),
