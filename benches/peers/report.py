@@ -133,7 +133,7 @@ def main():
     for qs, ps in zip(q["slora"], pf["slora"]):
         note = (f"p50/p99 latency: Quiver {percentile(qs['latency'], 50):.1f}/{percentile(qs['latency'], 99):.1f} s, "
                 f"PEFT {percentile(ps['latency'], 50):.1f}/{percentile(ps['latency'], 99):.1f} s "
-                f"({ps['groups']} adapter groups)")
+                f"({ps['groups']} adapter group{'s' if ps['groups'] > 1 else ''})")
         plural = "s" if ps["adapters"] > 1 else ""
         row(f"3. S-LoRA workload, {ps['adapters']} adapter{plural}", f"{len(reqs)} requests, {useful} output tokens",
             qs["tok_s"], "PEFT, one adapter-group at a time", ps["tok_s"], note)
@@ -180,6 +180,9 @@ def plots(q, pf, w, plot_dir):
     ax.set_xticks(sorted(set(xs + [b["batch"] for b in mixed_q])))
     ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_yticks([t for t in [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000]
+                   if ax.get_ylim()[0] / 2 <= t <= ax.get_ylim()[1] * 2])
     ax.set_xlabel("distinct adapters")
     ax.set_ylabel("output tokens/s, end to end (log)")
     ax.set_title("Throughput vs number of adapters (2 threads, same model)")
@@ -204,6 +207,8 @@ def plots(q, pf, w, plot_dir):
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_yticks([t for t in [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000]
+                   if ax.get_ylim()[0] / 2 <= t <= ax.get_ylim()[1] * 2])
     ax.set_ylabel("request latency, s (all submitted at t=0; log)")
     ax.set_title(f"S-LoRA workload: latency percentiles ({n_req} requests)")
     ax.grid(True, axis="y", which="both", alpha=0.3)
