@@ -109,7 +109,7 @@ log "workload 1 again: Quiver (load average $(load))"
 quiver single "$work" "$work/quiver-single.json"
 log "workload 1 again: llama.cpp (load average $(load))"
 "$py" "$repo/benches/peers/llamacpp_bench.py" "$work/workload.json" "$base_gguf" "$lora_gguf" "$work/llamacpp-2.json"
-log "transformers + PEFT (load average $(load); the slow part: about 15 minutes)"
+log "transformers + PEFT (load average $(load); the slow part: about 5 minutes on a quiet 2-core machine)"
 loads+=("PEFT $(load)")
 "$py" "$repo/benches/peers/peft_bench.py" "$work/workload.json" "$work/peft.json"
 loads+=("end $(load)")
