@@ -42,7 +42,7 @@ pub fn write_kv(
     }
     let blocks: Vec<u32> = slots.iter().map(|&s| s / l.block_size as u32).collect();
     pool.pool.ensure(be.stream(), &blocks)?;
-    let slots_d = be.htod(slots)?;
+    let slots_d = be.htod_step("slots", slots)?;
     let (per_chunk, layer_i) = (pool.pool.per_chunk, layer as i32);
     let (bs, kvh, hd) = (l.block_size as i32, l.num_kv_heads as i32, l.head_dim as i32);
     let mut b = be.stream().launch_builder(be.func("write_kv")?);
@@ -51,7 +51,7 @@ pub fn write_kv(
         .arg(&layer_i)
         .arg(k)
         .arg(v)
-        .arg(&slots_d)
+        .arg(&*slots_d)
         .arg(&bs)
         .arg(&kvh)
         .arg(&hd);
@@ -120,8 +120,14 @@ pub fn attention(
             )));
         }
     }
-    let (pos_d, seq_d) = (be.htod(&batch.positions)?, be.htod(&batch.seq)?);
-    let (start_d, tables_d) = (be.htod(&table_start)?, be.htod(&tables)?);
+    let (pos_d, seq_d) = (
+        be.htod_step("positions", &batch.positions)?,
+        be.htod_step("seq", &batch.seq)?,
+    );
+    let (start_d, tables_d) = (
+        be.htod_step("table_start", &table_start)?,
+        be.htod_step("tables", &tables)?,
+    );
     let scale = 1.0 / (hd as f32).sqrt();
     let (per_chunk, layer_i, tok) = (pool.pool.per_chunk, layer as i32, tokens as i32);
     let (h, kvh, hdi, bs) = (heads as i32, l.num_kv_heads as i32, hd as i32, l.block_size as i32);
@@ -131,10 +137,10 @@ pub fn attention(
         .arg(&layer_i)
         .arg(q)
         .arg(out)
-        .arg(&pos_d)
-        .arg(&seq_d)
-        .arg(&start_d)
-        .arg(&tables_d)
+        .arg(&*pos_d)
+        .arg(&*seq_d)
+        .arg(&*start_d)
+        .arg(&*tables_d)
         .arg(&tok)
         .arg(&h)
         .arg(&kvh)

@@ -20,6 +20,7 @@ pub(crate) struct Inner {
     pub blas: CudaBlas,
     pub kernels: Kernels,
     pub label: String,
+    pub reuse: crate::reuse::Reuse,
 }
 
 #[derive(Clone)]
@@ -116,6 +117,7 @@ impl CudaBackend {
                     blas,
                     kernels,
                     label,
+                    reuse: Default::default(),
                 }),
             })
         })
@@ -139,6 +141,12 @@ impl CudaBackend {
             return self.stream().null::<T>().map_err(dev);
         }
         self.stream().clone_htod(v).map_err(dev)
+    }
+
+    /// Like `htod`, but reuses the last upload under `name` while the values are the same (the
+    /// layers of one forward pass).
+    pub(crate) fn htod_step(&self, name: &'static str, v: &[u32]) -> Result<Arc<CudaSlice<u32>>, TensorError> {
+        self.inner.reuse.u32s(name, v, || self.htod(v))
     }
 
     /// Blocks until the forward pass queued so far has run (timing, tests).
@@ -330,26 +338,23 @@ impl Backend for CudaBackend {
         if tokens == 0 || half == 0 {
             return Ok(());
         }
-        // Only the batch's rows of the table travel, not the whole table.
-        let (mut cos, mut sin) = (Vec::with_capacity(tokens * half), Vec::with_capacity(tokens * half));
-        for &p in positions {
-            let p = p as usize;
-            let (c, s) = (
-                table.cos.get(p * half..(p + 1) * half),
-                table.sin.get(p * half..(p + 1) * half),
-            );
-            match (c, s) {
-                (Some(c), Some(s)) => {
-                    cos.extend_from_slice(c);
-                    sin.extend_from_slice(s);
-                }
-                _ => return Err(TensorError::Range(format!("position {p} ≥ {}", table.max_positions()))),
-            }
+        if let Some(&p) = positions.iter().find(|&&p| p as usize >= table.max_positions()) {
+            return Err(TensorError::Range(format!("position {p} ≥ {}", table.max_positions())));
         }
-        let (cos_d, sin_d) = (self.htod(&cos)?, self.htod(&sin)?);
+        // Only the batch's rows of the table travel, and once per step (q and k of every layer
+        // use the same rows), not the whole table once per call.
+        let gather = |src: &[f32]| -> Vec<f32> {
+            positions
+                .iter()
+                .flat_map(|&p| src[p as usize * half..(p as usize + 1) * half].iter().copied())
+                .collect()
+        };
+        let (cos, sin) = (gather(&table.cos), gather(&table.sin));
+        let cos_d = self.inner.reuse.f32s("rope_cos", &cos, || self.htod(&cos))?;
+        let sin_d = self.inner.reuse.f32s("rope_sin", &sin, || self.htod(&sin))?;
         let (h, hd, hf) = (heads as i32, head_dim as i32, half as i32);
         let mut b = self.stream().launch_builder(self.func("rope")?);
-        b.arg(x).arg(&cos_d).arg(&sin_d).arg(&h).arg(&hd).arg(&hf);
+        b.arg(x).arg(&*cos_d).arg(&*sin_d).arg(&h).arg(&hd).arg(&hf);
         // SAFETY: as above.
         unsafe { b.launch(grid(tokens, heads, 64)) }.map_err(dev)?;
         Ok(())

@@ -201,11 +201,15 @@ pub fn write_pages(be: &CudaBackend, pool: &mut CudaPagePool, pages: &[u32], dat
     if pages.is_empty() {
         return Ok(());
     }
-    let bytes: Vec<u8> = match pool.dtype {
-        DType::BF16 => bytemuck::cast_slice(&data.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>()).to_vec(),
-        _ => bytemuck::cast_slice(data).to_vec(),
+    let rounded: Vec<bf16>;
+    let bytes: &[u8] = match pool.dtype {
+        DType::BF16 => {
+            rounded = data.iter().map(|&v| bf16::from_f32(v)).collect();
+            bytemuck::cast_slice(&rounded)
+        }
+        _ => bytemuck::cast_slice(data),
     };
-    let staged = pool.staging.stage(be, &bytes)?;
+    let staged = pool.staging.stage(be, bytes)?;
     pool.pool.ensure(be.stream(), pages)?;
     let ids = be.htod(pages)?;
     let (per_chunk, page_bytes) = (pool.pool.per_chunk, (p * pool.dtype.size()) as i32);
