@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use plotters::prelude::*;
 use quiver_adapters::load_peft_adapter;
-use quiver_benches::bench_model_dir;
+use quiver_benches::{bench_model_dir, Rng};
 use quiver_engine::adapters::AdapterStats;
 use quiver_engine::sampling::SamplingParams;
 use quiver_engine::{Engine, EngineConfig, Event, GenerateRequest, Policy};
@@ -68,27 +68,6 @@ const HOST_ADAPTER_BUDGET: usize = 128 << 20;
 const MAX_MODEL_LEN: usize = 256;
 /// Written into the marker file; bump it when the adapters change.
 const ADAPTER_SET: &str = "2000 PEFT adapters, rank 16, alpha 32, q_proj+v_proj, bf16, seeds 10000+i, v1";
-
-/// SplitMix64: cheap, deterministic, good enough for workloads.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [0, 1).
-    fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    /// Uniform in `lo..=hi`.
-    fn range(&mut self, (lo, hi): (usize, usize)) -> usize {
-        lo + (self.next_u64() % (hi - lo + 1) as u64) as usize
-    }
-}
 
 fn adapter_name(i: usize) -> String {
     format!("r16-{i:04}")

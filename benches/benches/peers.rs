@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
 use quiver_adapters::load_peft_adapter;
-use quiver_benches::bench_model_dir;
+use quiver_benches::{bench_model_dir, Rng};
 use quiver_engine::sampling::SamplingParams;
 use quiver_engine::{Engine, EngineConfig, Event, GenerateRequest};
 use quiver_model::generate::{argmax, BLOCK_SIZE};
@@ -52,29 +52,6 @@ const MAX_MODEL_LEN: usize = 1024;
 
 /// Which adapter request `i` of a batch names (None = the base model).
 type AdapterOf<'a> = &'a dyn Fn(usize) -> Option<String>;
-
-/// SplitMix64, as in the engine benchmark.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn range(&mut self, (lo, hi): (usize, usize)) -> usize {
-        lo + (self.next_u64() % (hi - lo + 1) as u64) as usize
-    }
-    /// Token ids inside the test-kit tokenizer's ordinary range.
-    fn prompt(&mut self, len: usize) -> Vec<u32> {
-        (0..len).map(|_| 3 + (self.next_u64() % 500) as u32).collect()
-    }
-}
 
 fn adapter_name(i: usize) -> String {
     format!("peer-r16-{i:02}")

@@ -1,8 +1,10 @@
 //! Helpers shared by the benchmarks in `benches/benches/`.
 
 pub mod bandwidth;
+pub mod rng;
 
 pub use bandwidth::measure_read_bandwidth_gbps;
+pub use rng::Rng;
 
 /// The Qwen2.5-0.5B-shaped test-kit model (random bf16 weights), written once under `target/`;
 /// `QUIVER_BENCH_MODEL=DIR` uses an existing directory instead.
