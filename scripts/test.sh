@@ -5,6 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }
+# One clean build per run: incremental caches would only cost disk (several GB on this workspace).
+export CARGO_INCREMENTAL=0
+df -h . | tail -n 1 | awk '{print "disk free before the build: " $4}'
 # A venv under target/ for the Python pieces: the `openai` client for the smoke test, and NVRTC
 # from NVIDIA's wheels, which compiles every CUDA kernel to PTX (sm_80, sm_90) without a GPU.
 venv=target/smoke-venv
