@@ -4,7 +4,9 @@
 //!
 //!     cargo bench -p quiver-benches --bench decode
 //!
-//! QUIVER_BENCH_MODEL=DIR uses an existing model directory instead of writing one.
+//! QUIVER_BENCH_MODEL=DIR uses an existing model directory instead of writing one. A filter
+//! argument (`-- decode` or `-- prefill`) runs only the rows whose label contains it, e.g. to
+//! profile one workload under `perf record`.
 
 use std::time::Instant;
 
@@ -80,18 +82,24 @@ fn main() -> anyhow::Result<()> {
         model.backend_name()
     );
     println!("streaming read bandwidth (2 threads): {gbps:.1} GB/s → batch-1 bound {bound:.1} tokens/s\n");
+    let filter = std::env::args().skip(1).find(|a| !a.starts_with("--"));
+    let wanted = |label: &str| filter.as_deref().is_none_or(|f| label.contains(f));
     println!("| workload | tokens/s | note |");
     println!("|---|---:|---|");
-    let p = best_of(2, || prefill_tps(model, 512))?;
-    println!("| prefill, 512-token prompt | {p:.1} | one forward over the whole prompt |");
+    if wanted("prefill, 512-token prompt") {
+        let p = best_of(2, || prefill_tps(model, 512))?;
+        println!("| prefill, 512-token prompt | {p:.1} | one forward over the whole prompt |");
+    }
     let d1 = best_of(2, || decode_tps(model, 1, 32, 24))?;
     println!(
         "| decode, batch 1 | {d1:.1} | {:.0}% of the bound |",
         100.0 * d1 / bound
     );
     for batch in [8, 32] {
-        let d = best_of(2, || decode_tps(model, batch, 32, 12))?;
-        println!("| decode, batch {batch} | {d:.1} | {:.1}× batch 1 |", d / d1);
+        if wanted(&format!("decode, batch {batch}")) {
+            let d = best_of(2, || decode_tps(model, batch, 32, 12))?;
+            println!("| decode, batch {batch} | {d:.1} | {:.1}× batch 1 |", d / d1);
+        }
     }
     Ok(())
 }

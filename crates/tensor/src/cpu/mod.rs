@@ -7,6 +7,8 @@ pub mod lora;
 pub mod matmul;
 pub mod ops;
 mod simd;
+#[cfg(target_arch = "x86_64")]
+mod simd512;
 
 pub use backend::{CpuBackend, CpuKvPool};
 pub use lora::CpuPagePool;

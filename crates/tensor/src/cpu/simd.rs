@@ -4,8 +4,20 @@
 
 use half::{bf16, f16};
 
+/// The AVX-512 loads a weight type needs on x86_64 (nothing elsewhere).
+#[cfg(target_arch = "x86_64")]
+use super::simd512::Wide as WideLoad;
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) trait WideLoad {}
+#[cfg(not(target_arch = "x86_64"))]
+impl WideLoad for f32 {}
+#[cfg(not(target_arch = "x86_64"))]
+impl WideLoad for bf16 {}
+#[cfg(not(target_arch = "x86_64"))]
+impl WideLoad for f16 {}
+
 /// A weight element type the kernels can widen to f32.
-pub(crate) trait Weight: bytemuck::Pod + Send + Sync + 'static {
+pub(crate) trait Weight: bytemuck::Pod + Send + Sync + 'static + WideLoad {
     /// Whether tiles over several x rows should read a pre-widened f32 copy of each weight block:
     /// true for f16, whose F16C conversion is too slow to redo in every tile (measured: the 3×4
     /// tile runs at half speed, ~60 vs ~115 GFLOP/s per core); bf16 widening is two cheap
@@ -91,6 +103,13 @@ pub(crate) fn gemv_block<T: Weight>(x: &[f32], m: usize, k: usize, w: &[T], out:
         ldo >= rows && out.len() >= (m - 1) * ldo + rows,
         "gemv_block: out too short"
     );
+    #[cfg(target_arch = "x86_64")]
+    if m == 1 && super::simd512::available() {
+        // SAFETY: AVX-512F/BW present (checked); x has k floats, w has rows·k elements and
+        // out[..rows] is in bounds (asserts above).
+        unsafe { super::simd512::gemv_rows(x.as_ptr(), k, w.as_ptr(), rows, out.as_mut_ptr()) };
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         // SAFETY: the CPU has AVX2/FMA/F16C (checked), and the asserts above guarantee every
