@@ -163,7 +163,13 @@ impl LoraAdapter {
         for m in modules {
             let (in_f, out_f) = m.kind.dims(cfg);
             let a_pages = take(m.rank * in_f / page);
-            let b_pages = take(m.rank * out_f / page);
+            // Bᵀ page (j, c) is b_pages[j · cout + c]; hand out the ids column page by column
+            // page, so that the rank pages an expand strip reads together are adjacent.
+            let cout = out_f / page;
+            let ids = take(m.rank * cout);
+            let b_pages: Vec<u32> = (0..m.rank * cout)
+                .map(|q| ids[(q % cout) * m.rank + q / cout])
+                .collect();
             backend.write_pages(pool, &a_pages, &m.a)?;
             let bt: Vec<f32> = (0..m.rank)
                 .flat_map(|j| m.b.iter().skip(j).step_by(m.rank).copied())

@@ -207,10 +207,7 @@ fn run_tiles<T: Page>(page: usize, data: &[T], x: &[f32], tiles: &mut [Tile<'_>]
         let wide = page.is_multiple_of(16) && has_avx512();
         if wide || (page.is_multiple_of(8) && has_avx2_fma()) {
             let d = tiles::Dims { page, in_f, out_f };
-            let order = tiles
-                .iter()
-                .map(|t| (t.module, tiles::rows_first(t.rows.len() / out_f)));
-            let mut ahead = tiles::Ahead::new(data.as_ptr(), d, order);
+            let mut ahead = tiles::Ahead::new(data.as_ptr(), d, tiles.iter().map(|t| t.module));
             for t in tiles.iter_mut() {
                 let n = t.rows.len() / out_f;
                 let xs = &x[t.start * in_f..(t.start + n) * in_f];

@@ -4,13 +4,14 @@
 //!
 //! One tile is up to 8 tokens of one segment. The shrink reads each A page once and dots it
 //! against every token of the tile in registers (`NT × U` accumulator chains per row of A,
-//! summed horizontally once per row, not per page). The expand of tiles of 3 or more tokens
-//! keeps a strip of `NT × UC` output vectors in registers and streams the rank pages of Bᵀ
-//! that feed it, so `y` is loaded and stored once per tile instead of once per rank; tiles of
-//! 1–2 tokens (decode, BGMV) read Bᵀ row by row instead, one sequential stream with `y` in L1
-//! ([`rows_first`]). [`Ahead`] lists the pages of the tiles a thread runs back to back in the
-//! order they are read and prefetches 16 KB ahead, across tile boundaries, because short runs of
-//! pages scattered through the pool give the hardware prefetcher little to lock onto.
+//! summed horizontally once per row, not per page). The expand keeps a strip of `NT × UC`
+//! output vectors in registers and streams the rank pages of Bᵀ that feed it, so `y` is loaded
+//! and stored once per tile instead of once per rank (a row-by-row expand, which reads and
+//! writes `y` rank times, took 17.4 vs 16.2 ms for the kernels of a 32-adapter decode step).
+//! Adapter upload hands out Bᵀ's page ids column page by column page, so those rank pages are
+//! adjacent in the pool. [`Ahead`] lists the pages of the tiles a thread runs back to back in
+//! the order they are read and prefetches 16 KB ahead, across tile boundaries, because short
+//! runs of pages scattered through the pool give the hardware prefetcher little to lock onto.
 
 use std::arch::x86_64::*;
 
@@ -43,19 +44,15 @@ pub(super) struct Ahead<T> {
 }
 
 impl<T: Page> Ahead<T> {
-    /// Lists the pages of `tiles` (in run order: each tile's module and whether it reads Bᵀ
-    /// row by row, see [`rows_first`]) and prefetches the first `PREFETCH_BYTES` of them.
-    pub fn new<'m>(base: *const T, d: Dims, tiles: impl Iterator<Item = (&'m LoraModule, bool)>) -> Self {
+    /// Lists the pages of `tiles` (their modules, in run order) and prefetches the first
+    /// `PREFETCH_BYTES` of them.
+    pub fn new<'m>(base: *const T, d: Dims, tiles: impl Iterator<Item = &'m LoraModule>) -> Self {
         let cout = d.out_f / d.page;
         let mut ids = Vec::new();
-        for (m, rows) in tiles {
+        for m in tiles {
             ids.extend_from_slice(&m.a_pages);
-            if rows {
-                ids.extend_from_slice(&m.b_pages);
-            } else {
-                // The strips read Bᵀ column page by column page: (j, c) for j < rank.
-                ids.extend((0..cout).flat_map(|c| (0..m.rank).map(move |j| m.b_pages[j * cout + c])));
-            }
+            // The strips read Bᵀ column page by column page: (j, c) for j < rank.
+            ids.extend((0..cout).flat_map(|c| (0..m.rank).map(move |j| m.b_pages[j * cout + c])));
         }
         let mut a = Ahead {
             base,
@@ -83,16 +80,6 @@ impl<T: Page> Ahead<T> {
         self.pos += pages;
     }
 }
-
-/// Whether a tile of `n` tokens expands row by row of Bᵀ (one sequential stream, y in L1)
-/// rather than in register strips (rank streams, y loaded and stored once): rows for 1–2
-/// tokens, where a strip has too little work per page to hide the scattered reads.
-pub(super) fn rows_first(n: usize) -> bool {
-    n <= ROWS_MAX_TOKENS
-}
-
-/// See [`rows_first`].
-const ROWS_MAX_TOKENS: usize = 2;
 
 /// One SIMD register of f32 lanes. Every method is `unsafe`: the caller must run with the
 /// register's target features enabled (the methods are inlined into `#[target_feature]` entry
@@ -272,8 +259,8 @@ unsafe fn tile<T: Page, V: Vector>(
     // vectors per page to be a multiple of 4 (pages of 128 floats: 8 or 16).
     unsafe {
         match (n, (d.page / V::LANES).is_multiple_of(4)) {
-            (1, true) => run::<T, V, 1, 4, 1>(base, d, m, x, y, h, ahead),
-            (2, true) => run::<T, V, 2, 4, 1>(base, d, m, x, y, h, ahead),
+            (1, true) => run::<T, V, 1, 4, 4>(base, d, m, x, y, h, ahead),
+            (2, true) => run::<T, V, 2, 4, 4>(base, d, m, x, y, h, ahead),
             (3, true) => run::<T, V, 3, 2, 2>(base, d, m, x, y, h, ahead),
             (4, true) => run::<T, V, 4, 2, 2>(base, d, m, x, y, h, ahead),
             (5, true) => run::<T, V, 5, 1, 1>(base, d, m, x, y, h, ahead),
@@ -335,25 +322,6 @@ unsafe fn run<T: Page, V: Vector, const NT: usize, const U: usize, const UC: usi
                 let s = acc_t[1..].iter().fold(acc_t[0], |s, a| V::add(s, *a));
                 h[t * r + j] = m.scale * s.hsum();
             }
-        }
-        if rows_first(NT) {
-            // Expand row by row: y[t] += h[t, j] · Bᵀ[j] for each j, pages in pool order.
-            for j in 0..r {
-                ahead.step(cout);
-                let coef: [V; NT] = std::array::from_fn(|t| V::splat(h[t * r + j]));
-                for c in 0..cout {
-                    let b = base.add(m.b_pages[j * cout + c] as usize * p);
-                    let yc = y.add(c * p);
-                    for v in 0..chunks {
-                        let w = V::load_page(b.add(v * l));
-                        for (t, k) in coef.iter().enumerate() {
-                            let at = yc.add(t * d.out_f + v * l);
-                            V::fmadd(*k, w, V::load(at)).store(at);
-                        }
-                    }
-                }
-            }
-            return;
         }
         // Expand in strips: y[t] += Σ_j h[t, j] · Bᵀ[j], UC vectors of one column page at a time.
         for c in 0..cout {
