@@ -90,10 +90,24 @@ fn main() -> anyhow::Result<()> {
         let p = best_of(2, || prefill_tps(model, 512))?;
         println!("| prefill, 512-token prompt | {p:.1} | one forward over the whole prompt |");
     }
-    let d1 = best_of(2, || decode_tps(model, 1, 32, 24))?;
+    // Batch 1 against the bound probed right before it: on a shared machine the bandwidth and
+    // the decode speed move together, so each round's ratio uses its own probe.
+    let (mut d1, mut ratios) = (0.0f64, Vec::new());
+    for _ in 0..3 {
+        let round_bound = measure_read_bandwidth_gbps(2) * 1e9 / bytes;
+        let d = decode_tps(model, 1, 32, 24)?;
+        ratios.push(d / round_bound);
+        d1 = d1.max(d);
+    }
+    ratios.sort_by(f64::total_cmp);
     println!(
-        "| decode, batch 1 | {d1:.1} | {:.0}% of the bound |",
-        100.0 * d1 / bound
+        "| decode, batch 1 | {d1:.1} | {:.0}% of the first bound; per round against its own probe: {} |",
+        100.0 * d1 / bound,
+        ratios
+            .iter()
+            .map(|r| format!("{:.0}%", 100.0 * r))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     for batch in [8, 32] {
         if wanted(&format!("decode, batch {batch}")) {
