@@ -110,6 +110,14 @@ pub(crate) fn gemv_block<T: Weight>(x: &[f32], m: usize, k: usize, w: &[T], out:
         unsafe { super::simd512::gemv_rows(x.as_ptr(), k, w.as_ptr(), rows, out.as_mut_ptr()) };
         return;
     }
+    // f16 stays on the AVX2 tiles, which widen it once per block (see `Weight::WIDEN_FIRST`).
+    #[cfg(target_arch = "x86_64")]
+    if !T::WIDEN_FIRST && super::simd512::available() {
+        // SAFETY: AVX-512F/BW present (checked); the asserts above keep every x, w and out
+        // index in bounds.
+        unsafe { super::simd512::gemv_block(x.as_ptr(), m, k, w.as_ptr(), rows, out.as_mut_ptr(), ldo) };
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         // SAFETY: the CPU has AVX2/FMA/F16C (checked), and the asserts above guarantee every

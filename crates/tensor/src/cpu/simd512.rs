@@ -109,3 +109,128 @@ pub(crate) unsafe fn gemv_rows<T: super::simd::Weight>(
         }
     }
 }
+
+/// Rows of `w` per block: the tiles over one block read it from L1 after the first.
+const NR: usize = 4;
+/// Most x rows per tile: 4 × 4 accumulators, 4 x vectors and a weight vector fit in the 32
+/// registers.
+const MR_MAX: usize = 4;
+
+/// Small-batch (2 ≤ m, compute-bound from m ≈ 4) counterpart of the AVX2 tiles in `simd.rs`:
+/// `out[i * ldo + r] = Σ_p x[i * k + p] · w[r * k + p]` for `i < m` and `r < rows`. Loop order
+/// as there: a block of 4 weight rows against every group of up to 4 x rows, so each weight row
+/// comes from memory once; the groups prefetch the next block between them.
+///
+/// # Safety
+/// AVX-512F/BW must be available; `x` has `m * k` readable floats, `w` has `rows * k` elements
+/// and `out[i * ldo + r]` is writable for all `i < m`, `r < rows`.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(crate) unsafe fn gemv_block<T: super::simd::Weight>(
+    x: *const f32,
+    m: usize,
+    k: usize,
+    w: *const T,
+    rows: usize,
+    out: *mut f32,
+    ldo: usize,
+) {
+    let elem = std::mem::size_of::<T>();
+    let mut r = 0;
+    while r < rows {
+        let nr = if rows - r >= NR { NR } else { 1 };
+        let next = w.wrapping_add((r + nr) * k) as *const i8;
+        // Groups of at most 4 x rows, as even as possible (never a 1-row group when m ≥ 2).
+        let groups = m.div_ceil(MR_MAX);
+        let (mut i, mut g) = (0, 0);
+        while i < m {
+            let left = groups - g;
+            let mr = (m - i).div_ceil(left);
+            // This group prefetches the next block's rows q with q % groups == g (all four when
+            // there is one group); prefetch never faults, so running past `w` is harmless.
+            let pf = Prefetch {
+                base: next,
+                row_bytes: k * elem,
+                mask: (0..NR).filter(|q| q % groups == g).fold(0, |a, q| a | 1 << q),
+                line_elems: 64 / elem,
+            };
+            // SAFETY: x rows i..i + mr and weight rows r..r + nr exist (loop bounds); the rest
+            // is this function's contract.
+            unsafe {
+                let (xp, wp, op) = (x.add(i * k), w.add(r * k), out.add(i * ldo + r));
+                match (mr, nr) {
+                    (1, NR) => tile::<T, 1, NR>(xp, k, wp, op, ldo, pf),
+                    (2, NR) => tile::<T, 2, NR>(xp, k, wp, op, ldo, pf),
+                    (3, NR) => tile::<T, 3, NR>(xp, k, wp, op, ldo, pf),
+                    (_, NR) => tile::<T, 4, NR>(xp, k, wp, op, ldo, pf),
+                    (1, _) => tile::<T, 1, 1>(xp, k, wp, op, ldo, pf),
+                    (2, _) => tile::<T, 2, 1>(xp, k, wp, op, ldo, pf),
+                    (3, _) => tile::<T, 3, 1>(xp, k, wp, op, ldo, pf),
+                    _ => tile::<T, 4, 1>(xp, k, wp, op, ldo, pf),
+                }
+            }
+            i += mr;
+            g += 1;
+        }
+        r += nr;
+    }
+}
+
+/// Which lines of the next weight block a tile prefetches: rows in `mask`, at the position the
+/// tile is reading.
+#[derive(Clone, Copy)]
+struct Prefetch {
+    base: *const i8,
+    row_bytes: usize,
+    mask: u32,
+    line_elems: usize,
+}
+
+/// One register tile: `MR` x rows × `R` weight rows, 16 lanes at a time, then the k % 16 tail
+/// in scalar code. Writes `out[i * ldo + r]`.
+///
+/// # Safety
+/// As for [`gemv_block`], restricted to this tile.
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+unsafe fn tile<T: super::simd::Weight, const MR: usize, const R: usize>(
+    x: *const f32,
+    k: usize,
+    w: *const T,
+    out: *mut f32,
+    ldo: usize,
+    pf: Prefetch,
+) {
+    let mut acc = [[_mm512_setzero_ps(); MR]; R];
+    let mut p = 0;
+    // SAFETY (whole body): loads are at p + 0..16 ≤ k within a row of x or w (loop
+    // conditions); stores go to out[i * ldo + r], i < MR, r < R; prefetches never fault.
+    unsafe {
+        while p + 16 <= k {
+            if p.is_multiple_of(pf.line_elems) {
+                for q in 0..NR {
+                    if pf.mask & (1 << q) != 0 {
+                        let at = pf.base.wrapping_add(q * pf.row_bytes + p * 64 / pf.line_elems);
+                        _mm_prefetch::<_MM_HINT_T0>(at);
+                    }
+                }
+            }
+            let xv: [__m512; MR] = std::array::from_fn(|i| _mm512_loadu_ps(x.add(i * k + p)));
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                let wv = T::load16(w.add(r * k + p));
+                for (a, xi) in acc_r.iter_mut().zip(&xv) {
+                    *a = _mm512_fmadd_ps(wv, *xi, *a);
+                }
+            }
+            p += 16;
+        }
+        for (r, acc_r) in acc.iter().enumerate() {
+            for (i, a) in acc_r.iter().enumerate() {
+                let mut s = _mm512_reduce_add_ps(*a);
+                for q in p..k {
+                    s += *x.add(i * k + q) * (*w.add(r * k + q)).to_f32();
+                }
+                *out.add(i * ldo + r) = s;
+            }
+        }
+    }
+}
