@@ -192,3 +192,21 @@ fn attention_rejects_short_block_table() {
     let mut out = vec![0.0; 2];
     assert!(cpu.attention(&pool, 0, &vec![1.0, 1.0], 1, &batch, &mut out).is_err());
 }
+
+/// The polynomial exp (attention softmax, sampler) against f64 exp over its whole range.
+#[test]
+fn exp_f32_is_accurate() {
+    for i in 0..300_000 {
+        let x = -90.0 + i as f32 * 0.000_33;
+        let (got, want) = (ops::exp_f32(x) as f64, (x as f64).exp());
+        assert!(
+            if x < -87.0 {
+                got == 0.0
+            } else {
+                (got - want).abs() <= 3e-7 * want
+            },
+            "exp({x}) = {got}"
+        );
+    }
+    assert_eq!((ops::exp_f32(0.0), ops::exp_f32(f32::NEG_INFINITY)), (1.0, 0.0));
+}

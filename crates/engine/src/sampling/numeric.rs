@@ -37,32 +37,8 @@ pub(super) fn sum_f64(xs: &[f32]) -> f64 {
     acc.iter().sum::<f64>() + rest.iter().map(|&x| x as f64).sum::<f64>()
 }
 
-/// exp(x) for x ≤ 88 from basic IEEE operations only (Cephes' expf polynomial, ~1 ulp), so it
-/// vectorises and gives bit-identical results on every platform, unlike the system libm.
-/// Below -87 it returns 0: such weights are < 2^-125 of the top token's.
-#[allow(clippy::excessive_precision)]
-#[inline(always)]
-pub(super) fn exp_f32(x: f32) -> f32 {
-    // Adding 1.5·2^23 rounds to an integer that lands in the low mantissa bits.
-    const ROUND: f32 = 12_582_912.0;
-    let xc = x.clamp(-87.0, 88.0);
-    let t = xc * std::f32::consts::LOG2_E + ROUND;
-    let n = t - ROUND;
-    let k = (t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
-    // x - n·ln2 in two parts so r is exact enough.
-    let r = xc - n * 0.693_359_375 - n * -2.121_944_40e-4;
-    let p = ((((1.987_569_150_0e-4 * r + 1.398_199_950_7e-3) * r + 8.333_451_907_3e-3) * r + 4.166_579_589_4e-2) * r
-        + 1.666_666_545_9e-1)
-        * r
-        + 5.000_000_120_1e-1;
-    let y = p * (r * r) + r + 1.0;
-    let scale = f32::from_bits(((k + 127) << 23) as u32);
-    if x < -87.0 {
-        0.0
-    } else {
-        y * scale
-    }
-}
+/// The sampler's exp: shared with the attention kernel (`quiver_tensor::cpu::ops::exp_f32`).
+pub(super) use quiver_tensor::cpu::ops::exp_f32;
 
 /// xoshiro256** (Blackman & Vigna), seeded through splitmix64: tiny, fast, and the same stream
 /// on every platform.
@@ -102,27 +78,5 @@ impl Xoshiro256StarStar {
     /// Uniform in [0, 1) with 53 bits.
     pub(super) fn next_f64(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn exp_f32_is_accurate() {
-        for i in 0..300_000 {
-            let x = -90.0 + i as f32 * 0.000_33;
-            let (got, want) = (exp_f32(x) as f64, (x as f64).exp());
-            assert!(
-                if x < -87.0 {
-                    got == 0.0
-                } else {
-                    (got - want).abs() <= 3e-7 * want
-                },
-                "exp({x}) = {got}"
-            );
-        }
-        assert_eq!((exp_f32(0.0), exp_f32(f32::NEG_INFINITY)), (1.0, 0.0));
     }
 }
