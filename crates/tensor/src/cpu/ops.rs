@@ -150,12 +150,13 @@ pub fn paged_attention(
         group: heads / k.kv_heads,
         scale: 1.0 / (k.head_dim as f32).sqrt(),
     };
-    let hd = k.head_dim;
+    // One work item per (token, KV head): the query heads of a GQA group share its K/V rows.
     let work = |(i, o): (usize, &mut [f32])| one.run(i, o);
-    out.par_chunks_mut(hd).enumerate().with_min_len(4).for_each(work);
+    out.par_chunks_mut(one.group * k.head_dim).enumerate().for_each(work);
 }
 
-/// The attention of one (token, head) pair, `i = token · heads + head`.
+/// The attention of one (token, KV head) pair, `i = token · kv_heads + kv_head`, for all the
+/// query heads that share that KV head.
 struct Attend<'a> {
     k: &'a PagedLayer<'a>,
     v: &'a PagedLayer<'a>,
@@ -199,27 +200,38 @@ impl Attend<'_> {
 
     #[inline(always)]
     fn body(&self, i: usize, o: &mut [f32]) {
-        let (k, v, hd) = (self.k, self.v, self.k.head_dim);
-        let (t, h) = (i / self.heads, i % self.heads);
+        let (k, v, hd, group) = (self.k, self.v, self.k.head_dim, self.group);
+        let (t, g) = (i / k.kv_heads, i % k.kv_heads);
         let table = &self.batch.block_tables[self.batch.seq[t] as usize];
         let ctx = self.batch.positions[t] as usize + 1;
-        let qh = &self.q[i * hd..(i + 1) * hd];
-        let kvh = h / self.group;
-        // A plain loop, not `collect`: an iterator adapter is a separate generic function that
-        // would not inherit this function's target features.
-        let mut scores = Vec::with_capacity(ctx);
+        let q = &self.q[(t * self.heads + g * group) * hd..][..group * hd];
+        // scores[h · ctx + j] for the group's query heads h: each K and V row is read once for
+        // all of them. Plain loops, not iterator adapters: those are separate generic functions
+        // that would not inherit this function's target features.
+        let mut scores = vec![0.0f32; group * ctx];
         for j in 0..ctx {
-            scores.push(dot(qh, k.row(table, j, kvh)) * self.scale);
+            let kr = k.row(table, j, g);
+            for (h, qh) in q.chunks_exact(hd).enumerate() {
+                scores[h * ctx + j] = dot(qh, kr) * self.scale;
+            }
         }
-        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0;
-        for s in scores.iter_mut() {
-            *s = exp_f32(*s - max);
-            sum += *s;
+        for row in scores.chunks_exact_mut(ctx) {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0;
+            for s in row.iter_mut() {
+                *s = exp_f32(*s - max);
+                sum += *s;
+            }
+            for s in row.iter_mut() {
+                *s /= sum;
+            }
         }
         o.fill(0.0);
-        for (j, s) in scores.iter().enumerate() {
-            axpy(o, s / sum, v.row(table, j, kvh));
+        for j in 0..ctx {
+            let vr = v.row(table, j, g);
+            for (h, oh) in o.chunks_exact_mut(hd).enumerate() {
+                axpy(oh, scores[h * ctx + j], vr);
+            }
         }
     }
 }
