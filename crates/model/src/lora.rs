@@ -213,3 +213,58 @@ pub struct AdapterRun {
     pub len: usize,
     pub adapter: Arc<LoraAdapter>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quiver_tensor::cpu::CpuBackend;
+    use quiver_tensor::DType;
+
+    /// Upload stores A and Bᵀ page by page in the documented order, and hands out Bᵀ's ids
+    /// column page by column page: the rank pages an expand strip reads together are adjacent.
+    #[test]
+    fn upload_lays_out_pages_for_the_strips() {
+        let cfg = ModelConfig::from_json(&serde_json::json!({
+            "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "vocab_size": 300, "rms_norm_eps": 1e-5, "max_position_embeddings": 64
+        }))
+        .expect("config");
+        let (rank, page) = (3, 32);
+        let (in_f, out_f) = ModuleKind::Up.dims(&cfg);
+        let (a, b): (Vec<f32>, Vec<f32>) = (
+            (0..rank * in_f).map(|i| i as f32).collect(),
+            (0..out_f * rank).map(|i| -(i as f32)).collect(),
+        );
+        let module = HostLoraModule {
+            layer: 0,
+            kind: ModuleKind::Up,
+            rank,
+            scale: 0.5,
+            a: a.clone(),
+            b: b.clone(),
+        };
+        let mut pages = BlockAllocator::new(64, page);
+        let mut pool = CpuBackend.new_page_pool(page, pages.total(), DType::F32).expect("pool");
+        let up = LoraAdapter::upload("t", &[module], &cfg, &CpuBackend, &mut pool, &mut pages).expect("upload");
+        let m = up.module(0, ModuleKind::Up).expect("module");
+        let quiver_tensor::cpu::lora::PageData::F32(data) = &pool.data else {
+            panic!("f32 pool")
+        };
+        let page_of = |id: u32| &data[id as usize * page..][..page];
+        let (cin, cout) = (in_f / page, out_f / page);
+        for j in 0..rank {
+            for c in 0..cin {
+                assert_eq!(page_of(m.a_pages[j * cin + c]), &a[j * in_f + c * page..][..page]);
+            }
+            for c in 0..cout {
+                let want: Vec<f32> = (0..page).map(|o| b[(c * page + o) * rank + j]).collect();
+                assert_eq!(page_of(m.b_pages[j * cout + c]), &want[..]);
+            }
+        }
+        for c in 0..cout {
+            let strip: Vec<u32> = (0..rank).map(|j| m.b_pages[j * cout + c]).collect();
+            assert!(strip.windows(2).all(|w| w[1] == w[0] + 1), "strip {c}: {strip:?}");
+        }
+    }
+}
