@@ -172,10 +172,18 @@ fn main() -> anyhow::Result<()> {
         }
     }
     let base = best[0];
-    println!("\n| decode, batch {BATCH} (bf16 pages unless noted) | tokens/s | vs base |");
-    println!("|---|---:|---:|");
+    // The ratio alone hides which side moved (a faster base lowers it); the absolute cost of the
+    // adapters per decode step is the difference of the step times.
+    let step_ms = |tps: f64| BATCH as f64 / tps * 1e3;
+    println!("\n| decode, batch {BATCH} (bf16 pages unless noted) | tokens/s | vs base | step ms | over base, ms |");
+    println!("|---|---:|---:|---:|---:|");
     for ((name, _, _), tps) in configs.iter().zip(best) {
-        println!("| {name} | {tps:.1} | {:.2} |", tps / base);
+        println!(
+            "| {name} | {tps:.1} | {:.2} | {:.1} | {:+.1} |",
+            tps / base,
+            step_ms(tps),
+            step_ms(tps) - step_ms(base)
+        );
     }
     bundle.model.merge("one", &random_adapter(&cfg, 16, 1))?;
     let mut merged = 0.0f64;
@@ -184,8 +192,10 @@ fn main() -> anyhow::Result<()> {
     }
     bundle.model.unmerge();
     println!(
-        "| (b') the same adapter merged into the base | {merged:.1} | {:.2} |",
-        merged / base
+        "| (b') the same adapter merged into the base | {merged:.1} | {:.2} | {:.1} | {:+.1} |",
+        merged / base,
+        step_ms(merged),
+        step_ms(merged) - step_ms(base)
     );
 
     kernel_step(&bundle.model, &bf16)?;
