@@ -1,6 +1,7 @@
 //! SIMD building blocks for the matmul: a register-tiled "weight-streaming" block kernel and a
-//! dtype widener. AVX2+FMA+F16C through `std::arch`, chosen once at run time; every public
-//! function here is safe and falls back to portable scalar code on other CPUs and targets.
+//! dtype widener. [`gemv_block`] dispatches to the AVX-512 kernels of `simd512.rs` where the CPU
+//! has them, else to the AVX2+FMA+F16C ones here, chosen once at run time; every public function
+//! here is safe and falls back to portable scalar code on other CPUs and targets.
 
 use half::{bf16, f16};
 

@@ -1,4 +1,6 @@
-//! AVX-512 batch-1 GEMV: `out[r] = x · w[r]` one weight row after another.
+//! AVX-512 kernels of the weight-streaming matmul, picked at run time where the CPU has
+//! AVX-512F/BW: a batch-1 GEMV ([`gemv_rows`]) and register tiles for small batches
+//! ([`gemv_block`]); `simd.rs` holds the AVX2 versions and the portable fallback.
 //!
 //! At batch 1 the kernel is a pure stream over the weights. Reading the rows of a task's chunk
 //! strictly in order gives the hardware prefetcher one sequential stream (the 4-row AVX2 tiles
