@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
 use quiver_adapters::load_peft_adapter;
-use quiver_benches::{bench_model_dir, Rng};
+use quiver_benches::{bench_model_dir, zipf_cdf, zipf_pick, Rng};
 use quiver_engine::sampling::SamplingParams;
 use quiver_engine::{Engine, EngineConfig, Event, GenerateRequest};
 use quiver_model::generate::{argmax, BLOCK_SIZE};
@@ -73,19 +73,6 @@ fn adapter_spec(i: usize) -> AdapterSpec {
     }
 }
 
-/// Cumulative Zipf(α) over `n` adapters.
-fn zipf_cdf(n: usize) -> Vec<f64> {
-    let w: Vec<f64> = (1..=n).map(|k| (k as f64).powf(-ZIPF_ALPHA)).collect();
-    let total: f64 = w.iter().sum();
-    let mut acc = 0.0;
-    w.iter()
-        .map(|x| {
-            acc += x / total;
-            acc
-        })
-        .collect()
-}
-
 fn ids(v: &[u32]) -> String {
     let s: Vec<String> = v.iter().map(u32::to_string).collect();
     format!("[{}]", s.join(","))
@@ -112,17 +99,14 @@ fn prepare(work: &Path) -> Result<()> {
     let mut rng = Rng(SEED);
     let long = rng.prompt(PREFILL_LEN);
     let batch: Vec<Vec<u32>> = (0..ADAPTERS).map(|_| rng.prompt(BATCH_PROMPT)).collect();
-    let cdfs: Vec<Vec<f64>> = SLORA_POINTS.iter().map(|&n| zipf_cdf(n)).collect();
+    let cdfs: Vec<Vec<f64>> = SLORA_POINTS.iter().map(|&n| zipf_cdf(n, ZIPF_ALPHA)).collect();
     let mut requests = Vec::new();
     for _ in 0..SLORA_REQUESTS {
         let len = rng.range(SLORA_PROMPT);
         let prompt = rng.prompt(len);
         let max_tokens = rng.range(SLORA_OUTPUT);
         let u = rng.unit();
-        let at: Vec<String> = cdfs
-            .iter()
-            .map(|c| c.partition_point(|&x| x <= u).min(c.len() - 1).to_string())
-            .collect();
+        let at: Vec<String> = cdfs.iter().map(|c| zipf_pick(c, u).to_string()).collect();
         requests.push(format!(
             "{{\"prompt\":{},\"max_tokens\":{max_tokens},\"adapter_at\":[{}]}}",
             ids(&prompt),

@@ -2,9 +2,11 @@
 
 pub mod bandwidth;
 pub mod rng;
+pub mod zipf;
 
 pub use bandwidth::measure_read_bandwidth_gbps;
 pub use rng::Rng;
+pub use zipf::{zipf_cdf, zipf_pick};
 
 /// The Qwen2.5-0.5B-shaped test-kit model (random bf16 weights), written once under `target/`;
 /// `QUIVER_BENCH_MODEL=DIR` uses an existing directory instead.

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use quiver_benches::{zipf_cdf, zipf_pick};
 use quiver_engine::adapters::AdapterStats;
 use quiver_engine::sampling::SamplingParams;
 use quiver_engine::{Engine, EngineConfig, Event, GenerateRequest, Policy};
@@ -15,8 +16,8 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::adapters::adapter_name;
 use crate::noise::{cpu_ticks, least_disturbed, other_cores};
-use crate::workload::{pick, zipf_cdf, Arrival};
-use crate::{env_mb, HOST_ADAPTER_BUDGET, MAX_MODEL_LEN, MEMORY_BUDGET, RANK};
+use crate::workload::Arrival;
+use crate::{env_mb, HOST_ADAPTER_BUDGET, MAX_MODEL_LEN, MEMORY_BUDGET, RANK, ZIPF_ALPHA};
 
 struct Record {
     submitted: Instant,
@@ -130,7 +131,7 @@ const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 /// Replays `stream` against a fresh engine with `adapters` registered adapters.
 pub fn run_point(model_dir: &Path, adapter_root: &Path, adapters: usize, stream: &[Arrival]) -> Result<Point> {
     let engine = start_engine(model_dir, adapter_root, adapters)?;
-    let cdf = zipf_cdf(adapters);
+    let cdf = zipf_cdf(adapters, ZIPF_ALPHA);
     let before = engine.stats()?.blocking_recv()?;
     let done = AtomicBool::new(false);
     let t0 = Instant::now();
@@ -155,7 +156,7 @@ pub fn run_point(model_dir: &Path, adapter_root: &Path, adapters: usize, stream:
             }
             let request = GenerateRequest {
                 prompt: a.prompt.clone(),
-                adapter: Some(adapter_name(pick(&cdf, a.popularity))),
+                adapter: Some(adapter_name(zipf_pick(&cdf, a.popularity))),
                 sampling: SamplingParams::default(),
                 max_tokens: a.max_tokens,
                 stop_token_ids: vec![],

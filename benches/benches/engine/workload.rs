@@ -3,7 +3,7 @@
 
 use quiver_benches::Rng;
 
-use crate::{OUTPUT_LEN, PROMPT_LEN, ZIPF_ALPHA};
+use crate::{OUTPUT_LEN, PROMPT_LEN};
 
 /// One request of the stream, independent of the number of adapters.
 pub struct Arrival {
@@ -34,21 +34,4 @@ pub fn workload(n: usize, rate: f64, seed: u64) -> Vec<Arrival> {
             }
         })
         .collect()
-}
-
-/// Cumulative Zipf(α) over `n` ranks; rank k (0-based) is adapter k.
-pub fn zipf_cdf(n: usize) -> Vec<f64> {
-    let w: Vec<f64> = (1..=n).map(|k| (k as f64).powf(-ZIPF_ALPHA)).collect();
-    let total: f64 = w.iter().sum();
-    let mut acc = 0.0;
-    w.iter()
-        .map(|x| {
-            acc += x / total;
-            acc
-        })
-        .collect()
-}
-
-pub fn pick(cdf: &[f64], u: f64) -> usize {
-    cdf.partition_point(|&c| c <= u).min(cdf.len() - 1)
 }
