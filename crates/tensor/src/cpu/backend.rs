@@ -1,7 +1,7 @@
 //! [`Backend`] for the CPU: activations are `Vec<f32>`, weights stay memory-mapped.
 
 use crate::backend::{AttentionBatch, Backend, KvLayout, LoraSegment, RopeTable};
-use crate::cpu::lora::{lora_apply, CpuPagePool};
+use crate::cpu::lora::{try_lora_apply, CpuPagePool};
 use crate::cpu::{matmul, ops};
 use crate::error::TensorError;
 use crate::storage::{DType, Matrix};
@@ -115,33 +115,7 @@ impl Backend for CpuBackend {
         out_f: usize,
         segments: &[LoraSegment<'_>],
     ) -> Result<(), TensorError> {
-        let p = pool.page;
-        let tokens = x.len() / in_f.max(1);
-        check(
-            "lora",
-            in_f.is_multiple_of(p) && out_f.is_multiple_of(p) && x.len() == tokens * in_f && y.len() == tokens * out_f,
-            || format!("x {} y {} for in {in_f} out {out_f} page {p}", x.len(), y.len()),
-        )?;
-        let mut end = 0;
-        let n = pool.num_pages();
-        for s in segments {
-            let m = s.module;
-            let ok = s.start >= end
-                && s.start + s.len <= tokens
-                && m.a_pages.len() == m.rank * in_f / p
-                && m.b_pages.len() == m.rank * out_f / p
-                // A max, not `all(..)`: it vectorises, and a step checks tens of thousands of ids.
-                && [&m.a_pages, &m.b_pages].iter().all(|ids| ids.iter().copied().max().is_none_or(|id| (id as usize) < n));
-            check("lora", ok, || {
-                format!(
-                    "segment {}+{} (rank {}) does not fit the batch or the pool",
-                    s.start, s.len, m.rank
-                )
-            })?;
-            end = s.start + s.len;
-        }
-        lora_apply(pool, x, y, in_f, out_f, segments);
-        Ok(())
+        try_lora_apply(pool, x, y, in_f, out_f, segments).map_err(|detail| TensorError::Shape { op: "lora", detail })
     }
 
     fn embed(&self, table: &Matrix, ids: &[u32], out: &mut Vec<f32>) -> Result<(), TensorError> {

@@ -132,8 +132,7 @@ struct Tile<'a> {
 ///
 /// # Panics
 /// If a segment does not fit `x`/`y`, a module's page lists do not match its rank and the
-/// dimensions, or a page id is outside the pool (the backend checks all this and reports it as
-/// an error first).
+/// dimensions, or a page id is outside the pool ([`try_lora_apply`] reports these instead).
 pub fn lora_apply(
     pool: &CpuPagePool,
     x: &[f32],
@@ -142,40 +141,66 @@ pub fn lora_apply(
     out_f: usize,
     segments: &[LoraSegment<'_>],
 ) {
+    if let Err(e) = try_lora_apply(pool, x, y, in_f, out_f, segments) {
+        panic!("lora_apply: {e}");
+    }
+}
+
+/// [`lora_apply`], with what does not fit reported as an error (nothing is written then).
+pub fn try_lora_apply(
+    pool: &CpuPagePool,
+    x: &[f32],
+    y: &mut [f32],
+    in_f: usize,
+    out_f: usize,
+    segments: &[LoraSegment<'_>],
+) -> Result<(), String> {
     let p = pool.page;
-    assert!(
-        p > 0 && in_f.is_multiple_of(p) && out_f.is_multiple_of(p),
-        "lora_apply: page {p} must divide {in_f} and {out_f}"
-    );
     let tokens = x.len() / in_f.max(1);
-    assert!(
-        x.len() == tokens * in_f && y.len() == tokens * out_f,
-        "lora_apply: x/y shapes"
-    );
+    if !(p > 0
+        && in_f.is_multiple_of(p)
+        && out_f.is_multiple_of(p)
+        && x.len() == tokens * in_f
+        && y.len() == tokens * out_f)
+    {
+        return Err(format!(
+            "x {} y {} for in {in_f} out {out_f} page {p}",
+            x.len(),
+            y.len()
+        ));
+    }
     let num_pages = pool.num_pages();
+    let mut end = 0;
+    for seg in segments {
+        let m = seg.module;
+        if !(seg.start >= end
+            && seg.start + seg.len <= tokens
+            && m.a_pages.len() == m.rank * (in_f / p)
+            && m.b_pages.len() == m.rank * (out_f / p)
+            && max_id(&m.a_pages).max(max_id(&m.b_pages)) <= num_pages)
+        {
+            return Err(format!(
+                "segment {}+{} (rank {}) does not fit the batch or the pool",
+                seg.start, seg.len, m.rank
+            ));
+        }
+        end = seg.start + seg.len;
+    }
     // Cut segments into tiles and pair each tile with its (disjoint) rows of y.
     let mut work: Vec<Tile<'_>> = Vec::new();
     let mut rest = y;
     let mut consumed = 0;
     for seg in segments {
-        let m = seg.module;
-        assert!(
-            seg.start >= consumed
-                && seg.start + seg.len <= tokens
-                && m.a_pages.len() == m.rank * (in_f / p)
-                && m.b_pages.len() == m.rank * (out_f / p)
-                && max_id(&m.a_pages).max(max_id(&m.b_pages)) <= num_pages,
-            "lora_apply: segment {}+{} (rank {}) does not fit the batch or the pool",
-            seg.start,
-            seg.len,
-            m.rank
-        );
         let mut start = seg.start;
         while start < seg.start + seg.len {
             let len = TILE.min(seg.start + seg.len - start);
             let (_, tail) = rest.split_at_mut((start - consumed) * out_f);
             let (rows, tail) = tail.split_at_mut(len * out_f);
-            work.push(Tile { start, module: m, rows });
+            work.push(Tile {
+                start,
+                module: seg.module,
+                rows,
+            });
             rest = tail;
             consumed = start + len;
             start += len;
@@ -193,6 +218,7 @@ pub fn lora_apply(
     } else {
         run(&mut work);
     }
+    Ok(())
 }
 
 /// The largest page id in `ids` plus one (0 if empty): vectorises, unlike `all(..)`.
