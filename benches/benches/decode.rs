@@ -4,6 +4,9 @@
 //!
 //!     cargo bench -p quiver-benches --bench decode
 //!
+//! Prefill and batched decode run again with `--matmul-precision bf16` (activations rounded to
+//! bf16 at the matmul inputs, AVX512_BF16) where the CPU has it, each next to its f32 row.
+//!
 //! QUIVER_BENCH_MODEL=DIR uses an existing model directory instead of writing one. A filter
 //! argument (`-- decode` or `-- prefill`) runs only the rows whose label contains it, e.g. to
 //! profile one workload under `perf record`.
@@ -13,7 +16,7 @@ use std::time::Instant;
 use quiver_benches::{bench_model_dir, measure_read_bandwidth_gbps};
 use quiver_model::generate::BLOCK_SIZE;
 use quiver_model::{BatchBuilder, BlockAllocator, Llama, ModelBundle, SequenceCache};
-use quiver_tensor::cpu::CpuBackend;
+use quiver_tensor::cpu::{bf16_activations_supported, CpuBackend, Precision};
 
 /// Deterministic prompt ids spread over the small tokenizer's range.
 fn prompt(len: usize, salt: u32) -> Vec<u32> {
@@ -70,7 +73,7 @@ fn best_of(n: usize, mut f: impl FnMut() -> anyhow::Result<f64>) -> anyhow::Resu
 
 fn main() -> anyhow::Result<()> {
     let dir = bench_model_dir()?;
-    let bundle = ModelBundle::load(CpuBackend, &dir, Some(2048))?;
+    let bundle = ModelBundle::load(CpuBackend::default(), &dir, Some(2048))?;
     let model = &bundle.model;
     let gbps = measure_read_bandwidth_gbps(2);
     let bytes = model.weight_bytes() as f64;
@@ -86,9 +89,24 @@ fn main() -> anyhow::Result<()> {
     let wanted = |label: &str| filter.as_deref().is_none_or(|f| label.contains(f));
     println!("| workload | tokens/s | note |");
     println!("|---|---:|---|");
+    // The same weights (memory-mapped once more) with bf16-activation matmuls.
+    let bf16 = if bf16_activations_supported() {
+        let backend = CpuBackend::with_precision(Precision::Bf16Activations);
+        Some(ModelBundle::load(backend, &dir, Some(2048))?)
+    } else {
+        println!("(no AVX512_BF16 here: the bf16-activation rows are skipped)\n");
+        None
+    };
     if wanted("prefill, 512-token prompt") {
         let p = best_of(2, || prefill_tps(model, 512))?;
         println!("| prefill, 512-token prompt | {p:.1} | one forward over the whole prompt |");
+        if let Some(b) = &bf16 {
+            let q = best_of(2, || prefill_tps(&b.model, 512))?;
+            println!(
+                "| prefill, 512-token prompt, bf16 activations | {q:.1} | {:.2}× f32 |",
+                q / p
+            );
+        }
     }
     // Batch 1 against the bound probed right before it: on a shared machine the bandwidth and
     // the decode speed move together, so each round's ratio uses its own probe.
@@ -113,6 +131,13 @@ fn main() -> anyhow::Result<()> {
         if wanted(&format!("decode, batch {batch}")) {
             let d = best_of(2, || decode_tps(model, batch, 32, 12))?;
             println!("| decode, batch {batch} | {d:.1} | {:.1}× batch 1 |", d / d1);
+            if let Some(b) = bf16.as_ref().filter(|_| batch >= 24) {
+                let q = best_of(2, || decode_tps(&b.model, batch, 32, 12))?;
+                println!(
+                    "| decode, batch {batch}, bf16 activations | {q:.1} | {:.2}× f32 |",
+                    q / d
+                );
+            }
         }
     }
     Ok(())

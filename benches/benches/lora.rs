@@ -141,7 +141,7 @@ impl AdapterSet {
 
 fn main() -> anyhow::Result<()> {
     let dir = bench_model_dir()?;
-    let mut bundle = ModelBundle::load(CpuBackend, &dir, Some(2048))?;
+    let mut bundle = ModelBundle::load(CpuBackend::default(), &dir, Some(2048))?;
     let cfg = bundle.model.cfg.clone();
     let page = lora_page_size(&cfg);
     println!("model: {} · page {page} values", dir.display());

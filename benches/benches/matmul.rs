@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use half::{bf16, f16};
 use quiver_benches::measure_read_bandwidth_gbps;
 use quiver_tensor::cpu::huge::HugeVec;
-use quiver_tensor::cpu::matmul;
+use quiver_tensor::cpu::{matmul, matmul_with, Precision};
 use quiver_tensor::{DType, Matrix, MatrixData, TypedSlice};
 
 const SHAPES: [(&str, usize, usize); 5] = [
@@ -26,7 +26,7 @@ const SHAPES: [(&str, usize, usize); 5] = [
     ("down 896x4864", 896, 4864),
     ("lm_head 151936x896", 151936, 896),
 ];
-const MS: [usize; 4] = [1, 8, 32, 512];
+const MS: [usize; 5] = [1, 8, 16, 32, 512];
 /// Weight copies cycled through add up to at least this many bytes (4× the 32 MiB L3).
 const COLD_BYTES: usize = 128 << 20;
 /// Per-row time budget; every row runs at least `MIN_REPS` timed calls.
@@ -72,15 +72,31 @@ fn main() {
     }
 }
 
-/// name, dtype, m, n·k, weight bytes, best s, median s, probed GB/s (m = 1 rows).
-type Row = (&'static str, DType, usize, usize, usize, f64, f64, Option<f64>);
+/// Weight types, and bf16 weights with bf16-rounded activations ("bf16a", `Precision::Bf16Activations`).
+const MODES: [(DType, Precision); 4] = [
+    (DType::BF16, Precision::F32),
+    (DType::BF16, Precision::Bf16Activations),
+    (DType::F16, Precision::F32),
+    (DType::F32, Precision::F32),
+];
+
+fn mode_name(dtype: DType, precision: Precision) -> String {
+    match precision {
+        Precision::F32 => dtype.to_string(),
+        Precision::Bf16Activations => format!("{dtype}a"),
+    }
+}
+
+/// name, mode, m, n·k, weight bytes, best s, median s, probed GB/s (m = 1 rows).
+type Row = (&'static str, String, usize, usize, usize, f64, f64, Option<f64>);
 
 fn run_table(filters: &[String], threads: usize) -> Vec<Row> {
     let mut rows = Vec::new();
     let mut seed = 1u64;
     for (name, n, k) in SHAPES {
-        for dtype in [DType::BF16, DType::F16, DType::F32] {
-            let label = |m: usize| format!("{name} {dtype} m={m}");
+        for (dtype, precision) in MODES {
+            let mode = mode_name(dtype, precision);
+            let label = |m: usize| format!("{name} {mode} m={m}");
             let ms: Vec<usize> = MS
                 .into_iter()
                 .filter(|&m| filters.iter().all(|f| label(m).contains(f.as_str())))
@@ -88,7 +104,7 @@ fn run_table(filters: &[String], threads: usize) -> Vec<Row> {
             if ms.is_empty() {
                 continue;
             }
-            eprintln!("{name} {dtype} ...");
+            eprintln!("{name} {mode} ...");
             let w = random_matrix(n, k, dtype, &mut seed);
             let copies: Vec<Matrix> = (0..COLD_BYTES.div_ceil(w.bytes())).map(|_| deep_copy(&w)).collect();
             drop(w);
@@ -98,6 +114,7 @@ fn run_table(filters: &[String], threads: usize) -> Vec<Row> {
                 // Batch-1 rows are compared with the bandwidth of the moment: on a shared machine
                 // it swings by 2× as neighbours come and go.
                 let bw = (m == 1).then(|| measure_read_bandwidth_gbps(threads));
+                let matmul = |x: &[f32], m, w: &Matrix, out: &mut [f32]| matmul_with(x, m, w, out, precision);
                 matmul(&x, m, &copies[0], &mut out); // warm-up: thread pool, scratch buffers
                 let mut times = Vec::new();
                 let start = Instant::now();
@@ -111,7 +128,7 @@ fn run_table(filters: &[String], threads: usize) -> Vec<Row> {
                 times.sort_by(f64::total_cmp);
                 rows.push((
                     name,
-                    dtype,
+                    mode.clone(),
                     m,
                     n * k,
                     copies[0].bytes(),

@@ -317,7 +317,7 @@ fn done_json(name: &str, d: &Done, extra: &str) -> String {
 /// Workload 1: one sequence, base and adapter 0 (bf16 pages, as the engine stores them), best of
 /// 3. Returns the JSON members `"single":{..},"agree":{..}`.
 fn workload1(w: &Workload) -> Result<String> {
-    let bundle = ModelBundle::load(CpuBackend, &w.model, Some(MAX_MODEL_LEN))?;
+    let bundle = ModelBundle::load(CpuBackend::default(), &w.model, Some(MAX_MODEL_LEN))?;
     let model = &bundle.model;
     let cfg = &model.cfg;
     let host = load_peft_adapter("a0", &w.adapters[0], cfg)?;
@@ -381,7 +381,7 @@ fn run(work: &Path, out: &Path) -> Result<()> {
 
     // Workloads 2 and 3 go through the engine, all adapters registered (and resident after a
     // warm-up run) as PEFT holds them all in memory.
-    let bundle = ModelBundle::load(CpuBackend, &w.model, Some(MAX_MODEL_LEN))?;
+    let bundle = ModelBundle::load(CpuBackend::default(), &w.model, Some(MAX_MODEL_LEN))?;
     let engine = Engine::start(
         bundle.model,
         bundle.eos_token_ids,

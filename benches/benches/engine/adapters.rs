@@ -66,7 +66,7 @@ pub fn ensure_adapters(root: &Path) -> Result<()> {
 /// Mean time to load one adapter from disk into the host tier (files in the OS page cache after
 /// the first read) and to upload it into bf16 pages, on the engine's own code paths.
 pub fn adapter_costs(model_dir: &Path, adapter_root: &Path) -> Result<(f64, f64)> {
-    let bundle = ModelBundle::load(CpuBackend, model_dir, Some(MAX_MODEL_LEN))?;
+    let bundle = ModelBundle::load(CpuBackend::default(), model_dir, Some(MAX_MODEL_LEN))?;
     let cfg = &bundle.model.cfg;
     let page = quiver_model::lora_page_size(cfg);
     let n = 16;

@@ -183,7 +183,7 @@ pub fn plot(points: &[Point], all_runs: &[Vec<(f64, bool)>], reference: Option<f
 /// The model and the engine configuration, with what a full batch of KV blocks and one adapter
 /// take against the budgets.
 pub fn print_setup(model_dir: &Path, cfg: &EngineConfig) -> Result<()> {
-    let bundle = ModelBundle::load(CpuBackend, model_dir, Some(MAX_MODEL_LEN))?;
+    let bundle = ModelBundle::load(CpuBackend::default(), model_dir, Some(MAX_MODEL_LEN))?;
     let block = bundle.model.kv_layout(1, cfg.block_size).bytes_per_block();
     let page = quiver_model::lora_page_size(&bundle.model.cfg);
     let spec = adapter_spec(0);

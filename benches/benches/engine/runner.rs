@@ -104,7 +104,7 @@ fn policy() -> Policy {
 }
 
 fn start_engine(model_dir: &Path, adapter_root: &Path, adapters: usize) -> Result<Engine> {
-    let bundle = ModelBundle::load(CpuBackend, model_dir, Some(MAX_MODEL_LEN))?;
+    let bundle = ModelBundle::load(CpuBackend::default(), model_dir, Some(MAX_MODEL_LEN))?;
     let engine = Engine::start(bundle.model, bundle.eos_token_ids, engine_config())?;
     for i in 0..adapters {
         engine

@@ -29,7 +29,7 @@ struct Loaded {
 
 fn load(base: &str) -> Result<(tempfile::TempDir, quiver_testkit::LoraGolden, Loaded)> {
     let (dir, golden) = materialize_lora(base)?;
-    let bundle = ModelBundle::load(CpuBackend, &dir.path().join("base"), None)?;
+    let bundle = ModelBundle::load(CpuBackend::default(), &dir.path().join("base"), None)?;
     let cfg = bundle.model.cfg.clone();
     let page = lora_page_size(&cfg);
     let mut pages = BlockAllocator::new(16384, page);

@@ -44,6 +44,9 @@ struct GenerateArgs {
     /// Wrap the prompt as a user message in the model's chat template.
     #[arg(long)]
     chat: bool,
+    /// Matmul inputs: f32 (the reference) or bf16 (see `quiver serve --help`).
+    #[arg(long, default_value = "f32", env = "QUIVER_MATMUL_PRECISION")]
+    matmul_precision: quiver_tensor::cpu::Precision,
 }
 
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {
@@ -52,7 +55,8 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         Some(dir) => dir,
         None => demo::write_demo()?.0,
     };
-    let bundle = ModelBundle::load(CpuBackend, &dir, None).with_context(|| format!("loading {}", dir.display()))?;
+    let bundle = ModelBundle::load(CpuBackend::with_precision(args.matmul_precision), &dir, None)
+        .with_context(|| format!("loading {}", dir.display()))?;
     let load_s = t0.elapsed().as_secs_f64();
     let prompt_ids = if args.chat {
         let Some(tmpl) = &bundle.chat_template else {

@@ -64,7 +64,7 @@ fn embed_matches_cpu() -> Result<()> {
         ids[5] = ids[2]; // a repeated id
         ids[0] = rows as u32 - 1; // the last row
         let mut want = vec![0.0; ids.len() * cols];
-        CpuBackend.embed(&table, &ids, &mut want)?;
+        CpuBackend::default().embed(&table, &ids, &mut want)?;
         let w = gpu.upload_weight(table)?;
         let mut out = poisoned(&gpu, want.len())?;
         gpu.embed(&w, &ids, &mut out)?;
@@ -90,7 +90,7 @@ fn matmul_matches_cpu_on_gemv_and_cublas_paths() -> Result<()> {
             // path (m ≤ 8) keeps x in f32 like the CPU.
             let x_ref = if cublas { rounded(dtype, &x) } else { x.clone() };
             let mut want = vec![0.0; m * n];
-            CpuBackend.matmul(&x_ref, m, &wm, &mut want)?;
+            CpuBackend::default().matmul(&x_ref, m, &wm, &mut want)?;
             let xd = gpu.upload(&x)?;
             let mut out = poisoned(&gpu, m * n)?;
             gpu.matmul(&xd, m, &w, &mut out)?;
@@ -116,7 +116,7 @@ fn elementwise_ops_match_cpu() -> Result<()> {
     let x = rng.vec(rows * width, -3.0, 3.0);
     let bias = rng.vec(width, -1.0, 1.0);
     let mut want = x.clone();
-    CpuBackend.add_bias(&mut want, &bias)?;
+    CpuBackend::default().add_bias(&mut want, &bias)?;
     let mut xd = gpu.upload(&x)?;
     gpu.add_bias(&mut xd, &gpu.upload(&bias)?)?;
     check("add_bias [7, 83]", &gpu.download(&xd)?, &want, TOL_F32);
@@ -125,7 +125,7 @@ fn elementwise_ops_match_cpu() -> Result<()> {
     let acc = rng.vec(1237, -3.0, 3.0);
     let x = rng.vec(1237, -3.0, 3.0);
     let mut want = acc.clone();
-    CpuBackend.add(&mut want, &x)?;
+    CpuBackend::default().add(&mut want, &x)?;
     let mut accd = gpu.upload(&acc)?;
     gpu.add(&mut accd, &gpu.upload(&x)?)?;
     check("add [1237]", &gpu.download(&accd)?, &want, TOL_F32);
@@ -134,7 +134,7 @@ fn elementwise_ops_match_cpu() -> Result<()> {
     let gate = rng.vec(2049, -12.0, 12.0);
     let up = rng.vec(2049, -2.0, 2.0);
     let mut want = gate.clone();
-    CpuBackend.silu_mul(&mut want, &up)?;
+    CpuBackend::default().silu_mul(&mut want, &up)?;
     let mut gd = gpu.upload(&gate)?;
     gpu.silu_mul(&mut gd, &gpu.upload(&up)?)?;
     check("silu_mul [2049]", &gpu.download(&gd)?, &want, TOL_F32);
@@ -145,7 +145,7 @@ fn elementwise_ops_match_cpu() -> Result<()> {
         let w = rng.vec(width, 0.5, 1.5);
         let eps = 1e-6;
         let mut want = vec![0.0; x.len()];
-        CpuBackend.rms_norm(&x, &w, eps, &mut want)?;
+        CpuBackend::default().rms_norm(&x, &w, eps, &mut want)?;
         let mut out = poisoned(&gpu, x.len())?;
         gpu.rms_norm(&gpu.upload(&x)?, &gpu.upload(&w)?, eps, &mut out)?;
         check(
@@ -163,7 +163,7 @@ fn elementwise_ops_match_cpu() -> Result<()> {
     rows[3] = rows[7];
     rows[0] = n as u32 - 1;
     let mut want = vec![0.0; rows.len() * width];
-    CpuBackend.gather_rows(&x, width, &rows, &mut want)?;
+    CpuBackend::default().gather_rows(&x, width, &rows, &mut want)?;
     let mut out = poisoned(&gpu, want.len())?;
     gpu.gather_rows(&gpu.upload(&x)?, width, &rows, &mut out)?;
     check("gather_rows 19 of [37, 83]", &gpu.download(&out)?, &want, TOL_F32);
@@ -193,7 +193,7 @@ fn rope_matches_cpu() -> Result<()> {
         let positions: Vec<u32> = (0..11).map(|_| rng.below(max_pos) as u32).collect();
         let x = rng.vec(positions.len() * heads * head_dim, -2.0, 2.0);
         let mut want = x.clone();
-        CpuBackend.rope(&mut want, heads, head_dim, &positions, &table)?;
+        CpuBackend::default().rope(&mut want, heads, head_dim, &positions, &table)?;
         let mut xd = gpu.upload(&x)?;
         gpu.rope(&mut xd, heads, head_dim, &positions, &table)?;
         check(
@@ -237,7 +237,7 @@ fn attention_case(
         num_blocks: 2 * per_chunk + 3,
         ..probe
     };
-    let mut cpu_kv = CpuBackend.new_kv_pool(layout)?;
+    let mut cpu_kv = CpuBackend::default().new_kv_pool(layout)?;
     let mut gpu_kv = gpu.new_kv_pool(layout)?;
     let (a_hist, a_new, b_hist) = (9u32, 13u32, 30u32);
     let na = (a_hist + a_new).div_ceil(bs as u32) as usize;
@@ -271,10 +271,10 @@ fn attention_case(
             let k = rng.vec(t * kv_w, -1.0, 1.0);
             let v = rng.vec(t * kv_w, -1.0, 1.0);
             let q = rng.vec(t * heads * head_dim, -1.0, 1.0);
-            CpuBackend.write_kv(&mut cpu_kv, layer, &k, &v, &batch.slots)?;
+            CpuBackend::default().write_kv(&mut cpu_kv, layer, &k, &v, &batch.slots)?;
             gpu.write_kv(&mut gpu_kv, layer, &gpu.upload(&k)?, &gpu.upload(&v)?, &batch.slots)?;
             let mut want = vec![0.0; q.len()];
-            CpuBackend.attention(&cpu_kv, layer, &q, heads, batch, &mut want)?;
+            CpuBackend::default().attention(&cpu_kv, layer, &q, heads, batch, &mut want)?;
             let mut out = poisoned(gpu, q.len())?;
             gpu.attention(&gpu_kv, layer, &gpu.upload(&q)?, heads, batch, &mut out)?;
             check(
@@ -315,7 +315,7 @@ fn lora_module(
     let b_pages: Vec<u32> = free.split_off(free.len() - rank * out_f / page);
     for ids in [&a_pages, &b_pages] {
         let data = rng.vec(ids.len() * page, -0.5, 0.5);
-        CpuBackend.write_pages(cpu_pool, ids, &data)?;
+        CpuBackend::default().write_pages(cpu_pool, ids, &data)?;
         gpu.write_pages(gpu_pool, ids, &data)?;
     }
     Ok(LoraModule {
@@ -331,7 +331,7 @@ fn lora_module(
 /// first module again. Pages drawn at random from a pool spanning two chunks.
 fn lora_case(gpu: &CudaBackend, rng: &mut Rng, dtype: DType, page: usize, in_f: usize, out_f: usize) -> Result<()> {
     let units = units_per_chunk(page * dtype.size()) as usize * 3 / 2;
-    let mut cpu_pool = CpuBackend.new_page_pool(page, units, dtype)?;
+    let mut cpu_pool = CpuBackend::default().new_page_pool(page, units, dtype)?;
     let mut gpu_pool = gpu.new_page_pool(page, units, dtype)?;
     let odd_rank = 2 * rng.below(32) + 1; // 1..=63, odd
     let ranks = [odd_rank, 1, 64, 1 + rng.below(64)];
@@ -355,7 +355,7 @@ fn lora_case(gpu: &CudaBackend, rng: &mut Rng, dtype: DType, page: usize, in_f: 
     let x = rng.vec(tokens * in_f, -1.0, 1.0);
     let y0 = rng.vec(tokens * out_f, -1.0, 1.0);
     let mut want = y0.clone();
-    CpuBackend.lora(&cpu_pool, &x, &mut want, in_f, out_f, &segments)?;
+    CpuBackend::default().lora(&cpu_pool, &x, &mut want, in_f, out_f, &segments)?;
     let xd = gpu.upload(&x)?;
     let mut yd = gpu.upload(&y0)?;
     gpu.lora(&gpu_pool, &xd, &mut yd, in_f, out_f, &segments)?;
@@ -455,7 +455,7 @@ fn bad_inputs_are_errors_on_both_backends() -> Result<()> {
     let table = Matrix::from_f32(4, 3, vec![0.0; 12])?;
     let w = gpu.upload_weight(table.clone())?;
     let mut out = gpu.zeros(3)?;
-    ensure!(CpuBackend.embed(&table, &[4], &mut vec![0.0; 3]).is_err());
+    ensure!(CpuBackend::default().embed(&table, &[4], &mut vec![0.0; 3]).is_err());
     ensure!(
         gpu.embed(&w, &[4], &mut out).is_err(),
         "embed: id beyond the vocabulary"

@@ -31,10 +31,10 @@ fn host_tier_evicts_the_least_recently_used() -> Result<()> {
     let cfg = ModelConfig::from_dir(&dir.path().join("base"))?;
     let page = lora_page_size(&cfg);
     let pages = BlockAllocator::new(1 << 14, page);
-    let pool = CpuBackend.new_page_pool(page, pages.total(), DType::F32)?;
+    let pool = CpuBackend::default().new_page_pool(page, pages.total(), DType::F32)?;
     // Host copies are f32: r8 all-linear is 65,536 B; a 150 kB host budget holds two of these
     // adapters but not all three.
-    let mut m = AdapterManager::new(CpuBackend, cfg, pool, pages, page * 4, 150_000, 64);
+    let mut m = AdapterManager::new(CpuBackend::default(), cfg, pool, pages, page * 4, 150_000, 64);
     let names = [
         "llama-r8-all-linear",
         "llama-rank-alpha-pattern",

@@ -28,7 +28,7 @@ fn fixture() -> Result<(tempfile::TempDir, PathBuf)> {
 }
 
 fn start(base: &Path, adapters: &Path, cfg: EngineConfig) -> Result<Engine> {
-    let bundle = ModelBundle::load(CpuBackend, base, None)?;
+    let bundle = ModelBundle::load(CpuBackend::default(), base, None)?;
     let engine = Engine::start(bundle.model, vec![], cfg)?;
     for name in ADAPTERS {
         engine
@@ -176,7 +176,7 @@ fn a_cold_adapter_does_not_delay_other_requests() -> Result<()> {
 fn eviction_spares_pinned_and_leased_adapters() -> Result<()> {
     let (dir, base) = fixture()?;
     let adapters = dir.path().join("adapters");
-    let bundle = ModelBundle::load(CpuBackend, &base, None)?;
+    let bundle = ModelBundle::load(CpuBackend::default(), &base, None)?;
     // 64-token KV blocks of 32,768 B. Pinned r1 (1,792 B) + leased r64 (294,912 B) + the long
     // request's block = 329,472 B; r8 (65,536 B) does not fit beside them until r64 is evicted.
     let cfg = EngineConfig {

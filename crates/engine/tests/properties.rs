@@ -76,7 +76,8 @@ fn drain(t: &mut Tracked) -> Result<(), TestCaseError> {
 
 fn run(ops: Vec<Op>, policy: Policy) -> Result<(), TestCaseError> {
     let (dir, base) = fixture();
-    let bundle = ModelBundle::load(CpuBackend, base, None).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let bundle =
+        ModelBundle::load(CpuBackend::default(), base, None).map_err(|e| TestCaseError::fail(e.to_string()))?;
     // 2 KiB KV blocks; the budget holds both adapters and a few dozen blocks.
     let cfg = EngineConfig {
         memory_budget: 160 << 10,

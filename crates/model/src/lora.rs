@@ -245,8 +245,11 @@ mod tests {
             b: b.clone(),
         };
         let mut pages = BlockAllocator::new(64, page);
-        let mut pool = CpuBackend.new_page_pool(page, pages.total(), DType::F32).expect("pool");
-        let up = LoraAdapter::upload("t", &[module], &cfg, &CpuBackend, &mut pool, &mut pages).expect("upload");
+        let mut pool = CpuBackend::default()
+            .new_page_pool(page, pages.total(), DType::F32)
+            .expect("pool");
+        let up =
+            LoraAdapter::upload("t", &[module], &cfg, &CpuBackend::default(), &mut pool, &mut pages).expect("upload");
         let m = up.module(0, ModuleKind::Up).expect("module");
         let quiver_tensor::cpu::lora::PageData::F32(data) = &pool.data else {
             panic!("f32 pool")

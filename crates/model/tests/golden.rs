@@ -45,7 +45,8 @@ fn check_greedy(name: &str, i: usize, got: &[u32], golden: &Golden) -> Result<()
 
 fn check_model(name: &str) -> Result<()> {
     let (dir, golden) = materialize(name)?;
-    let bundle = ModelBundle::load(CpuBackend, dir.path(), None).with_context(|| format!("loading {name}"))?;
+    let bundle =
+        ModelBundle::load(CpuBackend::default(), dir.path(), None).with_context(|| format!("loading {name}"))?;
     let model = &bundle.model;
     for (i, p) in golden.prompts.iter().enumerate() {
         let ids = bundle.tokenizer.encode(&p.text, true)?;
@@ -169,7 +170,7 @@ fn f16_checkpoint_runs_close_to_f32() -> Result<()> {
         .map(|(n, s, d)| Ok((n.clone(), TensorView::new(Dtype::F16, s.clone(), d)?)))
         .collect::<Result<_>>()?;
     std::fs::write(&path, safetensors::serialize(views, None)?)?;
-    let bundle = ModelBundle::load(CpuBackend, dir.path(), None)?;
+    let bundle = ModelBundle::load(CpuBackend::default(), dir.path(), None)?;
     let p = &golden.prompts[2];
     let mut alloc = BlockAllocator::new(8, BLOCK_SIZE);
     let mut kv = bundle.model.new_kv_pool(alloc.total(), BLOCK_SIZE)?;
@@ -184,5 +185,53 @@ fn f16_checkpoint_runs_close_to_f32() -> Result<()> {
         .download(&bundle.model.forward(&b.finish(), &mut kv)?)?;
     let d = max_abs_diff(&logits, &p.last_logits);
     ensure!(d > 0.0 && d <= 0.05, "f16 logits differ from the f32 golden by {d}");
+    Ok(())
+}
+
+/// With `--matmul-precision bf16` the activations are rounded to bf16 at every matmul input of
+/// a prefill (≥ 24 rows), as llama.cpp does: the logits move off the f32 golden, but only by the
+/// rounding. Tolerance: 1% of the largest |logit| (measured 0.3-0.55% on these models, i.e.
+/// 0.03-0.047 on logits up to ~9). On a CPU without AVX512_BF16 the option falls back to f32 and
+/// the logits must then match as tightly as the f32 path.
+#[test]
+fn bf16_activations_stay_close_to_the_goldens() -> Result<()> {
+    use quiver_tensor::cpu::{bf16_activations_supported, Precision};
+    const BF16_REL_TOL: f32 = 0.01;
+    let mut checked = 0;
+    for name in ["llama-bf16-tied-sharded", "qwen2-bf16-linear"] {
+        let (dir, golden) = materialize(name)?;
+        let backend = CpuBackend::with_precision(Precision::Bf16Activations);
+        let bundle = ModelBundle::load(backend, dir.path(), None)?;
+        for (i, p) in golden.prompts.iter().enumerate().filter(|(_, p)| p.ids.len() >= 24) {
+            let mut alloc = BlockAllocator::new(8, BLOCK_SIZE);
+            let mut kv = bundle.model.new_kv_pool(alloc.total(), BLOCK_SIZE)?;
+            let mut seq = SequenceCache::default();
+            seq.reserve(&mut alloc, p.ids.len())
+                .map_err(|_| anyhow::anyhow!("out of blocks"))?;
+            let mut b = BatchBuilder::new();
+            b.push(&mut seq, BLOCK_SIZE, &p.ids, true);
+            let logits = bundle
+                .model
+                .backend
+                .download(&bundle.model.forward(&b.finish(), &mut kv)?)?;
+            let d = max_abs_diff(&logits, &p.last_logits);
+            let scale = p.last_logits.iter().fold(0f32, |a, v| a.max(v.abs()));
+            eprintln!(
+                "{name} prompt {i} ({} tokens): bf16 activations differ by {d} (max |logit| {scale})",
+                p.ids.len()
+            );
+            if bf16_activations_supported() {
+                // Nonzero: the bf16 path really ran (f32 agrees to ~1e-6 here).
+                ensure!(
+                    d > 1e-4 && d <= BF16_REL_TOL * scale,
+                    "{name} prompt {i}: bf16-activation logits differ by {d} (expected 1e-4 < d ≤ {BF16_REL_TOL} × {scale})"
+                );
+            } else {
+                ensure!(d <= LOGIT_TOL, "{name} prompt {i}: f32 fallback differs by {d}");
+            }
+            checked += 1;
+        }
+    }
+    ensure!(checked >= 2, "no golden prompt long enough for the bf16 path");
     Ok(())
 }

@@ -22,7 +22,7 @@ use axum::Router;
 use quiver_adapters::load_peft_adapter;
 use quiver_engine::{Engine, EngineConfig};
 use quiver_model::ModelBundle;
-use quiver_tensor::cpu::CpuBackend;
+use quiver_tensor::cpu::{CpuBackend, Precision};
 use quiver_tensor::Backend;
 use tokio::sync::Semaphore;
 
@@ -43,6 +43,8 @@ pub struct ServerOptions {
     pub max_concurrent: usize,
     pub max_body_bytes: usize,
     pub device: Device,
+    /// Input precision of the CPU backend's matmuls (f32 = the reference; ignored on a GPU).
+    pub cpu_matmul_precision: Precision,
     /// On a GPU, size the KV + adapter budget as this fraction of the memory left free once the
     /// weights are resident; `None` keeps `engine.memory_budget`.
     pub gpu_memory_utilization: Option<f64>,
@@ -53,7 +55,7 @@ pub struct ServerOptions {
 /// a broken adapter stops the start with its error).
 pub fn build_state(opts: ServerOptions) -> anyhow::Result<Arc<AppState>> {
     match opts.device {
-        Device::Cpu => build_on(CpuBackend, opts, None),
+        Device::Cpu => build_on(cpu_backend(opts.cpu_matmul_precision), opts, None),
         Device::Cuda(n) => build_on_cuda(n, opts),
         Device::Auto => {
             #[cfg(feature = "cuda")]
@@ -63,9 +65,16 @@ pub fn build_state(opts: ServerOptions) -> anyhow::Result<Arc<AppState>> {
             }
             #[cfg(not(feature = "cuda"))]
             tracing::info!("--device auto: this build has no CUDA support (cargo feature `cuda`); using the CPU");
-            build_on(CpuBackend, opts, None)
+            build_on(cpu_backend(opts.cpu_matmul_precision), opts, None)
         }
     }
+}
+
+fn cpu_backend(precision: Precision) -> CpuBackend {
+    if precision == Precision::Bf16Activations && !quiver_tensor::cpu::bf16_activations_supported() {
+        tracing::warn!("--matmul-precision bf16: this CPU has no AVX512_BF16; matmuls stay in f32");
+    }
+    CpuBackend::with_precision(precision)
 }
 
 #[cfg(feature = "cuda")]

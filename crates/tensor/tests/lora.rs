@@ -49,7 +49,7 @@ fn round(v: Vec<f32>, dtype: DType) -> Vec<f32> {
 }
 
 fn check_against_reference(dtype: DType) {
-    let cpu = CpuBackend;
+    let cpu = CpuBackend::default();
     let (page, in_f, out_f) = (7, 21, 35); // odd sizes; the page divides both
     let mut rng = Rng(9);
     let mut pool = cpu.new_page_pool(page, 400, dtype).unwrap();
@@ -141,7 +141,7 @@ fn check_against_reference(dtype: DType) {
 
 #[test]
 fn lora_rejects_overlapping_or_out_of_pool_segments() {
-    let cpu = CpuBackend;
+    let cpu = CpuBackend::default();
     let pool = cpu.new_page_pool(2, 4, DType::F32).unwrap();
     assert!(
         cpu.new_page_pool(2, 4, DType::F16).is_err(),

@@ -110,7 +110,7 @@ fn paged_attention_matches_dense_reference() {
         num_kv_heads: kv_heads,
         head_dim: hd,
     };
-    let cpu = CpuBackend;
+    let cpu = CpuBackend::default();
     let mut pool = cpu.new_kv_pool(layout).unwrap();
     let tables = vec![vec![7u32, 2, 9, 0], vec![5u32, 11, 1]];
     let lens = [13usize, 9]; // full context lengths after this step
@@ -174,7 +174,7 @@ fn paged_attention_matches_dense_reference() {
 
 #[test]
 fn attention_rejects_short_block_table() {
-    let cpu = CpuBackend;
+    let cpu = CpuBackend::default();
     let layout = KvLayout {
         num_layers: 1,
         num_blocks: 2,

@@ -46,6 +46,7 @@ pub async fn server(api_key: Option<&str>, max_concurrent: usize) -> Result<Serv
         max_body_bytes: 1 << 20,
         // The GPU check script runs these tests on CUDA with QUIVER_TEST_DEVICE=cuda.
         device: test_device()?,
+        cpu_matmul_precision: Default::default(),
         gpu_memory_utilization: None,
         engine: EngineConfig {
             memory_budget: 64 << 20,

@@ -2,12 +2,26 @@
 
 use crate::backend::{AttentionBatch, Backend, KvLayout, LoraSegment, RopeTable};
 use crate::cpu::lora::{try_lora_apply, CpuPagePool};
-use crate::cpu::{matmul, ops};
+use crate::cpu::{matmul_with, ops, Precision};
 use crate::error::TensorError;
 use crate::storage::{DType, Matrix};
 
+/// The CPU backend. `CpuBackend::default()` computes in f32 (the reference); see [`Precision`]
+/// for the opt-in bf16-activation matmuls.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct CpuBackend;
+pub struct CpuBackend {
+    precision: Precision,
+}
+
+impl CpuBackend {
+    pub fn with_precision(precision: Precision) -> Self {
+        Self { precision }
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+}
 
 /// The pool forward passes run on (one thread per core); `None` if it could not be created, in
 /// which case kernels use rayon's global pool from the calling thread.
@@ -44,10 +58,11 @@ impl Backend for CpuBackend {
     type PagePool = CpuPagePool;
 
     fn name(&self) -> String {
-        format!(
-            "cpu ({} threads)",
-            worker_pool().map_or_else(rayon::current_num_threads, |p| p.current_num_threads())
-        )
+        let threads = worker_pool().map_or_else(rayon::current_num_threads, |p| p.current_num_threads());
+        match self.precision {
+            Precision::F32 => format!("cpu ({threads} threads)"),
+            Precision::Bf16Activations => format!("cpu ({threads} threads, bf16-activation matmuls)"),
+        }
     }
 
     fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
@@ -136,7 +151,7 @@ impl Backend for CpuBackend {
         check("matmul", x.len() == m * w.cols && out.len() == m * w.rows, || {
             format!("x {} out {} for m={m} w=[{}, {}]", x.len(), out.len(), w.rows, w.cols)
         })?;
-        matmul(x, m, w, out);
+        matmul_with(x, m, w, out, self.precision);
         Ok(())
     }
 

@@ -2,6 +2,8 @@
 //! work split across cores with rayon.
 
 pub mod backend;
+#[cfg(target_arch = "x86_64")]
+mod bf16dot;
 pub mod huge;
 pub mod lora;
 pub mod matmul;
@@ -12,4 +14,4 @@ mod simd512;
 
 pub use backend::{CpuBackend, CpuKvPool};
 pub use lora::CpuPagePool;
-pub use matmul::{matmul, matmul_ref};
+pub use matmul::{bf16_activations_supported, matmul, matmul_ref, matmul_with, Precision};
