@@ -101,20 +101,51 @@ fn rope_matches_rotate_half_reference() {
 /// one sequence prefilling several tokens while the other decodes one.
 #[test]
 fn paged_attention_matches_dense_reference() {
-    let mut r = Rng(4);
-    let (heads, kv_heads, hd, bs) = (6, 2, 10, 4);
+    attention_case(4, 6, 2, 10, 4, [13, 9], 9..13, 8);
+}
+
+/// Block sizes where 16 keys are read in place (16, 32), a head_dim with a partial column slab
+/// (80), a context past one online-softmax chunk (300 > 256 keys) and a prefill longer than one
+/// 8-token tile.
+#[test]
+fn paged_attention_matches_dense_reference_on_long_tiled_contexts() {
+    attention_case(5, 14, 2, 64, 16, [300, 40], 280..300, 39);
+    attention_case(6, 4, 4, 80, 32, [270, 17], 250..270, 16);
+    attention_case(7, 8, 1, 64, 16, [33, 600], 0..33, 599);
+}
+
+/// Sequence 0 prefills `prefill` (the positions of its new tokens), sequence 1 decodes position
+/// `decode`; `lens` are both sequences' full context lengths after this step.
+#[allow(clippy::too_many_arguments)]
+fn attention_case(
+    seed: u64,
+    heads: usize,
+    kv_heads: usize,
+    hd: usize,
+    bs: usize,
+    lens: [usize; 2],
+    prefill: std::ops::Range<u32>,
+    decode: u32,
+) {
+    let mut r = Rng(seed);
+    let blocks: Vec<usize> = lens.iter().map(|l| l.div_ceil(bs)).collect();
     let layout = KvLayout {
         num_layers: 1,
-        num_blocks: 12,
+        num_blocks: blocks[0] + blocks[1] + 3,
         block_size: bs,
         num_kv_heads: kv_heads,
         head_dim: hd,
     };
     let cpu = CpuBackend::default();
     let mut pool = cpu.new_kv_pool(layout).unwrap();
-    let tables = vec![vec![7u32, 2, 9, 0], vec![5u32, 11, 1]];
-    let lens = [13usize, 9]; // full context lengths after this step
-                             // Dense per-sequence K/V, written into the cache in one call.
+    // Scattered tables: sequence 0 takes odd-numbered blocks downwards, sequence 1 the rest.
+    let mut free: Vec<u32> = (0..layout.num_blocks as u32).rev().collect();
+    free.rotate_left(1);
+    let tables = vec![
+        free[..blocks[0]].to_vec(),
+        free[blocks[0]..blocks[0] + blocks[1]].to_vec(),
+    ];
+    // Dense per-sequence K/V, written into the cache in one call.
     let dense_k: Vec<Vec<f32>> = lens.iter().map(|&l| r.vec(l * kv_heads * hd)).collect();
     let dense_v: Vec<Vec<f32>> = lens.iter().map(|&l| r.vec(l * kv_heads * hd)).collect();
     let mut slots = Vec::new();
@@ -127,16 +158,15 @@ fn paged_attention_matches_dense_reference() {
         }
     }
     cpu.write_kv(&mut pool, 0, &k_all, &v_all, &slots).unwrap();
-    // Queries: sequence 0 prefills positions 9..13, sequence 1 decodes position 8.
     let mut batch = AttentionBatch {
         block_tables: tables.clone(),
         ..Default::default()
     };
-    for p in 9..13 {
+    for p in prefill {
         batch.positions.push(p);
         batch.seq.push(0);
     }
-    batch.positions.push(8);
+    batch.positions.push(decode);
     batch.seq.push(1);
     batch.slots = vec![0; batch.positions.len()];
     let n = batch.num_tokens();

@@ -2,7 +2,7 @@
 
 use crate::backend::{AttentionBatch, Backend, KvLayout, LoraSegment, RopeTable};
 use crate::cpu::lora::{try_lora_apply, CpuPagePool};
-use crate::cpu::{matmul_with, ops, Precision};
+use crate::cpu::{attention, matmul_with, ops, Precision};
 use crate::error::TensorError;
 use crate::storage::{DType, Matrix};
 
@@ -36,7 +36,8 @@ fn worker_pool() -> Option<&'static rayon::ThreadPool> {
     .as_ref()
 }
 
-/// K and V of every layer, `[num_blocks * block_size, kv_heads, head_dim]` each.
+/// K and V of every layer: V `[num_blocks * block_size, kv_heads, head_dim]`, K transposed within
+/// each block, `[num_blocks, kv_heads, head_dim, block_size]` (see `attention.rs`).
 pub struct CpuKvPool {
     pub layout: KvLayout,
     pub k: Vec<Vec<f32>>,
@@ -239,7 +240,11 @@ impl Backend for CpuBackend {
             if s >= cap {
                 return Err(TensorError::Range(format!("kv slot {s} ≥ capacity {cap}")));
             }
-            pool.k[layer][s * w..(s + 1) * w].copy_from_slice(&k[t * w..(t + 1) * w]);
+            // K transposed within its block (see `attention.rs`), V row-major.
+            let (bs, kvh, hd) = (l.block_size, l.num_kv_heads, l.head_dim);
+            for (i, &x) in k[t * w..(t + 1) * w].iter().enumerate() {
+                pool.k[layer][attention::k_index(bs, kvh, hd, s, i / hd, i % hd)] = x;
+            }
             pool.v[layer][s * w..(s + 1) * w].copy_from_slice(&v[t * w..(t + 1) * w]);
         }
         Ok(())
@@ -279,13 +284,14 @@ impl Backend for CpuBackend {
                 )));
             }
         }
-        let paged = |data| ops::PagedLayer {
-            data,
+        let kv = attention::PagedKv {
+            k: &pool.k[layer],
+            v: &pool.v[layer],
             block_size: l.block_size,
             kv_heads: l.num_kv_heads,
             head_dim: l.head_dim,
         };
-        ops::paged_attention(&paged(&pool.k[layer]), &paged(&pool.v[layer]), q, heads, batch, out);
+        attention::paged_attention(&kv, q, heads, batch, out);
         Ok(())
     }
 

@@ -1,6 +1,7 @@
 //! CPU backend: AVX2/FMA kernels behind safe functions (runtime-detected, scalar fallback),
 //! work split across cores with rayon.
 
+mod attention;
 pub mod backend;
 #[cfg(target_arch = "x86_64")]
 mod bf16dot;

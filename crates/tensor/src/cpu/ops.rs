@@ -1,9 +1,9 @@
-//! Element-wise, normalisation, rotary and attention kernels for the CPU backend. Written so that
+//! Element-wise, normalisation and rotary kernels for the CPU backend (attention: `attention.rs`). Written so that
 //! LLVM vectorises the inner loops (fixed-width lane arrays); parallel over rows where it pays.
 
 use rayon::prelude::*;
 
-use crate::backend::{AttentionBatch, RopeTable};
+use crate::backend::RopeTable;
 
 /// Rows above which row-parallel kernels fan out to the rayon pool.
 const PAR_ROWS: usize = 4;
@@ -108,129 +108,6 @@ pub fn rope(x: &mut [f32], heads: usize, head_dim: usize, positions: &[u32], tab
                 let (a, b) = (lo[i], hi[i]);
                 lo[i] = a * cos[i] - b * sin[i];
                 hi[i] = b * cos[i] + a * sin[i];
-            }
-        }
-    }
-}
-
-/// Paged K (or V) storage of one layer: `[num_blocks * block_size, kv_heads, head_dim]`.
-pub struct PagedLayer<'a> {
-    pub data: &'a [f32],
-    pub block_size: usize,
-    pub kv_heads: usize,
-    pub head_dim: usize,
-}
-
-impl PagedLayer<'_> {
-    #[inline]
-    fn row(&self, table: &[u32], pos: usize, kv_head: usize) -> &[f32] {
-        let slot = table[pos / self.block_size] as usize * self.block_size + pos % self.block_size;
-        let at = (slot * self.kv_heads + kv_head) * self.head_dim;
-        &self.data[at..at + self.head_dim]
-    }
-}
-
-/// Causal attention: each token's `heads` query heads attend over positions `0..=positions[t]`
-/// of its sequence, read through that sequence's block table. GQA maps head `h` to KV head
-/// `h / (heads / kv_heads)`. `q` and `out` are `[tokens, heads, head_dim]`.
-pub fn paged_attention(
-    k: &PagedLayer<'_>,
-    v: &PagedLayer<'_>,
-    q: &[f32],
-    heads: usize,
-    batch: &AttentionBatch,
-    out: &mut [f32],
-) {
-    let one = Attend {
-        k,
-        v,
-        q,
-        heads,
-        batch,
-        group: heads / k.kv_heads,
-        scale: 1.0 / (k.head_dim as f32).sqrt(),
-    };
-    // One work item per (token, KV head): the query heads of a GQA group share its K/V rows.
-    let work = |(i, o): (usize, &mut [f32])| one.run(i, o);
-    out.par_chunks_mut(one.group * k.head_dim).enumerate().for_each(work);
-}
-
-/// The attention of one (token, KV head) pair, `i = token · kv_heads + kv_head`, for all the
-/// query heads that share that KV head.
-struct Attend<'a> {
-    k: &'a PagedLayer<'a>,
-    v: &'a PagedLayer<'a>,
-    q: &'a [f32],
-    heads: usize,
-    batch: &'a AttentionBatch,
-    group: usize,
-    scale: f32,
-}
-
-impl Attend<'_> {
-    /// Runs [`body`](Self::body) compiled for AVX-512 or AVX2+FMA when the CPU has them: the
-    /// crate's baseline target is SSE2, which leaves the vectorised dot products and the
-    /// weighted sum of V at 4 lanes without FMA.
-    fn run(&self, i: usize, out: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if super::simd512::available() {
-                // SAFETY: AVX-512F/BW present (checked).
-                return unsafe { self.avx512(i, out) };
-            }
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                // SAFETY: AVX2 and FMA present (checked).
-                return unsafe { self.avx2(i, out) };
-            }
-        }
-        self.body(i, out)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
-    unsafe fn avx512(&self, i: usize, out: &mut [f32]) {
-        self.body(i, out)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn avx2(&self, i: usize, out: &mut [f32]) {
-        self.body(i, out)
-    }
-
-    #[inline(always)]
-    fn body(&self, i: usize, o: &mut [f32]) {
-        let (k, v, hd, group) = (self.k, self.v, self.k.head_dim, self.group);
-        let (t, g) = (i / k.kv_heads, i % k.kv_heads);
-        let table = &self.batch.block_tables[self.batch.seq[t] as usize];
-        let ctx = self.batch.positions[t] as usize + 1;
-        let q = &self.q[(t * self.heads + g * group) * hd..][..group * hd];
-        // scores[h · ctx + j] for the group's query heads h: each K and V row is read once for
-        // all of them. Plain loops, not iterator adapters: those are separate generic functions
-        // that would not inherit this function's target features.
-        let mut scores = vec![0.0f32; group * ctx];
-        for j in 0..ctx {
-            let kr = k.row(table, j, g);
-            for (h, qh) in q.chunks_exact(hd).enumerate() {
-                scores[h * ctx + j] = dot(qh, kr) * self.scale;
-            }
-        }
-        for row in scores.chunks_exact_mut(ctx) {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0;
-            for s in row.iter_mut() {
-                *s = exp_f32(*s - max);
-                sum += *s;
-            }
-            for s in row.iter_mut() {
-                *s /= sum;
-            }
-        }
-        o.fill(0.0);
-        for j in 0..ctx {
-            let vr = v.row(table, j, g);
-            for (h, oh) in o.chunks_exact_mut(hd).enumerate() {
-                axpy(oh, scores[h * ctx + j], vr);
             }
         }
     }

@@ -1,0 +1,431 @@
+//! Paged causal attention for the CPU backend, tiled so that no score needs a horizontal sum.
+//!
+//! K is stored transposed within each block, `[block][kv_head][head_dim][block_size]`: 16
+//! consecutive positions of one dimension are one vector, so `q · k` for 16 keys is `head_dim`
+//! broadcast-FMAs into one 16-lane accumulator. V stays row-major, `[slot][kv_head][head_dim]`,
+//! so `p · V` adds whole V rows into register accumulators. A work item is one KV head and a tile
+//! of up to [`TILE_TOKENS`] consecutive tokens of one sequence: all their query heads of that
+//! group (up to 8 × 7 rows for Qwen2.5) share every K and V vector it loads. Keys are taken in
+//! chunks of [`CHUNK_KEYS`] with an online softmax (running max and sum, as FlashAttention), so
+//! the score buffer stays in L1/L2 however long the context.
+//!
+//! The body is plain Rust over fixed-width lane arrays, compiled for AVX-512 or AVX2+FMA at run
+//! time (the crate's baseline is SSE2) and vectorised by LLVM.
+
+use rayon::prelude::*;
+
+use super::ops::exp_f32;
+
+use crate::backend::AttentionBatch;
+
+/// Keys per score vector.
+const LANES: usize = 16;
+/// Consecutive tokens of one sequence per work item.
+const TILE_TOKENS: usize = 8;
+/// Keys per online-softmax chunk.
+const CHUNK_KEYS: usize = 256;
+/// Query rows sharing each loaded K or V vector in the inner loops.
+const ROWS: usize = 4;
+/// V columns per register slab of the `p · V` loop.
+const SLAB: usize = 64;
+
+/// One layer's paged K and V, laid out as described in the module docs.
+pub struct PagedKv<'a> {
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub block_size: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// Index of K element (`slot`, `kv_head`, `d`) in the transposed layout.
+#[inline]
+pub fn k_index(block_size: usize, kv_heads: usize, head_dim: usize, slot: usize, kv_head: usize, d: usize) -> usize {
+    let (block, off) = (slot / block_size, slot % block_size);
+    ((block * kv_heads + kv_head) * head_dim + d) * block_size + off
+}
+
+/// Causal attention: each token's `heads` query heads attend over positions `0..=positions[t]`
+/// of its sequence, read through that sequence's block table. GQA maps head `h` to KV head
+/// `h / (heads / kv_heads)`. `q` and `out` are `[tokens, heads, head_dim]`.
+pub fn paged_attention(kv: &PagedKv<'_>, q: &[f32], heads: usize, batch: &AttentionBatch, out: &mut [f32]) {
+    let n = batch.num_tokens();
+    // Tiles: runs of consecutive tokens of the same sequence, at most TILE_TOKENS long.
+    let mut tiles = Vec::new();
+    let mut t0 = 0;
+    while t0 < n {
+        let mut t1 = t0 + 1;
+        while t1 < n && t1 - t0 < TILE_TOKENS && batch.seq[t1] == batch.seq[t0] {
+            t1 += 1;
+        }
+        tiles.push((t0, t1));
+        t0 = t1;
+    }
+    let job = Attend {
+        kv,
+        q,
+        heads,
+        batch,
+        group: heads / kv.kv_heads,
+        scale: 1.0 / (kv.head_dim as f32).sqrt(),
+        out: SendPtr(out.as_mut_ptr()),
+    };
+    assert!(q.len() >= n * heads * kv.head_dim && out.len() >= q.len());
+    let items = tiles.len() * kv.kv_heads;
+    (0..items).into_par_iter().for_each(|i| {
+        let (t0, t1) = tiles[i / kv.kv_heads];
+        // SAFETY: item (tile, kv head) writes only the output rows of its tokens' query heads of
+        // that group, which no other item writes; `out` is exclusively borrowed for this call.
+        unsafe { job.run(t0, t1, i % kv.kv_heads) }
+    });
+}
+
+/// Raw output pointer shared by work items that write disjoint rows.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: only used for disjoint writes while the owning `&mut [f32]` is held by the caller.
+unsafe impl Send for SendPtr {}
+// SAFETY: as above.
+unsafe impl Sync for SendPtr {}
+
+struct Attend<'a> {
+    kv: &'a PagedKv<'a>,
+    q: &'a [f32],
+    heads: usize,
+    batch: &'a AttentionBatch,
+    group: usize,
+    scale: f32,
+    out: SendPtr,
+}
+
+impl Attend<'_> {
+    /// # Safety
+    /// No other thread writes the output rows of tokens `t0..t1`, KV head `g`.
+    unsafe fn run(&self, t0: usize, t1: usize, g: usize) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if super::simd512::available() {
+                // SAFETY: AVX-512F/BW present (checked); the rest is this function's contract.
+                return unsafe { self.avx512(t0, t1, g) };
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                // SAFETY: AVX2 and FMA present (checked).
+                return unsafe { self.avx2(t0, t1, g) };
+            }
+        }
+        // SAFETY: this function's contract.
+        unsafe { self.body::<false>(t0, t1, g) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+    unsafe fn avx512(&self, t0: usize, t1: usize, g: usize) {
+        // SAFETY: the caller's contract; AVX-512F is enabled here.
+        unsafe { self.body::<true>(t0, t1, g) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn avx2(&self, t0: usize, t1: usize, g: usize) {
+        // SAFETY: the caller's contract.
+        unsafe { self.body::<false>(t0, t1, g) }
+    }
+
+    /// Plain loops throughout: iterator adapters are separate generic functions that would not
+    /// inherit the caller's target features. With `X512` the two inner tiles use AVX-512
+    /// intrinsics (LLVM's vectorisation of them proved fragile); the caller must then have
+    /// AVX-512F.
+    #[inline(always)]
+    unsafe fn body<const X512: bool>(&self, t0: usize, t1: usize, g: usize) {
+        let (hd, group) = (self.kv.head_dim, self.group);
+        let table = &self.batch.block_tables[self.batch.seq[t0] as usize];
+        // Rows r = (token t0 + r / group, head g·group + r % group), queries pre-scaled.
+        let rows = (t1 - t0) * group;
+        // Both buffers have ROWS spare zero rows, so the inner loops always run ROWS rows
+        // (fixed trip counts keep the accumulators in registers); extra rows are discarded.
+        let mut qs = vec![0.0f32; (rows + ROWS) * hd];
+        let mut ctx = vec![0usize; rows];
+        for r in 0..rows {
+            let (t, h) = (t0 + r / group, g * group + r % group);
+            let src = &self.q[(t * self.heads + h) * hd..][..hd];
+            for d in 0..hd {
+                qs[r * hd + d] = src[d] * self.scale;
+            }
+            ctx[r] = self.batch.positions[t] as usize + 1;
+        }
+        let ctx_max = ctx.iter().copied().max().unwrap_or(0);
+        let mut m = vec![f32::NEG_INFINITY; rows];
+        let mut l = vec![0.0f32; rows];
+        let mut o = vec![0.0f32; rows * hd];
+        let mut s = vec![0.0f32; (rows + ROWS) * CHUNK_KEYS];
+        let mut kt = vec![0.0f32; hd * LANES];
+        let mut vpad = [0.0f32; SLAB];
+        let mut c0 = 0;
+        while c0 < ctx_max {
+            let cl = CHUNK_KEYS.min(ctx_max - c0);
+            // Scores, 16 keys at a time.
+            let mut j0 = 0;
+            while j0 < cl {
+                let n = LANES.min(cl - j0);
+                let (base, stride) = self.k_tile(table, g, c0 + j0, n, &mut kt);
+                let mut r0 = 0;
+                while r0 < rows {
+                    let nr = ROWS.min(rows - r0);
+                    let mut acc = [[0.0f32; LANES]; ROWS];
+                    qk_tile::<X512>(&qs[r0 * hd..], hd, base, stride, &mut acc);
+                    for (i, a) in acc.iter().enumerate().take(nr) {
+                        let r = r0 + i;
+                        let dst = &mut s[r * CHUNK_KEYS + j0..][..n];
+                        for e in 0..n {
+                            dst[e] = if c0 + j0 + e < ctx[r] { a[e] } else { f32::NEG_INFINITY };
+                        }
+                    }
+                    r0 += nr;
+                }
+                j0 += n;
+            }
+            // Online softmax: rescale what each row has so far to the new running max.
+            for r in 0..rows {
+                let row = &mut s[r * CHUNK_KEYS..][..cl];
+                if c0 >= ctx[r] {
+                    // All masked: weight 0 in the p · V loop that its row group still runs.
+                    row.fill(0.0);
+                    continue;
+                }
+                let mc = max(row).max(m[r]);
+                let corr = exp_f32(m[r] - mc);
+                let sum = exp_sum(row, mc);
+                l[r] = l[r] * corr + sum;
+                m[r] = mc;
+                for x in &mut o[r * hd..][..hd] {
+                    *x *= corr;
+                }
+            }
+            // o += p · V, a slab of columns for up to 4 rows in registers.
+            let mut r0 = 0;
+            while r0 < rows {
+                let nr = ROWS.min(rows - r0);
+                let live = (r0..r0 + nr)
+                    .map(|r| ctx[r].saturating_sub(c0).min(cl))
+                    .max()
+                    .unwrap_or(0);
+                let mut c = 0;
+                while c < hd {
+                    let w = SLAB.min(hd - c);
+                    let mut acc = [[0.0f32; SLAB]; ROWS];
+                    let v_at = |j: usize| &self.v_row(table, g, c0 + j)[c..c + w];
+                    pv_tile::<X512>(&s[r0 * CHUNK_KEYS..], live, v_at, w, &mut vpad, &mut acc);
+                    for (i, a) in acc.iter().enumerate().take(nr) {
+                        let dst = &mut o[(r0 + i) * hd + c..][..w];
+                        for e in 0..w {
+                            dst[e] += a[e];
+                        }
+                    }
+                    c += w;
+                }
+                r0 += nr;
+            }
+            c0 += cl;
+        }
+        for r in 0..rows {
+            let (t, h) = (t0 + r / group, g * group + r % group);
+            let inv = 1.0 / l[r];
+            // SAFETY: row (t, h) < tokens × heads lies inside `out` (asserted by the caller) and
+            // belongs to this work item alone (this function's contract).
+            let dst = unsafe { std::slice::from_raw_parts_mut(self.out.0.add((t * self.heads + h) * hd), hd) };
+            for d in 0..hd {
+                dst[d] = o[r * hd + d] * inv;
+            }
+        }
+    }
+
+    /// K of positions `j0..j0 + n` (n ≤ 16): element (d, e) is at `base[d * stride + e]`, read
+    /// in place when the 16 positions lie in one block, else copied into `kt`. Lanes ≥ n hold
+    /// finite filler (their scores are masked).
+    #[inline(always)]
+    fn k_tile<'b>(&'b self, table: &[u32], g: usize, j0: usize, n: usize, kt: &'b mut [f32]) -> (&'b [f32], usize) {
+        let kv = self.kv;
+        let (bs, hd) = (kv.block_size, kv.head_dim);
+        if j0 % bs + LANES <= bs {
+            let slot = table[j0 / bs] as usize * bs + j0 % bs;
+            return (&kv.k[k_index(bs, kv.kv_heads, hd, slot, g, 0)..], bs);
+        }
+        kt.fill(0.0);
+        for e in 0..n {
+            let pos = j0 + e;
+            let slot = table[pos / bs] as usize * bs + pos % bs;
+            for d in 0..hd {
+                kt[d * LANES + e] = kv.k[k_index(bs, kv.kv_heads, hd, slot, g, d)];
+            }
+        }
+        (kt, LANES)
+    }
+
+    #[inline(always)]
+    fn v_row(&self, table: &[u32], g: usize, pos: usize) -> &[f32] {
+        let kv = self.kv;
+        let slot = table[pos / kv.block_size] as usize * kv.block_size + pos % kv.block_size;
+        &kv.v[(slot * kv.kv_heads + g) * kv.head_dim..][..kv.head_dim]
+    }
+}
+
+/// Largest element, in 16 independent lanes so that it vectorises.
+#[inline(always)]
+fn max(row: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let chunks = row.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for e in 0..LANES {
+            lanes[e] = if c[e] > lanes[e] { c[e] } else { lanes[e] };
+        }
+    }
+    let mut m = f32::NEG_INFINITY;
+    for &v in lanes.iter().chain(tail) {
+        m = if v > m { v } else { m };
+    }
+    m
+}
+
+/// `row[j] = exp(row[j] - max)`, returning the sum, in 16 independent lanes.
+#[inline(always)]
+fn exp_sum(row: &mut [f32], max: f32) -> f32 {
+    let mut lanes = [0.0f32; LANES];
+    let mut chunks = row.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for e in 0..LANES {
+            c[e] = exp_f32(c[e] - max);
+            lanes[e] += c[e];
+        }
+    }
+    let mut sum = 0.0;
+    for v in chunks.into_remainder() {
+        *v = exp_f32(*v - max);
+        sum += *v;
+    }
+    for l in lanes {
+        sum += l;
+    }
+    sum
+}
+
+/// `acc[i][e] = Σ_d q[i * hd + d] · k[d * stride + e]` for the ROWS rows of `q` and 16 keys.
+#[inline(always)]
+fn qk_tile<const X512: bool>(q: &[f32], hd: usize, k: &[f32], stride: usize, acc: &mut [[f32; LANES]; ROWS]) {
+    assert!(q.len() >= ROWS * hd && (hd == 0 || k.len() >= (hd - 1) * stride + LANES));
+    #[cfg(target_arch = "x86_64")]
+    if X512 {
+        // SAFETY: bounds asserted above; `X512` promises AVX-512F (see `body`).
+        unsafe { x512::qk_tile(q.as_ptr(), hd, k.as_ptr(), stride, acc) };
+        return;
+    }
+    for d in 0..hd {
+        let kd = &k[d * stride..][..LANES];
+        for (i, a) in acc.iter_mut().enumerate() {
+            let qv = q[i * hd + d];
+            for e in 0..LANES {
+                a[e] = qv.mul_add(kd[e], a[e]);
+            }
+        }
+    }
+}
+
+/// `acc[i][e] += Σ_j p[i * CHUNK_KEYS + j] · v_at(j)[e]` for the ROWS rows of `p`, `j < live`,
+/// `e < w` (≤ SLAB; `pad` holds a partial slab zero-extended).
+#[inline(always)]
+fn pv_tile<'v, const X512: bool>(
+    p: &[f32],
+    live: usize,
+    v_at: impl Fn(usize) -> &'v [f32],
+    w: usize,
+    pad: &mut [f32; SLAB],
+    acc: &mut [[f32; SLAB]; ROWS],
+) {
+    assert!(p.len() >= (ROWS - 1) * CHUNK_KEYS + live && live <= CHUNK_KEYS && w <= SLAB);
+    #[cfg(target_arch = "x86_64")]
+    if X512 {
+        // SAFETY: bounds asserted above, each V slab has w elements; `X512` promises AVX-512F.
+        unsafe { x512::pv_tile(p.as_ptr(), live, v_at, w, acc) };
+        return;
+    }
+    for j in 0..live {
+        let v = v_at(j);
+        pad[..w].copy_from_slice(&v[..w]);
+        for (i, a) in acc.iter_mut().enumerate() {
+            let pj = p[i * CHUNK_KEYS + j];
+            for e in 0..SLAB {
+                a[e] = pj.mul_add(pad[e], a[e]);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x512 {
+    use std::arch::x86_64::*;
+
+    use super::{CHUNK_KEYS, LANES, ROWS, SLAB};
+
+    /// # Safety
+    /// AVX-512F; `q` has ROWS rows of `hd`, `k` has `(hd - 1) * stride + 16` floats.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn qk_tile(
+        q: *const f32,
+        hd: usize,
+        k: *const f32,
+        stride: usize,
+        acc: &mut [[f32; LANES]; ROWS],
+    ) {
+        // SAFETY (whole body): reads within the bounds above; stores into `acc`.
+        unsafe {
+            let mut a = [_mm512_setzero_ps(); ROWS];
+            for d in 0..hd {
+                let kv = _mm512_loadu_ps(k.add(d * stride));
+                for (i, ai) in a.iter_mut().enumerate() {
+                    *ai = _mm512_fmadd_ps(_mm512_set1_ps(*q.add(i * hd + d)), kv, *ai);
+                }
+            }
+            for (dst, ai) in acc.iter_mut().zip(a) {
+                _mm512_storeu_ps(dst.as_mut_ptr(), ai);
+            }
+        }
+    }
+
+    /// # Safety
+    /// AVX-512F; `p` has ROWS rows (stride CHUNK_KEYS) of ≥ `live` floats; `v_at(j)` has `w` ≤ 64.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn pv_tile<'v>(
+        p: *const f32,
+        live: usize,
+        v_at: impl Fn(usize) -> &'v [f32],
+        w: usize,
+        acc: &mut [[f32; SLAB]; ROWS],
+    ) {
+        const V: usize = SLAB / 16;
+        // Lanes of each 16-column vector that lie inside the slab.
+        let masks: [__mmask16; V] = std::array::from_fn(|u| {
+            let n = w.saturating_sub(16 * u).min(16);
+            ((1u32 << n) - 1) as __mmask16
+        });
+        // SAFETY (whole body): masked loads stay within each V slab's w floats; p reads are
+        // below (ROWS - 1) * CHUNK_KEYS + live; stores into `acc`.
+        unsafe {
+            let mut a = [[_mm512_setzero_ps(); V]; ROWS];
+            for j in 0..live {
+                let v = v_at(j).as_ptr();
+                let vv: [__m512; V] = std::array::from_fn(|u| _mm512_maskz_loadu_ps(masks[u], v.add(16 * u)));
+                for (i, ai) in a.iter_mut().enumerate() {
+                    let pj = _mm512_set1_ps(*p.add(i * CHUNK_KEYS + j));
+                    for (au, vu) in ai.iter_mut().zip(&vv) {
+                        *au = _mm512_fmadd_ps(pj, *vu, *au);
+                    }
+                }
+            }
+            for (dst, ai) in acc.iter_mut().zip(a) {
+                for (u, au) in ai.into_iter().enumerate() {
+                    _mm512_storeu_ps(dst.as_mut_ptr().add(16 * u), au);
+                }
+            }
+        }
+    }
+}
