@@ -24,7 +24,7 @@ use quiver_engine::sampling::SamplingParams;
 use quiver_engine::{Engine, EngineConfig, Event, GenerateRequest};
 use quiver_model::generate::{argmax, BLOCK_SIZE};
 use quiver_model::{BatchBuilder, BlockAllocator, Llama, LoraAdapter, ModelBundle, SequenceCache};
-use quiver_tensor::cpu::{CpuBackend, CpuPagePool};
+use quiver_tensor::cpu::{bf16_activations_supported, CpuBackend, CpuPagePool, Precision};
 use quiver_tensor::{Backend, DType};
 use quiver_testkit::{write_adapter, AdapterSpec, Targets};
 use rayon::prelude::*;
@@ -314,11 +314,33 @@ fn done_json(name: &str, d: &Done, extra: &str) -> String {
     )
 }
 
-/// Workload 1: one sequence, base and adapter 0 (bf16 pages, as the engine stores them), best of
-/// 3. Returns the JSON members `"single":{..},"agree":{..}`.
+/// The matmul precisions Quiver runs in: f32 (the default, the reference) and, where the CPU has
+/// AVX512_BF16, bf16 activations (`--matmul-precision bf16`, what llama.cpp computes), reported
+/// under labels with the suffix " bf16".
+fn precisions() -> Vec<(Precision, &'static str)> {
+    let mut v = vec![(Precision::F32, "")];
+    if bf16_activations_supported() {
+        v.push((Precision::Bf16Activations, " bf16"));
+    }
+    v
+}
+
+/// A workload-1 configuration: label, model (in one precision), adapter.
+type SingleConfig<'a> = (String, &'a Llama<CpuBackend>, Option<&'a Arc<LoraAdapter>>);
+
+/// Workload 1: one sequence, base and adapter 0 (bf16 pages, as the engine stores them), in each
+/// precision, best of 3. Returns the JSON members `"single":{..},"agree":{..}`.
 fn workload1(w: &Workload) -> Result<String> {
-    let bundle = ModelBundle::load(CpuBackend::default(), &w.model, Some(MAX_MODEL_LEN))?;
-    let model = &bundle.model;
+    let bundles = precisions()
+        .into_iter()
+        .map(|(p, suffix)| {
+            Ok((
+                ModelBundle::load(CpuBackend::with_precision(p), &w.model, Some(MAX_MODEL_LEN))?,
+                suffix,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let model = &bundles[0].0.model;
     let cfg = &model.cfg;
     let host = load_peft_adapter("a0", &w.adapters[0], cfg)?;
     let page = quiver_model::lora_page_size(cfg);
@@ -338,12 +360,20 @@ fn workload1(w: &Workload) -> Result<String> {
         &mut pages,
     )?);
     let decode_prompt = &w.long[..DECODE_PROMPT];
-    // Rounds interleave base and adapter so that machine noise hits both alike; best of 3.
-    let configs = [("base", None), ("adapter", Some(&a0))];
-    let mut best = [(0.0f64, 0.0f64); 2];
-    let mut tokens = vec![Vec::new(); 2];
+    // Rounds interleave the configurations so that machine noise hits all alike; best of 3.
+    let configs: Vec<SingleConfig> = bundles
+        .iter()
+        .flat_map(|(b, suffix)| {
+            [
+                (format!("base{suffix}"), &b.model, None),
+                (format!("adapter{suffix}"), &b.model, Some(&a0)),
+            ]
+        })
+        .collect();
+    let mut best = vec![(0.0f64, 0.0f64); configs.len()];
+    let mut tokens = vec![Vec::new(); configs.len()];
     for _ in 0..3 {
-        for (i, (_, adapter)) in configs.iter().enumerate() {
+        for (i, (_, model, adapter)) in configs.iter().enumerate() {
             let (p, _, _) = single(model, &pool, *adapter, &w.long, 0)?;
             let (_, d, t) = single(model, &pool, *adapter, decode_prompt, DECODE_STEPS)?;
             best[i] = (best[i].0.max(p), best[i].1.max(d));
@@ -352,7 +382,7 @@ fn workload1(w: &Workload) -> Result<String> {
     }
     let mut single_json = Vec::new();
     let mut agree = Vec::new();
-    for (((label, _), (prefill, decode)), t) in configs.iter().zip(best).zip(&tokens) {
+    for (((label, _, _), (prefill, decode)), t) in configs.iter().zip(best).zip(&tokens) {
         println!("quiver {label}: prefill {PREFILL_LEN} tokens {prefill:.1} tok/s, decode batch 1 {decode:.1} tok/s");
         single_json.push(format!(
             "\"{label}\":{{\"prefill_tok_s\":{prefill:.4},\"decode_tok_s\":{decode:.4}}}"
@@ -380,8 +410,56 @@ fn run(work: &Path, out: &Path) -> Result<()> {
     let single_json = workload1(&w)?;
 
     // Workloads 2 and 3 go through the engine, all adapters registered (and resident after a
-    // warm-up run) as PEFT holds them all in memory.
-    let bundle = ModelBundle::load(CpuBackend::default(), &w.model, Some(MAX_MODEL_LEN))?;
+    // warm-up run) as PEFT holds them all in memory. Workload 2 runs again with bf16 activations.
+    let mut batch_json = Vec::new();
+    let mut slora_json = Vec::new();
+    for (precision, suffix) in precisions() {
+        let engine = start_engine(&w, precision)?;
+        let batch = |n: usize, adapter: AdapterOf| -> Vec<(Vec<u32>, usize, Option<String>)> {
+            (0..n).map(|i| (w.batch[i].clone(), BATCH_NEW, adapter(i))).collect()
+        };
+        let distinct = |i: usize| Some(adapter_name(i));
+        run_all(&engine, &batch(ADAPTERS, &distinct))?;
+        // The same list as BATCHES in peft_bench.py.
+        let configs: [(&str, usize, AdapterOf); 5] = [
+            ("base", 1, &|_| None),
+            ("base", 8, &|_| None),
+            ("one adapter", 8, &|_| Some(adapter_name(0))),
+            ("different adapters", 8, &distinct),
+            ("different adapters", 32, &distinct),
+        ];
+        for (name, n, f) in configs {
+            let d = best_of(&engine, 3, &batch(n, f))?;
+            println!("quiver{suffix} batch {n}, {name}: {:.1} tok/s", d.tok_s);
+            let extra = format!("\"batch\":{n},\"precision\":\"{precision}\",");
+            batch_json.push(done_json(name, &d, &extra));
+        }
+        if precision != Precision::F32 {
+            continue;
+        }
+        for (k, &n) in SLORA_POINTS.iter().enumerate() {
+            let reqs: Vec<_> = w
+                .slora
+                .iter()
+                .map(|(p, m, at)| (p.clone(), *m, Some(adapter_name(at[k]))))
+                .collect();
+            let d = best_of(&engine, 3, &reqs)?;
+            println!("quiver S-LoRA workload, {n} adapters: {:.1} tok/s", d.tok_s);
+            slora_json.push(done_json("slora", &d, &format!("\"adapters\":{n},")));
+        }
+    }
+    let json = format!(
+        "{{\"system\":\"quiver\",\"threads\":{threads},{single_json},\"batch\":[{}],\"slora\":[{}]}}",
+        batch_json.join(","),
+        slora_json.join(",")
+    );
+    std::fs::write(out, json).with_context(|| format!("writing {}", out.display()))?;
+    Ok(())
+}
+
+/// An engine over the benchmark model with every adapter registered.
+fn start_engine(w: &Workload, precision: Precision) -> Result<Engine> {
+    let bundle = ModelBundle::load(CpuBackend::with_precision(precision), &w.model, Some(MAX_MODEL_LEN))?;
     let engine = Engine::start(
         bundle.model,
         bundle.eos_token_ids,
@@ -401,43 +479,7 @@ fn run(work: &Path, out: &Path) -> Result<()> {
             .register_adapter(&adapter_name(i), dir.clone(), false)?
             .blocking_recv()??;
     }
-    let batch = |n: usize, adapter: AdapterOf| -> Vec<(Vec<u32>, usize, Option<String>)> {
-        (0..n).map(|i| (w.batch[i].clone(), BATCH_NEW, adapter(i))).collect()
-    };
-    let distinct = |i: usize| Some(adapter_name(i));
-    run_all(&engine, &batch(ADAPTERS, &distinct))?;
-    let mut batch_json = Vec::new();
-    // The same list as BATCHES in peft_bench.py.
-    let configs: [(&str, usize, AdapterOf); 5] = [
-        ("base", 1, &|_| None),
-        ("base", 8, &|_| None),
-        ("one adapter", 8, &|_| Some(adapter_name(0))),
-        ("different adapters", 8, &distinct),
-        ("different adapters", 32, &distinct),
-    ];
-    for (name, n, f) in configs {
-        let d = best_of(&engine, 3, &batch(n, f))?;
-        println!("quiver batch {n}, {name}: {:.1} tok/s", d.tok_s);
-        batch_json.push(done_json(name, &d, &format!("\"batch\":{n},")));
-    }
-    let mut slora_json = Vec::new();
-    for (k, &n) in SLORA_POINTS.iter().enumerate() {
-        let reqs: Vec<_> = w
-            .slora
-            .iter()
-            .map(|(p, m, at)| (p.clone(), *m, Some(adapter_name(at[k]))))
-            .collect();
-        let d = best_of(&engine, 3, &reqs)?;
-        println!("quiver S-LoRA workload, {n} adapters: {:.1} tok/s", d.tok_s);
-        slora_json.push(done_json("slora", &d, &format!("\"adapters\":{n},")));
-    }
-    let json = format!(
-        "{{\"system\":\"quiver\",\"threads\":{threads},{single_json},\"batch\":[{}],\"slora\":[{}]}}",
-        batch_json.join(","),
-        slora_json.join(",")
-    );
-    std::fs::write(out, json).with_context(|| format!("writing {}", out.display()))?;
-    Ok(())
+    Ok(engine)
 }
 
 fn main() -> Result<()> {

@@ -11,7 +11,8 @@ Agreement: transformers + PEFT (f32 compute on the bf16-exact weights) is the re
 reports, for its first 8 greedy steps, the gap between its two largest logits. A difference in the
 first 8 tokens (first `max_tokens` for shorter requests) is an error unless the reference's gap at
 that step is below the pair's tolerance, i.e. a near-tie that rounding can flip: 0.01 for Quiver
-(f32 compute like the reference), 0.25 for llama.cpp (bf16 activations in its matmuls). Near-ties
+(f32 compute like the reference), 0.25 for llama.cpp and for Quiver with `--matmul-precision bf16`
+(bf16 activations in their matmuls). Near-ties
 must stay rare (at most a quarter of the compared sequences), and adapter 0 must change the greedy
 tokens of the agreement prompt (otherwise agreeing would not show that adapters are applied).
 """
@@ -26,7 +27,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 AGREE = 8
-TOL = {"quiver": 0.01, "llama.cpp": 0.25}
+TOL = {"quiver": 0.01, "quiver bf16": 0.25, "llama.cpp": 0.25}
+BF16 = " bf16"  # label suffix of Quiver's bf16-activation runs (absent without AVX512_BF16)
 
 
 def percentile(v, p):
@@ -65,10 +67,12 @@ def main():
     q = json.load(open(work / "quiver.json"))
     ll = json.load(open(work / "llamacpp.json"))
     pf = json.load(open(work / "peft.json"))
-    # Second rounds of workload 1 (interleaved by run.sh): each system keeps its best.
-    for main_, extra in [(q, "quiver-single.json"), (ll, "llamacpp-2.json")]:
-        if (work / extra).exists():
-            more = json.load(open(work / extra))
+    # Further rounds of workload 1 (interleaved by run.sh): each system keeps its best.
+    extras = [(q, p) for p in sorted(work.glob("quiver-single-*.json"))]
+    extras += [(ll, p) for p in sorted(work.glob("llamacpp-[0-9]*.json"))]
+    for main_, extra in extras:
+        if extra.exists():
+            more = json.load(open(extra))
             main_.setdefault("rounds", [main_["agree"]]).append(more["agree"])
             for label, m in more["single"].items():
                 for k, v in m.items():
@@ -79,15 +83,25 @@ def main():
         ref, gaps = pf["agree"][label], pf["agree_margins"][label]
         for r, agree in enumerate(q.get("rounds", [q["agree"]])):
             check.seq(f"agreement prompt ({label}, round {r + 1})", "quiver", ref, gaps, agree[label])
+            if label + BF16 in agree:
+                check.seq(f"agreement prompt ({label}, bf16 activations, round {r + 1})", "quiver bf16", ref, gaps,
+                          agree[label + BF16])
         for r, agree in enumerate(ll.get("rounds", [ll["agree"]])):
             check.seq(f"agreement prompt ({label}, round {r + 1})", "llama.cpp", ref, gaps, agree[label])
     if pf["agree"]["base"] == pf["agree"]["adapter"]:
         check.errors.append("adapter 0 does not change the agreement prompt's greedy tokens: "
                             "the check could not tell a missing adapter")
-    for qb, pb in zip(q["batch"], pf["batch"]):
-        assert (qb["name"], qb["batch"]) == (pb["name"], pb["batch"]), (qb["name"], pb["name"])
-        for i, (qt, pt) in enumerate(zip(qb["tokens"], pb["tokens"])):
-            check.seq(f"batch {pb['batch']} {pb['name']}, request {i}", "quiver", pt, pb["margins"][i], qt)
+    # Quiver's batch runs: f32 first (paired with PEFT's in order), then bf16 activations if run.
+    q_f32 = [b for b in q["batch"] if b.get("precision", "f32") == "f32"]
+    q_bf16 = [b for b in q["batch"] if b.get("precision") == "bf16"]
+    for runs, system in [(q_f32, "quiver"), (q_bf16, "quiver bf16")]:
+        if not runs:
+            continue
+        assert len(runs) == len(pf["batch"]), (system, len(runs), len(pf["batch"]))
+        for qb, pb in zip(runs, pf["batch"]):
+            assert (qb["name"], qb["batch"]) == (pb["name"], pb["batch"]), (qb["name"], pb["name"])
+            for i, (qt, pt) in enumerate(zip(qb["tokens"], pb["tokens"])):
+                check.seq(f"batch {pb['batch']} {pb['name']} ({system}), request {i}", system, pt, pb["margins"][i], qt)
     for qs, ps in zip(q["slora"], pf["slora"]):
         for i, (qt, pt) in enumerate(zip(qs["tokens"], ps["tokens"])):
             check.seq(f"S-LoRA {ps['adapters']} adapters, request {i}", "quiver", pt, ps["margins"][i], qt)
@@ -107,6 +121,12 @@ def main():
         ls1["base"]["prefill_tok_s"])
     row("1. prefill, 1 adapter", f"{plen}-token prompt", qs1["adapter"]["prefill_tok_s"], "llama.cpp bf16, use_mmap=False",
         ls1["adapter"]["prefill_tok_s"])
+    for label in ["base", "adapter"]:
+        if label + BF16 in qs1:
+            what = "base" if label == "base" else "1 adapter"
+            row(f"1. prefill, {what}, Quiver bf16 activations", f"{plen}-token prompt",
+                qs1[label + BF16]["prefill_tok_s"], "llama.cpp bf16, use_mmap=False", ls1[label]["prefill_tok_s"],
+                "`--matmul-precision bf16`: activations rounded to bf16 at the matmuls, as llama.cpp does")
     row("1. decode, base", f"batch 1, {dsteps} steps", qs1["base"]["decode_tok_s"], "llama.cpp bf16, use_mmap=False",
         ls1["base"]["decode_tok_s"])
     if "base_mmap" in ls1:
@@ -118,13 +138,16 @@ def main():
         ls1["adapter"]["decode_tok_s"], f"LoRA tax: Quiver {100 * qtax:.1f}%, llama.cpp {100 * ltax:.1f}%")
     new = w["batch"]["new_tokens"]
     plen2 = len(w["batch"]["prompts"][0])
-    for qb, pb in zip(q["batch"], pf["batch"]):
+    for k, (qb, pb) in enumerate(zip(q_f32, pf["batch"])):
         n = pb["batch"]
         what = {"base": "base", "one adapter": "all on 1 adapter",
                 "different adapters": f"{n} different adapters"}[pb["name"]]
         peer = "PEFT `adapter_names=`" if pb["name"] == "different adapters" else "transformers+PEFT"
         row(f"2. batch {n}, {what}", f"{n} × ({plen2} prompt + {new} new), end to end", qb["tok_s"], peer,
             pb["tok_s"])
+        if q_bf16:
+            row(f"2. batch {n}, {what}, Quiver bf16 activations", "same", q_bf16[k]["tok_s"], peer, pb["tok_s"],
+                "`--matmul-precision bf16`")
         if pb["name"] == "different adapters":
             rows.append(f"| 2. batch {n}, {what} | same | {qb['tok_s']:.1f} | llama.cpp | n/a | – | "
                         "llama.cpp cannot mix adapters per request (one LoRA set per context) |")
@@ -169,7 +192,7 @@ def plots(q, pf, w, plot_dir):
             label=f"Quiver, S-LoRA workload ({n_req} requests)")
     ax.plot(xs, [s["tok_s"] for s in pf["slora"]], "o-", color="tab:orange",
             label="PEFT, one adapter-group at a time")
-    mixed_q = [b for b in q["batch"] if b["name"] == "different adapters"]
+    mixed_q = [b for b in q["batch"] if b["name"] == "different adapters" and b.get("precision", "f32") == "f32"]
     mixed_p = [b for b in pf["batch"] if b["name"] == "different adapters"]
     ax.plot([b["batch"] for b in mixed_q], [b["tok_s"] for b in mixed_q], "s--", color="tab:blue",
             label="Quiver, batch of n requests on n adapters")

@@ -95,7 +95,7 @@ if [ ! -s "$lora_gguf" ] || [ "$adapter0/adapter_model.safetensors" -nt "$lora_g
 fi
 
 # --- 4. The systems, one after the other ------------------------------------------------------
-rm -f "$work"/{quiver,quiver-single,llamacpp,llamacpp-2,peft}.json
+rm -f "$work"/{quiver,quiver-single*,llamacpp,llamacpp-[0-9]*,peft}.json
 loads=()
 log "Quiver (load average $(load))"
 loads+=("Quiver $(load)")
@@ -103,12 +103,14 @@ quiver run "$work" "$work/quiver.json"
 log "llama.cpp (load average $(load))"
 loads+=("llama.cpp $(load)")
 "$py" "$repo/benches/peers/llamacpp_bench.py" "$work/workload.json" "$base_gguf" "$lora_gguf" "$work/llamacpp.json"
-# A second round of workload 1 for both, interleaved, so that a busy spell of the machine does not
-# decide the batch-1 ratios alone (report.py keeps each system's best).
-log "workload 1 again: Quiver (load average $(load))"
-quiver single "$work" "$work/quiver-single.json"
-log "workload 1 again: llama.cpp (load average $(load))"
-"$py" "$repo/benches/peers/llamacpp_bench.py" "$work/workload.json" "$base_gguf" "$lora_gguf" "$work/llamacpp-2.json"
+# Two more rounds of workload 1 for both, interleaved, so that a busy (or quiet) spell of the
+# machine does not decide the batch-1 ratios alone (report.py keeps each system's best).
+for round in 2 3; do
+    log "workload 1, round $round: Quiver (load average $(load))"
+    quiver single "$work" "$work/quiver-single-$round.json"
+    log "workload 1, round $round: llama.cpp (load average $(load))"
+    "$py" "$repo/benches/peers/llamacpp_bench.py" "$work/workload.json" "$base_gguf" "$lora_gguf" "$work/llamacpp-$round.json"
+done
 log "transformers + PEFT (load average $(load); the slow part: about 5 minutes on a quiet 2-core machine)"
 loads+=("PEFT $(load)")
 "$py" "$repo/benches/peers/peft_bench.py" "$work/workload.json" "$work/peft.json"
