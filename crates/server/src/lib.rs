@@ -85,6 +85,9 @@ fn build_on_cuda(ordinal: usize, opts: ServerOptions) -> anyhow::Result<Arc<AppS
 
 #[cfg(feature = "cuda")]
 fn build_on_backend_cuda(be: quiver_cuda::CudaBackend, opts: ServerOptions) -> anyhow::Result<Arc<AppState>> {
+    if opts.cpu_matmul_precision != Precision::F32 {
+        tracing::info!("--matmul-precision applies to the CPU backend only; ignored on the GPU");
+    }
     let probe = be.clone();
     let fraction = opts.gpu_memory_utilization;
     let budget = move || -> anyhow::Result<Option<usize>> {

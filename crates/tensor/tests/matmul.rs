@@ -153,3 +153,55 @@ fn empty_shapes_return() {
     matmul(&[], 2, &zero_k, &mut out);
     assert_eq!(out, [0.0; 6]);
 }
+
+/// `Precision::Bf16Activations`: from 24 x rows on (AVX512_BF16 CPUs) the result is x rounded to
+/// bf16 times W, to the same summation-order bound as above (a bf16 × bf16 product is exact in
+/// f32); below 24 rows, and on CPUs without the instruction, it is the f32 matmul.
+#[test]
+fn bf16_activations_round_x_and_nothing_else() {
+    use quiver_tensor::cpu::{bf16_activations_supported, matmul_with, Precision};
+    let mut rng = Rng(11);
+    for &(m, n, k) in &[(23, 9, 37), (24, 13, 33), (31, 70, 95), (300, 17, 1057)] {
+        let x = rng.vec(m * k);
+        let w = matrix(n, k, &rng.vec(n * k), DType::BF16);
+        let wf = w.to_f32_vec();
+        let mut fast = vec![f32::NAN; m * n];
+        matmul_with(&x, m, &w, &mut fast, Precision::Bf16Activations);
+        let rounded = m >= 24 && bf16_activations_supported();
+        let xr: Vec<f32> = if rounded {
+            x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect()
+        } else {
+            x.clone()
+        };
+        let mut want = vec![0.0; m * n];
+        matmul_ref(&xr, m, &w, &mut want);
+        let mut plain = vec![0.0; m * n];
+        matmul_ref(&x, m, &w, &mut plain);
+        let mut moved = false;
+        for i in 0..m {
+            for j in 0..n {
+                let abs_sum: f32 = (0..k).map(|p| (xr[i * k + p] * wf[j * k + p]).abs()).sum();
+                let (got, r) = (fast[i * n + j], want[i * n + j]);
+                let tol = k as f32 * f32::EPSILON * abs_sum + f32::EPSILON * r.abs() + f32::MIN_POSITIVE;
+                assert!(
+                    (got - r).abs() <= tol,
+                    "m={m} n={n} k={k}: [{i},{j}] {got} vs {r} (tol {tol})"
+                );
+                moved |= (got - plain[i * n + j]).abs() > 1e-4;
+            }
+        }
+        // Where x is rounded, the result must visibly differ from the f32 one.
+        assert_eq!(moved, rounded, "m={m}: bf16 rounding seen {moved}, expected {rounded}");
+    }
+}
+
+#[test]
+fn precision_parses_and_prints() {
+    use quiver_tensor::cpu::Precision;
+    for (s, p) in [("f32", Precision::F32), ("bf16", Precision::Bf16Activations)] {
+        assert_eq!(s.parse::<Precision>(), Ok(p));
+        assert_eq!(p.to_string(), s);
+    }
+    let err = "fp8".parse::<Precision>().expect_err("not a precision");
+    assert!(err.contains("f32 or bf16"), "{err}");
+}
