@@ -15,6 +15,7 @@
 use rayon::prelude::*;
 
 use super::ops::exp_f32;
+use super::SendPtr;
 
 use crate::backend::AttentionBatch;
 
@@ -79,14 +80,6 @@ pub fn paged_attention(kv: &PagedKv<'_>, q: &[f32], heads: usize, batch: &Attent
         unsafe { job.run(t0, t1, i % kv.kv_heads) }
     });
 }
-
-/// Raw output pointer shared by work items that write disjoint rows.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: only used for disjoint writes while the owning `&mut [f32]` is held by the caller.
-unsafe impl Send for SendPtr {}
-// SAFETY: as above.
-unsafe impl Sync for SendPtr {}
 
 struct Attend<'a> {
     kv: &'a PagedKv<'a>,
@@ -232,7 +225,7 @@ impl Attend<'_> {
             let inv = 1.0 / l[r];
             // SAFETY: row (t, h) < tokens × heads lies inside `out` (asserted by the caller) and
             // belongs to this work item alone (this function's contract).
-            let dst = unsafe { std::slice::from_raw_parts_mut(self.out.0.add((t * self.heads + h) * hd), hd) };
+            let dst = unsafe { std::slice::from_raw_parts_mut(self.out.get().add((t * self.heads + h) * hd), hd) };
             for d in 0..hd {
                 dst[d] = o[r * hd + d] * inv;
             }

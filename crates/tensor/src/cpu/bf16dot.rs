@@ -17,6 +17,8 @@ use std::arch::x86_64::*;
 use half::bf16;
 use rayon::prelude::*;
 
+use super::SendPtr;
+
 /// Whether `vdpbf16ps` can run here; detected once.
 pub(crate) fn available() -> bool {
     use std::sync::OnceLock;
@@ -122,20 +124,6 @@ pub(crate) fn matmul_bf16(xb: &[bf16], m: usize, k: usize, w: &[bf16], n: usize,
         run(0);
     } else {
         (0..count).into_par_iter().for_each(run);
-    }
-}
-
-/// Raw output pointer shared by rayon tasks that write disjoint parts of it.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: only used for disjoint writes while the owning `&mut [f32]` is held by the caller.
-unsafe impl Send for SendPtr {}
-// SAFETY: as above.
-unsafe impl Sync for SendPtr {}
-impl SendPtr {
-    // A method (not field access) so closures capture the whole Send+Sync wrapper.
-    fn get(self) -> *mut f32 {
-        self.0
     }
 }
 

@@ -11,6 +11,7 @@ use std::cell::Cell;
 use rayon::prelude::*;
 
 use super::simd::{self, Weight};
+use super::SendPtr;
 use crate::storage::{Matrix, MatrixData};
 
 /// From this many x rows on, the `gemm` crate's packed kernel takes over. Both paths run near
@@ -172,20 +173,6 @@ fn matmul_stream<T: Weight>(x: &[f32], m: usize, k: usize, n: usize, w: &[T], ou
             }
         }
     });
-}
-
-/// Raw output pointer shared by rayon tasks that write disjoint parts of it.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: only used for disjoint writes while the owning `&mut [f32]` is held by the caller.
-unsafe impl Send for SendPtr {}
-// SAFETY: as above; the pointer itself is never used to create overlapping references.
-unsafe impl Sync for SendPtr {}
-impl SendPtr {
-    // A method (not field access) so closures capture the whole Send+Sync wrapper.
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 thread_local! {

@@ -16,3 +16,18 @@ mod simd512;
 pub use backend::{CpuBackend, CpuKvPool};
 pub use lora::CpuPagePool;
 pub use matmul::{bf16_activations_supported, matmul, matmul_ref, matmul_with, Precision};
+
+/// Raw output pointer shared by parallel tasks that each write a disjoint part of it (the
+/// matmul's column blocks, attention's rows).
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr(pub(crate) *mut f32);
+// SAFETY: only used for disjoint writes while the owning `&mut [f32]` is held by the caller.
+unsafe impl Send for SendPtr {}
+// SAFETY: as above; the pointer itself is never used to create overlapping references.
+unsafe impl Sync for SendPtr {}
+impl SendPtr {
+    // A method (not field access) so closures capture the whole Send+Sync wrapper.
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
