@@ -43,8 +43,9 @@ const MC: usize = 128;
 /// Smallest weight slice (bytes) per rayon task.
 const TASK_MIN_BYTES: usize = 64 << 10;
 
-/// Rounds `x` to bf16 (nearest even), as `half::bf16::from_f32` does for finite values; large
-/// inputs are split across threads (a 512-token prefill's x is ~2 MB).
+/// Rounds `x` to bf16 (nearest even), bit for bit as `half::bf16::from_f32` except that
+/// subnormal inputs (< 1.2e-38) become zero; large inputs are split across threads (a 512-token
+/// prefill's x is ~2 MB).
 pub(crate) fn round_to_bf16(x: &[f32], out: &mut Vec<bf16>) {
     assert!(available(), "round_to_bf16 needs AVX512_BF16");
     out.resize(x.len(), bf16::ZERO);
@@ -67,8 +68,10 @@ fn round_slice(x: &[f32], out: &mut [bf16]) {
             _mm512_storeu_si512(o.as_mut_ptr() as *mut __m512i, cvt32(lo, hi));
         }
     }
-    for (o, v) in out[tail..].iter_mut().zip(&x[tail..]) {
-        *o = bf16::from_f32(*v);
+    // The same flush of subnormals as the instruction, so the result does not depend on where
+    // the 32-element blocks end.
+    for (o, &v) in out[tail..].iter_mut().zip(&x[tail..]) {
+        *o = bf16::from_f32(if v.is_subnormal() { 0.0f32.copysign(v) } else { v });
     }
 }
 
@@ -254,6 +257,42 @@ mod tests {
     fn lcg(seed: &mut u64) -> f32 {
         *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    /// Rounding agrees with `half` bit for bit (zeros, infinities, NaN, overflow to infinity,
+    /// ties), except that the instruction flushes subnormal inputs to a zero of the same sign.
+    #[test]
+    fn rounding_matches_half_except_subnormals() {
+        if !available() {
+            return;
+        }
+        let vals = [
+            0.0f32,
+            -0.0,
+            1e-40,
+            -1e-40,
+            f32::MIN_POSITIVE,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            3.4e38,
+            1.0 + 2f32.powi(-8),
+            1.0 + 3.0 * 2f32.powi(-8),
+            -2.5,
+        ];
+        // 64 elements through the instruction, then a scalar tail that has subnormals too.
+        let mut x: Vec<f32> = vals.iter().cycle().take(64).copied().collect();
+        x.extend([1e-40, -1e-40, 1.5, f32::NAN]);
+        let mut out = Vec::new();
+        round_to_bf16(&x, &mut out);
+        for (a, b) in x.iter().zip(&out) {
+            let want = if a.is_subnormal() {
+                bf16::from_f32(0.0f32.copysign(*a))
+            } else {
+                bf16::from_f32(*a)
+            };
+            assert_eq!(b.to_bits(), want.to_bits(), "{a:e}");
+        }
     }
 
     #[test]
