@@ -50,6 +50,19 @@ pub fn k_index(block_size: usize, kv_heads: usize, head_dim: usize, slot: usize,
 /// of its sequence, read through that sequence's block table. GQA maps head `h` to KV head
 /// `h / (heads / kv_heads)`. `q` and `out` are `[tokens, heads, head_dim]`.
 pub fn paged_attention(kv: &PagedKv<'_>, q: &[f32], heads: usize, batch: &AttentionBatch, out: &mut [f32]) {
+    attention_on(Path::Best, kv, q, heads, batch, out)
+}
+
+/// Which compiled body runs: the best the CPU has, or (for the tests, which run on an AVX-512
+/// machine) the portable loops that other CPUs get.
+#[derive(Clone, Copy, PartialEq)]
+enum Path {
+    Best,
+    #[cfg_attr(not(test), allow(dead_code))]
+    Portable,
+}
+
+fn attention_on(path: Path, kv: &PagedKv<'_>, q: &[f32], heads: usize, batch: &AttentionBatch, out: &mut [f32]) {
     let n = batch.num_tokens();
     // Tiles: runs of consecutive tokens of the same sequence, at most TILE_TOKENS long.
     let mut tiles = Vec::new();
@@ -77,7 +90,12 @@ pub fn paged_attention(kv: &PagedKv<'_>, q: &[f32], heads: usize, batch: &Attent
         let (t0, t1) = tiles[i / kv.kv_heads];
         // SAFETY: item (tile, kv head) writes only the output rows of its tokens' query heads of
         // that group, which no other item writes; `out` is exclusively borrowed for this call.
-        unsafe { job.run(t0, t1, i % kv.kv_heads) }
+        unsafe {
+            match path {
+                Path::Best => job.run(t0, t1, i % kv.kv_heads),
+                Path::Portable => job.body::<false>(t0, t1, i % kv.kv_heads),
+            }
+        }
     });
 }
 
@@ -419,6 +437,51 @@ mod x512 {
                     _mm512_storeu_ps(dst.as_mut_ptr().add(16 * u), au);
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The portable body (what CPUs without AVX-512 run) against the one this machine runs, on a
+    /// case with copied K tiles (block 8), a partial V slab (head_dim 72), two 256-key chunks and
+    /// a prefill over several tiles; both are checked against a dense reference in `tests/ops.rs`
+    /// only through the best path.
+    #[test]
+    fn portable_body_matches_the_best_one() {
+        let (heads, kv_heads, hd, bs) = (6, 2, 72, 8);
+        let ctx = 300;
+        let blocks = ctx / bs + 1;
+        let mut seed = 5u64;
+        let mut r = || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        };
+        let k: Vec<f32> = (0..blocks * bs * kv_heads * hd).map(|_| r()).collect();
+        let v: Vec<f32> = (0..blocks * bs * kv_heads * hd).map(|_| r()).collect();
+        let kv = PagedKv {
+            k: &k,
+            v: &v,
+            block_size: bs,
+            kv_heads,
+            head_dim: hd,
+        };
+        let table: Vec<u32> = (0..blocks as u32).rev().collect();
+        let positions: Vec<u32> = (280..300).chain([5]).collect();
+        let batch = AttentionBatch {
+            seq: positions.iter().map(|&p| u32::from(p == 5)).collect(),
+            slots: vec![0; positions.len()],
+            positions,
+            block_tables: vec![table.clone(), table],
+        };
+        let q: Vec<f32> = (0..batch.num_tokens() * heads * hd).map(|_| r()).collect();
+        let (mut best, mut portable) = (vec![f32::NAN; q.len()], vec![f32::NAN; q.len()]);
+        attention_on(Path::Best, &kv, &q, heads, &batch, &mut best);
+        attention_on(Path::Portable, &kv, &q, heads, &batch, &mut portable);
+        for (i, (a, b)) in best.iter().zip(&portable).enumerate() {
+            assert!((a - b).abs() <= 1e-5 * (1.0 + a.abs()), "out[{i}]: {a} vs {b}");
         }
     }
 }
