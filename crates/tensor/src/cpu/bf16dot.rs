@@ -8,9 +8,9 @@
 //! f32 reference. Hence opt-in ([`super::Precision::Bf16Activations`]), and only used where the
 //! CPU has the instruction; elsewhere the f32 path runs.
 //!
-//! Tiles are dot-product shaped like the f32 ones in `simd512.rs`: 4 x rows × 4 weight rows, 16
-//! lane accumulators each, reduced together at the end of k by one transpose-add tree. For large
-//! m the x rows are taken in chunks that stay in L2 while a task's weight rows pass over them.
+//! Tiles are dot-product shaped like the f32 ones in `simd512.rs`: 4 x rows × 6 weight rows, 16
+//! lane accumulators each, reduced together at the end of k by a transpose-add tree. k is taken
+//! in slices that keep a weight block in L1, and a task's x rows (at most 128) stay in L2.
 
 use std::arch::x86_64::*;
 
@@ -34,7 +34,7 @@ pub(crate) fn available() -> bool {
 /// fill the 32 registers (4 × 6 measured ~10% faster than 4 × 4 and level with 6 × 4).
 const NR: usize = 6;
 const MR: usize = 4;
-/// k is taken in slices of this many elements, so a block of weight rows (4 × 2 KB) stays in L1
+/// k is taken in slices of this many elements, so a block of weight rows (6 × 2 KB) stays in L1
 /// while the x rows of a task pass over it.
 const KC: usize = 1024;
 /// Most x rows per task: their k slice (≤ 256 KB) stays in L2, and a prefill splits into enough
@@ -60,9 +60,10 @@ pub(crate) fn round_to_bf16(x: &[f32], out: &mut Vec<bf16>) {
 }
 
 fn round_slice(x: &[f32], out: &mut [bf16]) {
+    assert!(available() && out.len() >= x.len());
     let (chunks, tail) = (x.chunks_exact(32), x.len() / 32 * 32);
     for (c, o) in chunks.zip(out.chunks_exact_mut(32)) {
-        // SAFETY: AVX512_BF16 was asserted by the caller; `c` and `o` hold 32 elements each.
+        // SAFETY: AVX512_BF16 is asserted above; `c` and `o` hold 32 elements each.
         unsafe {
             let (lo, hi) = (_mm512_loadu_ps(c.as_ptr()), _mm512_loadu_ps(c.as_ptr().add(16)));
             _mm512_storeu_si512(o.as_mut_ptr() as *mut __m512i, cvt32(lo, hi));
