@@ -9,14 +9,16 @@
 //! chunks of [`CHUNK_KEYS`] with an online softmax (running max and sum, as FlashAttention), so
 //! the score buffer stays in L1/L2 however long the context.
 //!
-//! The body is plain Rust over fixed-width lane arrays, compiled for AVX-512 or AVX2+FMA at run
-//! time (the crate's baseline is SSE2) and vectorised by LLVM.
+//! The body is plain Rust compiled for AVX-512 or AVX2+FMA at run time (the crate's baseline is
+//! SSE2). Its two inner tiles (4 rows × 16 scores, 4 rows × 64 output columns) are AVX-512
+//! intrinsics on CPUs that have it: as portable lane loops LLVM sometimes compiled them to
+//! scalar FMAs or kept the accumulators in memory. Elsewhere the portable loops run (a unit
+//! test below compares the two).
 
 use rayon::prelude::*;
 
 use super::ops::exp_f32;
 use super::SendPtr;
-
 use crate::backend::AttentionBatch;
 
 /// Keys per score vector.
