@@ -145,6 +145,18 @@ fn goldens_match_transformers() -> Result<()> {
     Ok(())
 }
 
+/// Last-position logits of one prompt prefilled alone in a fresh cache.
+fn prefill_logits(model: &quiver_model::Llama<CpuBackend>, ids: &[u32]) -> Result<Vec<f32>> {
+    let mut alloc = BlockAllocator::new(ids.len().div_ceil(BLOCK_SIZE), BLOCK_SIZE);
+    let mut kv = model.new_kv_pool(alloc.total(), BLOCK_SIZE)?;
+    let mut seq = SequenceCache::default();
+    seq.reserve(&mut alloc, ids.len())
+        .map_err(|_| anyhow::anyhow!("out of blocks"))?;
+    let mut b = BatchBuilder::new();
+    b.push(&mut seq, BLOCK_SIZE, ids, true);
+    Ok(model.backend.download(&model.forward(&b.finish(), &mut kv)?)?)
+}
+
 /// f16 checkpoints load and run in f16 (widened in the kernels). The weights are rounded, so the
 /// golden holds only approximately: logits within 0.05 of the f32 model's.
 #[test]
@@ -172,18 +184,7 @@ fn f16_checkpoint_runs_close_to_f32() -> Result<()> {
     std::fs::write(&path, safetensors::serialize(views, None)?)?;
     let bundle = ModelBundle::load(CpuBackend::default(), dir.path(), None)?;
     let p = &golden.prompts[2];
-    let mut alloc = BlockAllocator::new(8, BLOCK_SIZE);
-    let mut kv = bundle.model.new_kv_pool(alloc.total(), BLOCK_SIZE)?;
-    let mut seq = SequenceCache::default();
-    seq.reserve(&mut alloc, p.ids.len())
-        .map_err(|_| anyhow::anyhow!("out of blocks"))?;
-    let mut b = BatchBuilder::new();
-    b.push(&mut seq, BLOCK_SIZE, &p.ids, true);
-    let logits = bundle
-        .model
-        .backend
-        .download(&bundle.model.forward(&b.finish(), &mut kv)?)?;
-    let d = max_abs_diff(&logits, &p.last_logits);
+    let d = max_abs_diff(&prefill_logits(&bundle.model, &p.ids)?, &p.last_logits);
     ensure!(d > 0.0 && d <= 0.05, "f16 logits differ from the f32 golden by {d}");
     Ok(())
 }
@@ -203,18 +204,7 @@ fn bf16_activations_stay_close_to_the_goldens() -> Result<()> {
         let backend = CpuBackend::with_precision(Precision::Bf16Activations);
         let bundle = ModelBundle::load(backend, dir.path(), None)?;
         for (i, p) in golden.prompts.iter().enumerate().filter(|(_, p)| p.ids.len() >= 24) {
-            let mut alloc = BlockAllocator::new(8, BLOCK_SIZE);
-            let mut kv = bundle.model.new_kv_pool(alloc.total(), BLOCK_SIZE)?;
-            let mut seq = SequenceCache::default();
-            seq.reserve(&mut alloc, p.ids.len())
-                .map_err(|_| anyhow::anyhow!("out of blocks"))?;
-            let mut b = BatchBuilder::new();
-            b.push(&mut seq, BLOCK_SIZE, &p.ids, true);
-            let logits = bundle
-                .model
-                .backend
-                .download(&bundle.model.forward(&b.finish(), &mut kv)?)?;
-            let d = max_abs_diff(&logits, &p.last_logits);
+            let d = max_abs_diff(&prefill_logits(&bundle.model, &p.ids)?, &p.last_logits);
             let scale = p.last_logits.iter().fold(0f32, |a, v| a.max(v.abs()));
             eprintln!(
                 "{name} prompt {i} ({} tokens): bf16 activations differ by {d} (max |logit| {scale})",
