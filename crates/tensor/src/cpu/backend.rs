@@ -74,7 +74,7 @@ impl Backend for CpuBackend {
     }
 
     fn upload_weight(&self, m: Matrix) -> Result<Matrix, TensorError> {
-        Ok(m)
+        Ok(crate::cpu::huge::into_huge_pages(m))
     }
 
     fn upload(&self, data: &[f32]) -> Result<Vec<f32>, TensorError> {
