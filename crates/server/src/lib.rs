@@ -45,6 +45,8 @@ pub struct ServerOptions {
     pub device: Device,
     /// Input precision of the CPU backend's matmuls (f32 = the reference; ignored on a GPU).
     pub cpu_matmul_precision: Precision,
+    /// Leave the weights in the file mapping instead of copying them into huge pages (CPU).
+    pub cpu_keep_weights_mapped: bool,
     /// On a GPU, size the KV + adapter budget as this fraction of the memory left free once the
     /// weights are resident; `None` keeps `engine.memory_budget`.
     pub gpu_memory_utilization: Option<f64>,
@@ -55,7 +57,7 @@ pub struct ServerOptions {
 /// a broken adapter stops the start with its error).
 pub fn build_state(opts: ServerOptions) -> anyhow::Result<Arc<AppState>> {
     match opts.device {
-        Device::Cpu => build_on(cpu_backend(opts.cpu_matmul_precision), opts, None),
+        Device::Cpu => build_on(cpu_backend(&opts), opts, None),
         Device::Cuda(n) => build_on_cuda(n, opts),
         Device::Auto => {
             #[cfg(feature = "cuda")]
@@ -65,16 +67,22 @@ pub fn build_state(opts: ServerOptions) -> anyhow::Result<Arc<AppState>> {
             }
             #[cfg(not(feature = "cuda"))]
             tracing::info!("--device auto: this build has no CUDA support (cargo feature `cuda`); using the CPU");
-            build_on(cpu_backend(opts.cpu_matmul_precision), opts, None)
+            build_on(cpu_backend(&opts), opts, None)
         }
     }
 }
 
-fn cpu_backend(precision: Precision) -> CpuBackend {
+fn cpu_backend(opts: &ServerOptions) -> CpuBackend {
+    let precision = opts.cpu_matmul_precision;
     if precision == Precision::Bf16Activations && !quiver_tensor::cpu::bf16_activations_supported() {
         tracing::warn!("--matmul-precision bf16: this CPU has no AVX512_BF16; matmuls stay in f32");
     }
-    CpuBackend::with_precision(precision)
+    let backend = CpuBackend::with_precision(precision);
+    if opts.cpu_keep_weights_mapped {
+        backend.keep_weights_mapped()
+    } else {
+        backend
+    }
 }
 
 #[cfg(feature = "cuda")]

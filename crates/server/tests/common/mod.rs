@@ -47,6 +47,7 @@ pub async fn server(api_key: Option<&str>, max_concurrent: usize) -> Result<Serv
         // The GPU check script runs these tests on CUDA with QUIVER_TEST_DEVICE=cuda.
         device: test_device()?,
         cpu_matmul_precision: Default::default(),
+        cpu_keep_weights_mapped: false,
         gpu_memory_utilization: None,
         engine: EngineConfig {
             memory_budget: 64 << 20,

@@ -11,11 +11,26 @@ use crate::storage::{DType, Matrix};
 #[derive(Debug, Default, Clone, Copy)]
 pub struct CpuBackend {
     precision: Precision,
+    /// Serve weights from the file mapping instead of copying large ones into huge pages.
+    keep_mapped: bool,
 }
 
 impl CpuBackend {
     pub fn with_precision(precision: Precision) -> Self {
-        Self { precision }
+        Self {
+            precision,
+            keep_mapped: false,
+        }
+    }
+
+    /// Leaves weights in the safetensors mapping (no copy at load; decode streams them ~20%
+    /// slower, see [`crate::cpu::huge::into_huge_pages`]): for a machine whose memory cannot hold
+    /// a private copy of the model next to the page cache's.
+    pub fn keep_weights_mapped(self) -> Self {
+        Self {
+            keep_mapped: true,
+            ..self
+        }
     }
 
     pub fn precision(&self) -> Precision {
@@ -74,7 +89,11 @@ impl Backend for CpuBackend {
     }
 
     fn upload_weight(&self, m: Matrix) -> Result<Matrix, TensorError> {
-        Ok(crate::cpu::huge::into_huge_pages(m))
+        Ok(if self.keep_mapped {
+            m
+        } else {
+            crate::cpu::huge::into_huge_pages(m)
+        })
     }
 
     fn upload(&self, data: &[f32]) -> Result<Vec<f32>, TensorError> {

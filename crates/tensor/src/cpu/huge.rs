@@ -146,6 +146,30 @@ mod tests {
     }
 
     #[test]
+    fn the_cpu_backend_copies_large_weights_unless_told_to_keep_them_mapped() {
+        use crate::backend::Backend;
+        use crate::cpu::CpuBackend;
+        let big = || {
+            Matrix::new(
+                1100,
+                1000,
+                MatrixData::F32(TypedSlice::from_vec(vec![0.25f32; 1_100_000])),
+            )
+            .unwrap()
+        };
+        let ptr = |m: &Matrix| match &m.data {
+            MatrixData::F32(s) => s.as_ptr() as usize,
+            _ => unreachable!("f32 above"),
+        };
+        let m = big();
+        let at = ptr(&m);
+        let kept = CpuBackend::default().keep_weights_mapped().upload_weight(m).unwrap();
+        assert_eq!(ptr(&kept), at, "kept where it was");
+        let moved = CpuBackend::default().upload_weight(big()).unwrap();
+        assert_eq!(ptr(&moved) % HUGE_PAGE, 0, "copied into huge pages by default");
+    }
+
+    #[test]
     fn small_and_huge_buffers_are_zeroed_aligned_and_writable() {
         for len in [0usize, 5, 1 << 20, (3 << 20) + 7] {
             let mut v = HugeVec::<f32>::zeroed(len);
