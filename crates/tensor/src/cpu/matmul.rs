@@ -67,7 +67,10 @@ impl std::fmt::Display for Precision {
 
 /// Whether [`Precision::Bf16Activations`] takes effect on this CPU (it needs AVX512_BF16).
 pub fn bf16_activations_supported() -> bool {
-    bf16_dot_available()
+    #[cfg(target_arch = "x86_64")]
+    return super::bf16dot::available();
+    #[cfg(not(target_arch = "x86_64"))]
+    return false;
 }
 
 /// x rows from which bf16-activation matmuls run: below, the f32 tiles stream the weights as
@@ -99,18 +102,13 @@ pub fn matmul_with(x: &[f32], m: usize, w: &Matrix, out: &mut [f32], precision: 
     match &w.data {
         MatrixData::F32(s) => matmul_typed(x, m, k, n, s, out),
         MatrixData::F16(s) => matmul_typed(x, m, k, n, s, out),
-        MatrixData::BF16(s) if precision == Precision::Bf16Activations && m >= BF16_MIN_M && bf16_dot_available() => {
+        MatrixData::BF16(s)
+            if precision == Precision::Bf16Activations && m >= BF16_MIN_M && bf16_activations_supported() =>
+        {
             matmul_bf16_activations(x, m, k, n, s, out)
         }
         MatrixData::BF16(s) => matmul_typed(x, m, k, n, s, out),
     }
-}
-
-fn bf16_dot_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    return super::bf16dot::available();
-    #[cfg(not(target_arch = "x86_64"))]
-    return false;
 }
 
 thread_local! {
