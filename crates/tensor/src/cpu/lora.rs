@@ -206,8 +206,8 @@ pub fn try_lora_apply(
             start += len;
         }
     }
-    // Runs of consecutive tiles, a few per thread: each run streams its pages in one order
-    // (prefetching across tile boundaries), and work stealing evens out a busy core.
+    // Runs of consecutive tiles, a few per thread: each run reads its pages in pool order, and
+    // work stealing evens out a busy core.
     let per = work.len().div_ceil(4 * rayon::current_num_threads()).max(1);
     let run = |tiles: &mut [Tile<'_>]| match &pool.data {
         PageData::F32(data) => run_tiles(p, data, x, tiles, in_f, out_f),
@@ -233,7 +233,6 @@ fn run_tiles<T: Page>(page: usize, data: &[T], x: &[f32], tiles: &mut [Tile<'_>]
         let wide = page.is_multiple_of(16) && has_avx512();
         if wide || (page.is_multiple_of(8) && has_avx2_fma()) {
             let d = tiles::Dims { page, in_f, out_f };
-            let mut ahead = tiles::Ahead::new(data.as_ptr(), d, tiles.iter().map(|t| t.module));
             for t in tiles.iter_mut() {
                 let n = t.rows.len() / out_f;
                 let xs = &x[t.start * in_f..(t.start + n) * in_f];
@@ -244,9 +243,9 @@ fn run_tiles<T: Page>(page: usize, data: &[T], x: &[f32], tiles: &mut [Tile<'_>]
                 // of `data`; `xs` and `rows` hold n (1..=TILE) rows of in_f and out_f floats.
                 unsafe {
                     if wide {
-                        tiles::tile_avx512(data.as_ptr(), d, t.module, xp, yp, n, &mut ahead)
+                        tiles::tile_avx512(data.as_ptr(), d, t.module, xp, yp, n)
                     } else {
-                        tiles::tile_avx2(data.as_ptr(), d, t.module, xp, yp, n, &mut ahead)
+                        tiles::tile_avx2(data.as_ptr(), d, t.module, xp, yp, n)
                     }
                 };
             }

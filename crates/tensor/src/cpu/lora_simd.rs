@@ -9,17 +9,17 @@
 //! and stored once per tile instead of once per rank (a row-by-row expand, which reads and
 //! writes `y` rank times, took 17.4 vs 16.2 ms for the kernels of a 32-adapter decode step).
 //! Adapter upload hands out Bᵀ's page ids column page by column page, so those rank pages are
-//! adjacent in the pool. [`Ahead`] lists the pages of the tiles a thread runs back to back in
-//! the order they are read and prefetches 16 KB ahead, across tile boundaries, because short
-//! runs of pages scattered through the pool give the hardware prefetcher little to lock onto.
+//! adjacent in the pool; with AVX-512 a 1-2-token strip is a whole page, so the expand reads
+//! each column block of rank pages front to back (half-page strips read it in two strided
+//! passes: 21.3 vs 19.5 ms for the kernels of a decode step). There is no software prefetch:
+//! the kernel is bound by DRAM latency, and prefetching 16 KB ahead through the L1 miss
+//! buffers was slower (22.0 vs 21.3 ms) than leaving the sequential runs of pages to the
+//! hardware prefetchers (`docs/BENCHMARKS.md`).
 
 use std::arch::x86_64::*;
 
 use super::Page;
 use crate::backend::LoraModule;
-
-/// How far ahead (bytes of pages) [`Ahead`] prefetches.
-const PREFETCH_BYTES: usize = 16 << 10;
 
 /// Geometry shared by every tile of one `lora_apply` call.
 #[derive(Clone, Copy)]
@@ -28,57 +28,6 @@ pub(super) struct Dims {
     pub page: usize,
     pub in_f: usize,
     pub out_f: usize,
-}
-
-/// The pages of a sequence of tiles, in the order the tiles read them, prefetched
-/// `PREFETCH_BYTES` ahead of the reader. The order is listed once per run (one id per page,
-/// cheap next to reading the page) so that each step is a load and a few prefetches. Page ids
-/// come from modules whose ids were checked against the pool; prefetch addresses are formed
-/// with `wrapping_add` and never dereferenced.
-pub(super) struct Ahead<T> {
-    base: *const T,
-    page: usize,
-    ids: Vec<u32>,
-    /// Next entry of `ids` to prefetch.
-    pos: usize,
-}
-
-impl<T: Page> Ahead<T> {
-    /// Lists the pages of `tiles` (their modules, in run order) and prefetches the first
-    /// `PREFETCH_BYTES` of them.
-    pub fn new<'m>(base: *const T, d: Dims, tiles: impl Iterator<Item = &'m LoraModule>) -> Self {
-        let cout = d.out_f / d.page;
-        let mut ids = Vec::new();
-        for m in tiles {
-            ids.extend_from_slice(&m.a_pages);
-            // The strips read Bᵀ column page by column page: (j, c) for j < rank.
-            ids.extend((0..cout).flat_map(|c| (0..m.rank).map(move |j| m.b_pages[j * cout + c])));
-        }
-        let mut a = Ahead {
-            base,
-            page: d.page,
-            ids,
-            pos: 0,
-        };
-        let pages = PREFETCH_BYTES.div_ceil(d.page * std::mem::size_of::<T>()).max(1);
-        a.step(pages);
-        a
-    }
-
-    /// Prefetches the next `pages` pages in read order (nothing past the end).
-    #[inline(always)]
-    pub fn step(&mut self, pages: usize) {
-        let bytes = self.page * std::mem::size_of::<T>();
-        let end = (self.pos + pages).min(self.ids.len());
-        for &id in &self.ids[self.pos.min(end)..end] {
-            let at = self.base.wrapping_add(id as usize * self.page) as *const i8;
-            for line in (0..bytes).step_by(64) {
-                // SAFETY: SSE is part of the x86_64 baseline; a prefetch never faults.
-                unsafe { _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(line)) };
-            }
-        }
-        self.pos += pages;
-    }
 }
 
 /// One SIMD register of f32 lanes. Every method is `unsafe`: the caller must run with the
@@ -202,17 +151,9 @@ impl Vector for V16 {
 /// writable floats; `base` points at a pool in which every page id of `m` is a whole page;
 /// `m` has `rank · in_f / page` A pages and `rank · out_f / page` B pages; `page % 8 == 0`.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn tile_avx2<T: Page>(
-    base: *const T,
-    d: Dims,
-    m: &LoraModule,
-    x: *const f32,
-    y: *mut f32,
-    n: usize,
-    ahead: &mut Ahead<T>,
-) {
+pub(super) unsafe fn tile_avx2<T: Page>(base: *const T, d: Dims, m: &LoraModule, x: *const f32, y: *mut f32, n: usize) {
     // SAFETY: forwarded contract, with the features `V8` needs.
-    unsafe { tile::<T, V8>(base, d, m, x, y, n, ahead) }
+    unsafe { tile::<T, V8>(base, d, m, x, y, n) }
 }
 
 /// [`tile_avx2`] with AVX-512.
@@ -227,10 +168,9 @@ pub(super) unsafe fn tile_avx512<T: Page>(
     x: *const f32,
     y: *mut f32,
     n: usize,
-    ahead: &mut Ahead<T>,
 ) {
     // SAFETY: forwarded contract, with the features `V16` needs.
-    unsafe { tile::<T, V16>(base, d, m, x, y, n, ahead) }
+    unsafe { tile::<T, V16>(base, d, m, x, y, n) }
 }
 
 /// The body of both entry points; `V::LANES` divides the page.
@@ -238,15 +178,7 @@ pub(super) unsafe fn tile_avx512<T: Page>(
 /// # Safety
 /// As for [`tile_avx2`], with `V`'s target features enabled in the caller.
 #[inline(always)]
-unsafe fn tile<T: Page, V: Vector>(
-    base: *const T,
-    d: Dims,
-    m: &LoraModule,
-    x: *const f32,
-    y: *mut f32,
-    n: usize,
-    ahead: &mut Ahead<T>,
-) {
+unsafe fn tile<T: Page, V: Vector>(base: *const T, d: Dims, m: &LoraModule, x: *const f32, y: *mut f32, n: usize) {
     let mut small = [0.0f32; 8 * 64];
     let mut big = Vec::new();
     let h: &mut [f32] = if n * m.rank <= small.len() {
@@ -259,22 +191,26 @@ unsafe fn tile<T: Page, V: Vector>(
     // vectors per page to be a multiple of 4 (pages of 128 floats: 8 or 16).
     unsafe {
         match (n, (d.page / V::LANES).is_multiple_of(4)) {
-            (1, true) => run::<T, V, 1, 4, 4>(base, d, m, x, y, h, ahead),
-            (2, true) => run::<T, V, 2, 4, 4>(base, d, m, x, y, h, ahead),
-            (3, true) => run::<T, V, 3, 2, 2>(base, d, m, x, y, h, ahead),
-            (4, true) => run::<T, V, 4, 2, 2>(base, d, m, x, y, h, ahead),
-            (5, true) => run::<T, V, 5, 1, 1>(base, d, m, x, y, h, ahead),
-            (6, true) => run::<T, V, 6, 1, 1>(base, d, m, x, y, h, ahead),
-            (7, true) => run::<T, V, 7, 1, 1>(base, d, m, x, y, h, ahead),
-            (_, true) => run::<T, V, 8, 1, 1>(base, d, m, x, y, h, ahead),
-            (1, false) => run::<T, V, 1, 1, 1>(base, d, m, x, y, h, ahead),
-            (2, false) => run::<T, V, 2, 1, 1>(base, d, m, x, y, h, ahead),
-            (3, false) => run::<T, V, 3, 1, 1>(base, d, m, x, y, h, ahead),
-            (4, false) => run::<T, V, 4, 1, 1>(base, d, m, x, y, h, ahead),
-            (5, false) => run::<T, V, 5, 1, 1>(base, d, m, x, y, h, ahead),
-            (6, false) => run::<T, V, 6, 1, 1>(base, d, m, x, y, h, ahead),
-            (7, false) => run::<T, V, 7, 1, 1>(base, d, m, x, y, h, ahead),
-            (_, false) => run::<T, V, 8, 1, 1>(base, d, m, x, y, h, ahead),
+            // Whole-page strips where a page is 8 vectors and the registers hold them (AVX-512:
+            // 2 × 8 accumulators + 8 page vectors of 32).
+            (1, true) if d.page / V::LANES == 8 && V::LANES == 16 => run::<T, V, 1, 4, 8>(base, d, m, x, y, h),
+            (2, true) if d.page / V::LANES == 8 && V::LANES == 16 => run::<T, V, 2, 4, 8>(base, d, m, x, y, h),
+            (1, true) => run::<T, V, 1, 4, 4>(base, d, m, x, y, h),
+            (2, true) => run::<T, V, 2, 4, 4>(base, d, m, x, y, h),
+            (3, true) => run::<T, V, 3, 2, 2>(base, d, m, x, y, h),
+            (4, true) => run::<T, V, 4, 2, 2>(base, d, m, x, y, h),
+            (5, true) => run::<T, V, 5, 1, 1>(base, d, m, x, y, h),
+            (6, true) => run::<T, V, 6, 1, 1>(base, d, m, x, y, h),
+            (7, true) => run::<T, V, 7, 1, 1>(base, d, m, x, y, h),
+            (_, true) => run::<T, V, 8, 1, 1>(base, d, m, x, y, h),
+            (1, false) => run::<T, V, 1, 1, 1>(base, d, m, x, y, h),
+            (2, false) => run::<T, V, 2, 1, 1>(base, d, m, x, y, h),
+            (3, false) => run::<T, V, 3, 1, 1>(base, d, m, x, y, h),
+            (4, false) => run::<T, V, 4, 1, 1>(base, d, m, x, y, h),
+            (5, false) => run::<T, V, 5, 1, 1>(base, d, m, x, y, h),
+            (6, false) => run::<T, V, 6, 1, 1>(base, d, m, x, y, h),
+            (7, false) => run::<T, V, 7, 1, 1>(base, d, m, x, y, h),
+            (_, false) => run::<T, V, 8, 1, 1>(base, d, m, x, y, h),
         }
     }
 }
@@ -292,7 +228,6 @@ unsafe fn run<T: Page, V: Vector, const NT: usize, const U: usize, const UC: usi
     x: *const f32,
     y: *mut f32,
     h: &mut [f32],
-    ahead: &mut Ahead<T>,
 ) {
     let (p, r, l) = (d.page, m.rank, V::LANES);
     let (cin, cout, chunks) = (d.in_f / p, d.out_f / p, p / l);
@@ -302,7 +237,6 @@ unsafe fn run<T: Page, V: Vector, const NT: usize, const U: usize, const UC: usi
     unsafe {
         // Shrink: h[t, j] = scale · x[t] · A[j].
         for j in 0..r {
-            ahead.step(cin);
             let mut acc = [[V::zero(); U]; NT];
             for c in 0..cin {
                 let a = base.add(m.a_pages[j * cin + c] as usize * p);
@@ -325,7 +259,6 @@ unsafe fn run<T: Page, V: Vector, const NT: usize, const U: usize, const UC: usi
         }
         // Expand in strips: y[t] += Σ_j h[t, j] · Bᵀ[j], UC vectors of one column page at a time.
         for c in 0..cout {
-            ahead.step(r);
             // `UC` divides `chunks` (see `tile`).
             for v in (0..chunks).step_by(UC) {
                 let yv = y.add(c * p + v * l);
