@@ -80,6 +80,18 @@ pub fn measure_read_bandwidth_gbps(threads: usize) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// Reads every slice of every task, the tasks in parallel on the current rayon pool and each
+/// task's slices in order (a plain sum, no other work): the memory-bound floor of a kernel that
+/// reads the same bytes in the same order with the same split across threads. Returns a value
+/// that depends on every element, so the reads cannot be elided.
+pub fn read_in_order(tasks: &[Vec<&[f32]>]) -> f32 {
+    use rayon::prelude::*;
+    tasks
+        .par_iter()
+        .map(|slices| slices.iter().map(|s| sum(s, false)).sum::<f32>())
+        .sum()
+}
+
 fn sum(v: &[f32], prefetch: bool) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") {
