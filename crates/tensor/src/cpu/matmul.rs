@@ -145,12 +145,12 @@ fn matmul_stream<T: Weight>(x: &[f32], m: usize, k: usize, n: usize, w: &[T], ou
         return;
     }
     // ~8 tasks per thread so work stealing evens out a noisy neighbour, but never slices so
-    // thin that task overhead shows; a multiple of 4 rows keeps the 4-row tiles full.
+    // thin that task overhead shows; a multiple of 12 rows keeps the 4- and 6-row tiles full.
     let tasks = 8 * rayon::current_num_threads();
     let rows = n
         .div_ceil(tasks)
         .max(TASK_MIN_BYTES.div_ceil(row_bytes))
-        .next_multiple_of(4);
+        .next_multiple_of(12);
     if m == 1 {
         // One x row: each task's outputs are a contiguous slice of `out`.
         out.par_chunks_mut(rows)

@@ -398,7 +398,8 @@ mod tests {
             seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
             (seed >> 8) as f32 / (1 << 23) as f32 - 1.0
         };
-        for (m, rows, k) in [(1, 9, 37), (4, 6, 8), (7, 5, 100)] {
+        // Row counts cover whole 6-row (2-byte weights) and 4-row (f32) blocks plus single rows.
+        for (m, rows, k) in [(1, 9, 37), (4, 6, 8), (7, 5, 100), (9, 13, 100), (32, 20, 64)] {
             let x: Vec<f32> = (0..m * k).map(|_| next()).collect();
             let w: Vec<f32> = (0..rows * k).map(|_| next()).collect();
             let (wb, wh): (Vec<bf16>, Vec<f16>) = w.iter().map(|&v| (bf16::from_f32(v), f16::from_f32(v))).unzip();

@@ -112,16 +112,26 @@ pub(crate) unsafe fn gemv_rows<T: super::simd::Weight>(
     }
 }
 
-/// Rows of `w` per block: the tiles over one block read it from L1 after the first.
-const NR: usize = 4;
-/// Most x rows per tile: 4 × 4 accumulators, 4 x vectors and a weight vector fit in the 32
-/// registers.
+/// Rows of `w` per block (the tiles over one block read it from L1 after the first): 6 for
+/// 2-byte weights, so a tile of 4 x rows holds 24 accumulators, 4 x vectors and a weight vector
+/// (29 of the 32 registers) and loads x once per 6 weight rows instead of 4 (batch-32 bf16
+/// matmuls 1.1-1.3× faster, `docs/BENCHMARKS.md`); 4 for f32, whose 6-row next-block prefetch
+/// (21 KB per block at k = 896) slowed the memory-bound m = 8 case.
+const fn block_rows(elem: usize) -> usize {
+    if elem == 4 {
+        4
+    } else {
+        NR_MAX
+    }
+}
+const NR_MAX: usize = 6;
+/// Most x rows per tile.
 const MR_MAX: usize = 4;
 
 /// Small-batch (2 ≤ m, compute-bound from m ≈ 4) counterpart of the AVX2 tiles in `simd.rs`:
 /// `out[i * ldo + r] = Σ_p x[i * k + p] · w[r * k + p]` for `i < m` and `r < rows`. Loop order
-/// as there: a block of 4 weight rows against every group of up to 4 x rows, so each weight row
-/// comes from memory once; the groups prefetch the next block between them.
+/// as there: a block of 6 (f32: 4) weight rows against every group of up to 4 x rows, so each
+/// weight row comes from memory once; the groups prefetch the next block between them.
 ///
 /// # Safety
 /// AVX-512F/BW must be available; `x` has `m * k` readable floats, `w` has `rows * k` elements
@@ -137,9 +147,10 @@ pub(crate) unsafe fn gemv_block<T: super::simd::Weight>(
     ldo: usize,
 ) {
     let elem = std::mem::size_of::<T>();
+    let block = block_rows(elem);
     let mut r = 0;
     while r < rows {
-        let nr = if rows - r >= NR { NR } else { 1 };
+        let nr = if rows - r >= block { block } else { 1 };
         let next = w.wrapping_add((r + nr) * k) as *const i8;
         // Groups of at most 4 x rows, as even as possible (never a 1-row group when m ≥ 2).
         let groups = m.div_ceil(MR_MAX);
@@ -152,7 +163,7 @@ pub(crate) unsafe fn gemv_block<T: super::simd::Weight>(
             let pf = Prefetch {
                 base: next,
                 row_bytes: k * elem,
-                mask: (0..NR).filter(|q| q % groups == g).fold(0, |a, q| a | 1 << q),
+                mask: (0..block).filter(|q| q % groups == g).fold(0, |a, q| a | 1 << q),
                 line_elems: 64 / elem,
             };
             // SAFETY: x rows i..i + mr and weight rows r..r + nr exist (loop bounds); the rest
@@ -160,10 +171,14 @@ pub(crate) unsafe fn gemv_block<T: super::simd::Weight>(
             unsafe {
                 let (xp, wp, op) = (x.add(i * k), w.add(r * k), out.add(i * ldo + r));
                 match (mr, nr) {
-                    (1, NR) => tile::<T, 1, NR>(xp, k, wp, op, ldo, pf),
-                    (2, NR) => tile::<T, 2, NR>(xp, k, wp, op, ldo, pf),
-                    (3, NR) => tile::<T, 3, NR>(xp, k, wp, op, ldo, pf),
-                    (_, NR) => tile::<T, 4, NR>(xp, k, wp, op, ldo, pf),
+                    (1, 6) => tile::<T, 1, 6>(xp, k, wp, op, ldo, pf),
+                    (2, 6) => tile::<T, 2, 6>(xp, k, wp, op, ldo, pf),
+                    (3, 6) => tile::<T, 3, 6>(xp, k, wp, op, ldo, pf),
+                    (_, 6) => tile::<T, 4, 6>(xp, k, wp, op, ldo, pf),
+                    (1, 4) => tile::<T, 1, 4>(xp, k, wp, op, ldo, pf),
+                    (2, 4) => tile::<T, 2, 4>(xp, k, wp, op, ldo, pf),
+                    (3, 4) => tile::<T, 3, 4>(xp, k, wp, op, ldo, pf),
+                    (_, 4) => tile::<T, 4, 4>(xp, k, wp, op, ldo, pf),
                     (1, _) => tile::<T, 1, 1>(xp, k, wp, op, ldo, pf),
                     (2, _) => tile::<T, 2, 1>(xp, k, wp, op, ldo, pf),
                     (3, _) => tile::<T, 3, 1>(xp, k, wp, op, ldo, pf),
@@ -209,7 +224,7 @@ unsafe fn tile<T: super::simd::Weight, const MR: usize, const R: usize>(
     unsafe {
         while p + 16 <= k {
             if p.is_multiple_of(pf.line_elems) {
-                for q in 0..NR {
+                for q in 0..NR_MAX {
                     if pf.mask & (1 << q) != 0 {
                         let at = pf.base.wrapping_add(q * pf.row_bytes + p * 64 / pf.line_elems);
                         _mm_prefetch::<_MM_HINT_T0>(at);
