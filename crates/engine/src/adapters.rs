@@ -301,7 +301,9 @@ impl<B: Backend> AdapterManager<B> {
             return Acquire::Ready(d.adapter.clone());
         }
         let Some(pos) = self.host.iter().position(|(n, _)| n == name) else {
-            self.prefetch(name);
+            // No load from here: admission asks for every waiting request's adapter, and loading
+            // them all would evict from the host tier what the head of the queue needs next. The
+            // scheduler prefetches the head of the queue ([`Self::prefetch`]).
             return Acquire::Pending;
         };
         // Most recently used goes last (the host tier evicts from the front).

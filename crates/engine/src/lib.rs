@@ -35,7 +35,10 @@ pub struct EngineConfig {
     pub policy: Policy,
     /// Page dtype of the adapter pool (f32 exact, bf16 half the memory).
     pub adapter_dtype: DType,
-    /// Waiting requests whose adapters are prefetched each step.
+    /// Waiting requests, from the head of the queue, whose adapters are loaded into the host tier
+    /// ahead of admission (each step, and at submission for a request that lands among them).
+    /// Requests further back load when they get there: loading them earlier could evict what the
+    /// head needs. Keep it within the number of adapters the host tier holds.
     pub prefetch: usize,
 }
 

@@ -276,7 +276,14 @@ impl<B: Backend> Scheduler<B> {
             submitted: Instant::now(),
             queue_time: None,
         };
-        if let Some(name) = &seq.adapter {
+        // Start the load now only near the head of the queue; `step` prefetches the rest as they
+        // move up. A load for a request far back could be evicted from the host tier before the
+        // request is admitted, and then be loaded again.
+        if let Some(name) = seq
+            .adapter
+            .as_deref()
+            .filter(|_| self.waiting.len() < self.cfg.prefetch)
+        {
             self.adapters.prefetch(name);
         }
         self.waiting.push_back(seq.adapter.clone(), seq);

@@ -286,6 +286,62 @@ fn eviction_spares_pinned_and_leased_adapters() -> Result<()> {
     Ok(())
 }
 
+/// A queue longer than the host tier holds: only the head of the queue is prefetched, so no
+/// adapter is loaded, evicted from the host tier before its request is admitted, and loaded again.
+#[test]
+fn a_long_queue_loads_each_adapter_once() -> Result<()> {
+    let (dir, base) = fixture()?;
+    let adapters = dir.path().join("adapters");
+    let bundle = ModelBundle::load(CpuBackend::default(), &base, None)?;
+    let cfg = EngineConfig {
+        max_num_seqs: 1,
+        // The host tier keeps only the adapter loaded last.
+        host_adapter_budget: 1,
+        prefetch: 1,
+        ..small()
+    };
+    let mut s = Scheduler::build(bundle.model, vec![], cfg)?;
+    for name in ADAPTERS {
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        s.handle(Command::RegisterAdapter {
+            name: name.to_string(),
+            path: adapters.join(name),
+            pinned: false,
+            preloaded: None,
+            reply: tx,
+        });
+        rx.try_recv()??;
+    }
+    let mut pending: Vec<UnboundedReceiver<Event>> = ADAPTERS
+        .iter()
+        .map(|name| {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let mut r = request(0, 2);
+            r.adapter = Some(name.to_string());
+            s.handle(Command::Submit { request: r, events: tx });
+            rx
+        })
+        .collect();
+    let t = Instant::now();
+    while !pending.is_empty() {
+        ensure!(t.elapsed() < Duration::from_secs(60), "requests did not finish");
+        s.step()?;
+        pending.retain_mut(|rx| {
+            let mut done = false;
+            while let Ok(e) = rx.try_recv() {
+                done |= !matches!(e, Event::Token(_));
+            }
+            !done
+        });
+    }
+    let stats = s.stats().adapters;
+    ensure!(
+        stats.uploads == ADAPTERS.len() as u64 && stats.loads == stats.uploads,
+        "each adapter should be loaded once and uploaded once: {stats:?}"
+    );
+    Ok(())
+}
+
 #[test]
 fn impossible_requests_are_rejected_up_front() -> Result<()> {
     let (dir, base) = fixture()?;
