@@ -83,6 +83,8 @@ pub struct AdapterManager<B: Backend> {
     /// Unregistered or replaced device adapters still leased by running requests.
     retired: Vec<Device>,
     loading: HashSet<String>,
+    /// Bytes of the largest adapter loaded so far: sizes the prefetch window.
+    largest_host: usize,
     pages: BlockAllocator,
     pool: B::PagePool,
     page_bytes: usize,
@@ -127,6 +129,7 @@ impl<B: Backend> AdapterManager<B> {
             registry: HashMap::new(),
             host: Vec::new(),
             host_budget,
+            largest_host: 0,
             device: HashMap::new(),
             retired: Vec::new(),
             loading: HashSet::new(),
@@ -256,7 +259,14 @@ impl<B: Backend> AdapterManager<B> {
         }
     }
 
+    /// How many adapters the host tier holds, judging by the largest loaded so far (one until
+    /// the first load tells the size).
+    pub fn host_capacity(&self) -> usize {
+        self.host_budget.checked_div(self.largest_host).map_or(1, |n| n.max(1))
+    }
+
     fn insert_host(&mut self, name: String, host: Arc<HostAdapter>) {
+        self.largest_host = self.largest_host.max(host.bytes());
         self.host.retain(|(n, _)| *n != name);
         self.host.push((name, host));
         // Evict least recently used host copies over budget (never the one just loaded).

@@ -38,7 +38,7 @@ pub struct EngineConfig {
     /// Waiting requests, from the head of the queue, whose adapters are loaded into the host tier
     /// ahead of admission (each step, and at submission for a request that lands among them).
     /// Requests further back load when they get there: loading them earlier could evict what the
-    /// head needs. Keep it within the number of adapters the host tier holds.
+    /// head needs. Capped at the number of adapters the host tier holds.
     pub prefetch: usize,
 }
 

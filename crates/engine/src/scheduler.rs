@@ -282,11 +282,17 @@ impl<B: Backend> Scheduler<B> {
         if let Some(name) = seq
             .adapter
             .as_deref()
-            .filter(|_| self.waiting.len() < self.cfg.prefetch)
+            .filter(|_| self.waiting.len() < self.prefetch_window())
         {
             self.adapters.prefetch(name);
         }
         self.waiting.push_back(seq.adapter.clone(), seq);
+    }
+
+    /// Waiting requests whose adapters load ahead of admission: `cfg.prefetch`, but no more than
+    /// the host tier holds, or the loads would evict each other before use.
+    fn prefetch_window(&self) -> usize {
+        self.cfg.prefetch.min(self.adapters.host_capacity())
     }
 
     fn release(&mut self, mut seq: Sequence) {
@@ -330,7 +336,7 @@ impl<B: Backend> Scheduler<B> {
     pub fn step(&mut self) -> Result<(), EngineError> {
         self.adapters.poll();
         self.drop_cancelled();
-        for name in self.waiting.upcoming_adapters(self.cfg.prefetch) {
+        for name in self.waiting.upcoming_adapters(self.prefetch_window()) {
             self.adapters.prefetch(&name);
         }
         let mut token_budget = self.cfg.max_batch_tokens;

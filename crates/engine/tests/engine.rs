@@ -286,8 +286,9 @@ fn eviction_spares_pinned_and_leased_adapters() -> Result<()> {
     Ok(())
 }
 
-/// A queue longer than the host tier holds: only the head of the queue is prefetched, so no
-/// adapter is loaded, evicted from the host tier before its request is admitted, and loaded again.
+/// A queue longer than the host tier holds: only the head of the queue is prefetched, and the
+/// window (8 by default) shrinks to what the host tier holds, so no adapter is loaded, evicted
+/// from the host tier before its request is admitted, and loaded again.
 #[test]
 fn a_long_queue_loads_each_adapter_once() -> Result<()> {
     let (dir, base) = fixture()?;
@@ -297,9 +298,9 @@ fn a_long_queue_loads_each_adapter_once() -> Result<()> {
         max_num_seqs: 1,
         // The host tier keeps only the adapter loaded last.
         host_adapter_budget: 1,
-        prefetch: 1,
         ..small()
     };
+    ensure!(cfg.prefetch > 1, "the test needs a window wider than the host tier");
     let mut s = Scheduler::build(bundle.model, vec![], cfg)?;
     for name in ADAPTERS {
         let (tx, mut rx) = tokio::sync::oneshot::channel();
