@@ -1,5 +1,5 @@
 //! Adapters in three tiers: registered (a name and a directory on disk), host (loaded and
-//! validated, LRU under a byte budget) and device (uploaded into the page pool the kernels read,
+//! validated, LRU under a byte budget, copies the device also holds first) and device (uploaded into the page pool the kernels read,
 //! under the shared memory budget). Loading runs on its own thread; the scheduler polls for
 //! results and never blocks on I/O. A device adapter is immutable and held by `Arc`: a running
 //! request's clone is its lease, and only adapters nobody leases (and not pinned) are evicted.
@@ -350,6 +350,12 @@ impl<B: Backend> AdapterManager<B> {
             &mut self.pages,
         ) {
             Ok(a) => {
+                // The device copy serves from now on: its host copy goes first when the host tier
+                // needs room, before adapters that queued requests are still waiting for.
+                if let Some(pos) = self.host.iter().position(|(n, _)| n == name) {
+                    let entry = self.host.remove(pos);
+                    self.host.insert(0, entry);
+                }
                 budget.take_adapter(bytes);
                 self.stats.uploads += 1;
                 self.stats.host_hits += 1;
