@@ -1,8 +1,9 @@
 //! Adapters in three tiers: registered (a name and a directory on disk), host (loaded and
-//! validated, LRU under a byte budget, copies the device also holds first) and device (uploaded into the page pool the kernels read,
-//! under the shared memory budget). Loading runs on its own thread; the scheduler polls for
-//! results and never blocks on I/O. A device adapter is immutable and held by `Arc`: a running
-//! request's clone is its lease, and only adapters nobody leases (and not pinned) are evicted.
+//! validated, LRU under a byte budget, copies the device also holds evicted first) and device
+//! (uploaded into the page pool the kernels read, under the shared memory budget). Loading runs
+//! on its own thread; the scheduler polls for results and never blocks on I/O. A device adapter
+//! is immutable and held by `Arc`: a running request's clone is its lease, and only adapters
+//! nobody leases (and not pinned) are evicted.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
