@@ -38,6 +38,19 @@ fn start(base: &Path, adapters: &Path, cfg: EngineConfig) -> Result<Engine> {
     Ok(engine)
 }
 
+/// Registers `dir/name` with a scheduler driven by hand.
+fn register(s: &mut Scheduler<CpuBackend>, dir: &Path, name: &str, pinned: bool) -> Result<()> {
+    let (tx, mut rx) = tokio::sync::oneshot::channel();
+    s.handle(Command::RegisterAdapter {
+        name: name.into(),
+        path: dir.join(name),
+        pinned,
+        preloaded: None,
+        reply: tx,
+    });
+    Ok(rx.try_recv()??)
+}
+
 fn small() -> EngineConfig {
     EngineConfig {
         memory_budget: 64 << 20,
@@ -185,20 +198,9 @@ fn eviction_spares_pinned_and_leased_adapters() -> Result<()> {
         ..small()
     };
     let mut s = Scheduler::build(bundle.model, vec![], cfg)?;
-    let reply = |s: &mut Scheduler<CpuBackend>, name: &str, pinned: bool| -> Result<()> {
-        let (tx, mut rx) = tokio::sync::oneshot::channel();
-        s.handle(Command::RegisterAdapter {
-            name: name.into(),
-            path: adapters.join(name),
-            pinned,
-            preloaded: None,
-            reply: tx,
-        });
-        Ok(rx.try_recv()??)
-    };
-    reply(&mut s, "llama-r1-qv", true)?;
-    reply(&mut s, "llama-r64-mlp", false)?;
-    reply(&mut s, "llama-r8-all-linear", false)?;
+    register(&mut s, &adapters, "llama-r1-qv", true)?;
+    register(&mut s, &adapters, "llama-r64-mlp", false)?;
+    register(&mut s, &adapters, "llama-r8-all-linear", false)?;
     let submit = |s: &mut Scheduler<CpuBackend>, adapter: &str, max_tokens| {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let mut r = request(0, max_tokens);
@@ -303,15 +305,7 @@ fn a_long_queue_loads_each_adapter_once() -> Result<()> {
     ensure!(cfg.prefetch > 1, "the test needs a window wider than the host tier");
     let mut s = Scheduler::build(bundle.model, vec![], cfg)?;
     for name in ADAPTERS {
-        let (tx, mut rx) = tokio::sync::oneshot::channel();
-        s.handle(Command::RegisterAdapter {
-            name: name.to_string(),
-            path: adapters.join(name),
-            pinned: false,
-            preloaded: None,
-            reply: tx,
-        });
-        rx.try_recv()??;
+        register(&mut s, &adapters, name, false)?;
     }
     let mut pending: Vec<UnboundedReceiver<Event>> = ADAPTERS
         .iter()
