@@ -190,11 +190,12 @@ unsafe fn tile<T: Page, V: Vector>(base: *const T, d: Dims, m: &LoraModule, x: *
     // SAFETY: forwarded contract; `h` holds n · rank floats. Unrolled variants need the
     // vectors per page to be a multiple of 4 (pages of 128 floats: 8 or 16).
     unsafe {
+        // Whole-page strips where a page is 8 vectors and the registers hold them (AVX-512:
+        // 2 × 8 accumulators + 8 page vectors of 32).
+        let whole_page = V::LANES == 16 && d.page / V::LANES == 8;
         match (n, (d.page / V::LANES).is_multiple_of(4)) {
-            // Whole-page strips where a page is 8 vectors and the registers hold them (AVX-512:
-            // 2 × 8 accumulators + 8 page vectors of 32).
-            (1, true) if d.page / V::LANES == 8 && V::LANES == 16 => run::<T, V, 1, 4, 8>(base, d, m, x, y, h),
-            (2, true) if d.page / V::LANES == 8 && V::LANES == 16 => run::<T, V, 2, 4, 8>(base, d, m, x, y, h),
+            (1, true) if whole_page => run::<T, V, 1, 4, 8>(base, d, m, x, y, h),
+            (2, true) if whole_page => run::<T, V, 2, 4, 8>(base, d, m, x, y, h),
             (1, true) => run::<T, V, 1, 4, 4>(base, d, m, x, y, h),
             (2, true) => run::<T, V, 2, 4, 4>(base, d, m, x, y, h),
             (3, true) => run::<T, V, 3, 2, 2>(base, d, m, x, y, h),
