@@ -73,6 +73,7 @@ pub fn build_state(opts: ServerOptions) -> anyhow::Result<Arc<AppState>> {
 }
 
 fn cpu_backend(opts: &ServerOptions) -> CpuBackend {
+    tracing::info!(features = %quiver_tensor::cpu::features(), "CPU kernels dispatch on");
     let precision = opts.cpu_matmul_precision;
     if precision == Precision::Bf16Activations && !quiver_tensor::cpu::bf16_activations_supported() {
         tracing::warn!("--matmul-precision bf16: this CPU has no AVX512_BF16; matmuls stay in f32");

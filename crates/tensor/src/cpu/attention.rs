@@ -117,11 +117,12 @@ impl Attend<'_> {
     unsafe fn run(&self, t0: usize, t1: usize, g: usize) {
         #[cfg(target_arch = "x86_64")]
         {
-            if super::simd512::available() {
+            let cpu = super::features();
+            if cpu.avx512f_bw() {
                 // SAFETY: AVX-512F/BW present (checked); the rest is this function's contract.
                 return unsafe { self.avx512(t0, t1, g) };
             }
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            if cpu.avx2_fma() {
                 // SAFETY: AVX2 and FMA present (checked).
                 return unsafe { self.avx2(t0, t1, g) };
             }

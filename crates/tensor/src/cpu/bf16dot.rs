@@ -17,18 +17,7 @@ use std::arch::x86_64::*;
 use half::bf16;
 use rayon::prelude::*;
 
-use super::SendPtr;
-
-/// Whether `vdpbf16ps` can run here; detected once.
-pub(crate) fn available() -> bool {
-    use std::sync::OnceLock;
-    static DETECTED: OnceLock<bool> = OnceLock::new();
-    *DETECTED.get_or_init(|| {
-        is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx512bw")
-            && is_x86_feature_detected!("avx512bf16")
-    })
-}
+use super::{bf16_activations_supported, SendPtr};
 
 /// Rows of W per block and x rows per tile: 24 accumulators, 4 x vectors and a weight vector
 /// fill the 32 registers (4 × 6 measured ~10% faster than 4 × 4 and level with 6 × 4).
@@ -47,7 +36,7 @@ const TASK_MIN_BYTES: usize = 64 << 10;
 /// subnormal inputs (< 1.2e-38) become zero; large inputs are split across threads (a 512-token
 /// prefill's x is ~2 MB).
 pub(crate) fn round_to_bf16(x: &[f32], out: &mut Vec<bf16>) {
-    assert!(available(), "round_to_bf16 needs AVX512_BF16");
+    assert!(bf16_activations_supported(), "round_to_bf16 needs AVX512_BF16");
     out.resize(x.len(), bf16::ZERO);
     const CHUNK: usize = 32 << 10;
     if x.len() <= CHUNK {
@@ -60,7 +49,7 @@ pub(crate) fn round_to_bf16(x: &[f32], out: &mut Vec<bf16>) {
 }
 
 fn round_slice(x: &[f32], out: &mut [bf16]) {
-    assert!(available() && out.len() >= x.len());
+    assert!(bf16_activations_supported() && out.len() >= x.len());
     let (chunks, tail) = (x.chunks_exact(32), x.len() / 32 * 32);
     for (c, o) in chunks.zip(out.chunks_exact_mut(32)) {
         // SAFETY: AVX512_BF16 is asserted above; `c` and `o` hold 32 elements each.
@@ -86,9 +75,10 @@ fn cvt32(lo: __m512, hi: __m512) -> __m512i {
 /// `out[i * n + j] = Σ_p xb[i * k + p] · w[j * k + p]` for `i < m`, `j < n`, accumulated in f32.
 ///
 /// # Panics
-/// If the CPU lacks AVX512_BF16 ([`available`]) or a slice is shorter than its shape.
+/// If the CPU lacks AVX512_BF16 ([`bf16_activations_supported`]) or a slice is shorter than
+/// its shape.
 pub(crate) fn matmul_bf16(xb: &[bf16], m: usize, k: usize, w: &[bf16], n: usize, out: &mut [f32]) {
-    assert!(available(), "matmul_bf16 needs AVX512_BF16");
+    assert!(bf16_activations_supported(), "matmul_bf16 needs AVX512_BF16");
     assert!(
         xb.len() >= m * k && w.len() >= n * k && out.len() >= m * n,
         "matmul_bf16: shapes"
@@ -264,7 +254,7 @@ mod tests {
     /// ties), except that the instruction flushes subnormal inputs to a zero of the same sign.
     #[test]
     fn rounding_matches_half_except_subnormals() {
-        if !available() {
+        if !bf16_activations_supported() {
             return;
         }
         let vals = [
@@ -298,7 +288,7 @@ mod tests {
 
     #[test]
     fn reduce16_sums_each_vector_into_its_lane() {
-        if !available() {
+        if !bf16_activations_supported() {
             return;
         }
         let vals: Vec<f32> = (0..256).map(|i| (i * 7 % 31) as f32 - 15.0).collect();
@@ -314,7 +304,7 @@ mod tests {
     /// tiles, the masked k tail, x chunking and several tasks.
     #[test]
     fn matches_reference_on_odd_shapes() {
-        if !available() {
+        if !bf16_activations_supported() {
             eprintln!("no AVX512_BF16 here: bf16dot not exercised");
             return;
         }

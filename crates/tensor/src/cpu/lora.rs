@@ -259,25 +259,11 @@ fn run_tiles<T: Page>(page: usize, data: &[T], x: &[f32], tiles: &mut [Tile<'_>]
 }
 
 fn has_avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *DETECTED.get_or_init(|| is_x86_feature_detected!("avx512f") && has_avx2_fma())
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+    crate::cpu::features().avx512f_avx2()
 }
 
 fn has_avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *DETECTED.get_or_init(|| {
-            is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+    crate::cpu::features().avx2_fma_f16c()
 }
 
 /// One tile of tokens on one module; the body is compiled twice, with and without AVX2/FMA.

@@ -67,10 +67,7 @@ impl std::fmt::Display for Precision {
 
 /// Whether [`Precision::Bf16Activations`] takes effect on this CPU (it needs AVX512_BF16).
 pub fn bf16_activations_supported() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    return super::bf16dot::available();
-    #[cfg(not(target_arch = "x86_64"))]
-    return false;
+    super::features().avx512_bf16()
 }
 
 /// x rows from which bf16-activation matmuls run: below, the f32 tiles stream the weights as

@@ -1,10 +1,11 @@
-//! CPU backend: AVX2/FMA kernels behind safe functions (runtime-detected, scalar fallback),
-//! work split across cores with rayon.
+//! CPU backend: AVX2/FMA and AVX-512 kernels behind safe functions (picked from one run-time
+//! probe, [`features`], with a scalar fallback), work split across cores with rayon.
 
 mod attention;
 pub mod backend;
 #[cfg(target_arch = "x86_64")]
 mod bf16dot;
+mod features;
 pub mod huge;
 pub mod lora;
 pub mod matmul;
@@ -14,6 +15,7 @@ mod simd;
 mod simd512;
 
 pub use backend::{CpuBackend, CpuKvPool};
+pub use features::{features, CpuFeatures};
 pub use lora::CpuPagePool;
 pub use matmul::{bf16_activations_supported, matmul, matmul_ref, matmul_with, Precision};
 

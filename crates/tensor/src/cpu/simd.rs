@@ -80,16 +80,6 @@ impl Weight for f16 {
     }
 }
 
-/// Whether the AVX2+FMA+F16C kernels can run here; detected once.
-#[cfg(target_arch = "x86_64")]
-fn has_avx2() -> bool {
-    use std::sync::OnceLock;
-    static DETECTED: OnceLock<bool> = OnceLock::new();
-    *DETECTED.get_or_init(|| {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
-    })
-}
-
 /// `out[i * ldo + r] = Σ_p x[i * k + p] · w[r * k + p]` for `i < m` and every row `r` of `w`
 /// (`w.len() / k` rows). Each weight row is read once and dotted against all `m` rows of `x`,
 /// so for small `m` the cost is one pass over `w`.
@@ -105,7 +95,7 @@ pub(crate) fn gemv_block<T: Weight>(x: &[f32], m: usize, k: usize, w: &[T], out:
         "gemv_block: out too short"
     );
     #[cfg(target_arch = "x86_64")]
-    if m == 1 && super::simd512::available() {
+    if m == 1 && super::features().avx512f_bw() {
         // SAFETY: AVX-512F/BW present (checked); x has k floats, w has rows·k elements and
         // out[..rows] is in bounds (asserts above).
         unsafe { super::simd512::gemv_rows(x.as_ptr(), k, w.as_ptr(), rows, out.as_mut_ptr()) };
@@ -113,14 +103,14 @@ pub(crate) fn gemv_block<T: Weight>(x: &[f32], m: usize, k: usize, w: &[T], out:
     }
     // f16 stays on the AVX2 tiles, which widen it once per block (see `Weight::WIDEN_FIRST`).
     #[cfg(target_arch = "x86_64")]
-    if !T::WIDEN_FIRST && super::simd512::available() {
+    if !T::WIDEN_FIRST && super::features().avx512f_bw() {
         // SAFETY: AVX-512F/BW present (checked); the asserts above keep every x, w and out
         // index in bounds.
         unsafe { super::simd512::gemv_block(x.as_ptr(), m, k, w.as_ptr(), rows, out.as_mut_ptr(), ldo) };
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
+    if super::features().avx2_fma_f16c() {
         // SAFETY: the CPU has AVX2/FMA/F16C (checked), and the asserts above guarantee every
         // x, w and out index the kernel touches is in bounds.
         unsafe { avx2::gemv_block(x.as_ptr(), m, k, w.as_ptr(), rows, out.as_mut_ptr(), ldo) };
@@ -133,7 +123,7 @@ pub(crate) fn gemv_block<T: Weight>(x: &[f32], m: usize, k: usize, w: &[T], out:
 pub(crate) fn widen<T: Weight>(src: &[T], dst: &mut [f32]) {
     assert_eq!(src.len(), dst.len(), "widen: length mismatch");
     #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
+    if super::features().avx2_fma_f16c() {
         // SAFETY: CPU features checked; both slices have `src.len()` elements.
         unsafe { avx2::widen(src.as_ptr(), dst.as_mut_ptr(), src.len()) };
         return;

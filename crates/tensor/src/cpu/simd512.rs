@@ -53,17 +53,10 @@ impl Wide for f16 {
     }
 }
 
-/// Whether the AVX-512 kernel can run here; detected once.
-pub(crate) fn available() -> bool {
-    use std::sync::OnceLock;
-    static DETECTED: OnceLock<bool> = OnceLock::new();
-    *DETECTED.get_or_init(|| is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw"))
-}
-
 /// `out[r] = Σ_p x[p] · w[r * k + p]` for every row `r < rows`, with f32 accumulation.
 ///
 /// # Safety
-/// AVX-512F/BW must be available ([`available`]); `x` has `k` readable floats, `w` has
+/// AVX-512F/BW must be available ([`super::features`]); `x` has `k` readable floats, `w` has
 /// `rows * k` elements and `out` has `rows` writable floats.
 #[target_feature(enable = "avx512f,avx512bw")]
 pub(crate) unsafe fn gemv_rows<T: super::simd::Weight>(
