@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use half::{bf16, f16};
 
+use crate::cpu::Weight;
 use crate::error::TensorError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,16 +157,8 @@ impl Matrix {
         let c = self.cols;
         match &self.data {
             MatrixData::F32(s) => out.copy_from_slice(&s[r * c..(r + 1) * c]),
-            MatrixData::F16(s) => {
-                for (o, v) in out.iter_mut().zip(&s[r * c..(r + 1) * c]) {
-                    *o = v.to_f32();
-                }
-            }
-            MatrixData::BF16(s) => {
-                for (o, v) in out.iter_mut().zip(&s[r * c..(r + 1) * c]) {
-                    *o = v.to_f32();
-                }
-            }
+            MatrixData::F16(s) => widen_scalar(&s[r * c..(r + 1) * c], out),
+            MatrixData::BF16(s) => widen_scalar(&s[r * c..(r + 1) * c], out),
         }
     }
 
@@ -176,5 +169,13 @@ impl Matrix {
             self.row_f32(r, &mut out[r * self.cols..(r + 1) * self.cols]);
         }
         out
+    }
+}
+
+/// `out[i] = src[i]` widened by the kernels' own [`Weight::to_f32`], one element at a time
+/// (embedding rows and the matmul reference need no SIMD).
+fn widen_scalar<T: Weight>(src: &[T], out: &mut [f32]) {
+    for (o, v) in out.iter_mut().zip(src) {
+        *o = v.to_f32();
     }
 }

@@ -16,6 +16,7 @@ mod simd512;
 
 pub use backend::{CpuBackend, CpuKvPool};
 pub use features::{features, CpuFeatures};
+pub(crate) use simd::Weight;
 pub use lora::CpuPagePool;
 pub use matmul::{bf16_activations_supported, matmul, matmul_ref, matmul_with, Precision};
 

@@ -1,24 +1,14 @@
-//! SIMD building blocks for the matmul: a register-tiled "weight-streaming" block kernel and a
-//! dtype widener. [`gemv_block`] dispatches to the AVX-512 kernels of `simd512.rs` where the CPU
+//! SIMD building blocks for the matmul: the one widening trait of the CPU kernels ([`Weight`]),
+//! a register-tiled "weight-streaming" block kernel and a dtype widener. [`gemv_block`] dispatches to the AVX-512 kernels of `simd512.rs` where the CPU
 //! has them, else to the AVX2+FMA+F16C ones here, chosen once at run time; every public function
 //! here is safe and falls back to portable scalar code on other CPUs and targets.
 
 use half::{bf16, f16};
 
-/// The AVX-512 loads a weight type needs on x86_64 (nothing elsewhere).
-#[cfg(target_arch = "x86_64")]
-use super::simd512::Wide as WideLoad;
-#[cfg(not(target_arch = "x86_64"))]
-pub(crate) trait WideLoad {}
-#[cfg(not(target_arch = "x86_64"))]
-impl WideLoad for f32 {}
-#[cfg(not(target_arch = "x86_64"))]
-impl WideLoad for bf16 {}
-#[cfg(not(target_arch = "x86_64"))]
-impl WideLoad for f16 {}
-
-/// A weight element type the kernels can widen to f32.
-pub(crate) trait Weight: bytemuck::Pod + Send + Sync + 'static + WideLoad {
+/// A weight (or LoRA page) element type the kernels widen to f32: one scalar and one vector
+/// load per register width, shared by the AVX2 and AVX-512 matmul kernels, the LoRA tiles and
+/// `Matrix::row_f32`.
+pub(crate) trait Weight: bytemuck::Pod + Send + Sync + 'static {
     /// Whether tiles over several x rows should read a pre-widened f32 copy of each weight block:
     /// true for f16, whose F16C conversion is too slow to redo in every tile (measured: the 3×4
     /// tile runs at half speed, ~60 vs ~115 GFLOP/s per core); bf16 widening is two cheap
@@ -32,6 +22,13 @@ pub(crate) trait Weight: bytemuck::Pod + Send + Sync + 'static + WideLoad {
     /// (it is only called from `#[target_feature]` kernels, into which it is inlined).
     #[cfg(target_arch = "x86_64")]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+    /// Loads 16 consecutive elements from `p` (no alignment needed) widened to f32.
+    ///
+    /// # Safety
+    /// `p..p + 16` must be readable, and the caller must run with AVX-512F enabled (inlined
+    /// into `#[target_feature]` kernels like [`Weight::load8`]).
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
 }
 
 impl Weight for f32 {
@@ -44,6 +41,12 @@ impl Weight for f32 {
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
         // SAFETY: the caller guarantees 8 readable floats at `p` and AVX support.
         unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        // SAFETY: the caller guarantees 16 readable floats and AVX-512F.
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
     }
 }
 
@@ -63,6 +66,16 @@ impl Weight for bf16 {
             _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(v)))
         }
     }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller guarantees 32 readable bytes and AVX-512F.
+        unsafe {
+            let v = _mm256_loadu_si256(p as *const __m256i);
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(v)))
+        }
+    }
 }
 
 impl Weight for f16 {
@@ -77,6 +90,13 @@ impl Weight for f16 {
         use std::arch::x86_64::*;
         // SAFETY: the caller guarantees 16 readable bytes at `p` and F16C support.
         unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller guarantees 32 readable bytes and AVX-512F.
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
     }
 }
 

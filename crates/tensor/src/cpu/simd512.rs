@@ -11,47 +11,9 @@
 
 use std::arch::x86_64::*;
 
-use half::{bf16, f16};
-
 /// How far ahead of the read the software prefetch runs (measured flat between 8 and 16 KB,
 /// worse at 2-4 KB and at 32 KB).
 const PF_AHEAD_BYTES: usize = 8 << 10;
-
-/// A weight element the AVX-512 kernel widens 16 at a time.
-pub(crate) trait Wide: Copy {
-    /// Loads 16 consecutive elements from `p` widened to f32.
-    ///
-    /// # Safety
-    /// `p..p + 16` must be readable and AVX-512F/BW must be available.
-    unsafe fn load16(p: *const Self) -> __m512;
-}
-
-impl Wide for f32 {
-    #[inline(always)]
-    unsafe fn load16(p: *const Self) -> __m512 {
-        // SAFETY: the caller guarantees 16 readable floats and AVX-512F.
-        unsafe { _mm512_loadu_ps(p) }
-    }
-}
-
-impl Wide for bf16 {
-    #[inline(always)]
-    unsafe fn load16(p: *const Self) -> __m512 {
-        // SAFETY: the caller guarantees 32 readable bytes and AVX-512F/BW.
-        unsafe {
-            let v = _mm256_loadu_si256(p as *const __m256i);
-            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(v)))
-        }
-    }
-}
-
-impl Wide for f16 {
-    #[inline(always)]
-    unsafe fn load16(p: *const Self) -> __m512 {
-        // SAFETY: the caller guarantees 32 readable bytes and AVX-512F.
-        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
-    }
-}
 
 /// `out[r] = Σ_p x[p] · w[r * k + p]` for every row `r < rows`, with f32 accumulation.
 ///
