@@ -50,16 +50,11 @@ impl PageElem for bf16 {
     }
 }
 
-/// A page element the SIMD tiles widen (f32 or bf16; `load8` comes from the matmul's [`Weight`]).
-pub(crate) trait Page: PageElem + Weight {
-    const BF16: bool;
-}
-impl Page for f32 {
-    const BF16: bool = false;
-}
-impl Page for bf16 {
-    const BF16: bool = true;
-}
+/// A page element the SIMD tiles widen (f32 or bf16; `load8`/`load16` come from the matmul's
+/// [`Weight`]).
+pub(crate) trait Page: PageElem + Weight {}
+impl Page for f32 {}
+impl Page for bf16 {}
 
 impl CpuPagePool {
     pub fn new(page: usize, pages: usize, dtype: DType) -> Result<Self, crate::TensorError> {

@@ -39,7 +39,7 @@ pub(super) trait Vector: Copy {
     unsafe fn splat(v: f32) -> Self;
     unsafe fn load(p: *const f32) -> Self;
     unsafe fn store(self, p: *mut f32);
-    /// `LANES` page elements widened to f32 (bf16: zero-extend, shift left 16; exact).
+    /// `LANES` page elements widened to f32 by the matmul's `Weight` loads (exact).
     unsafe fn load_page<T: Page>(p: *const T) -> Self;
     /// `a · b + c`, fused.
     unsafe fn fmadd(a: Self, b: Self, c: Self) -> Self;
@@ -120,14 +120,7 @@ impl Vector for V16 {
     }
     #[inline(always)]
     unsafe fn load_page<T: Page>(p: *const T) -> Self {
-        unsafe {
-            if T::BF16 {
-                let v = _mm256_loadu_si256(p as *const __m256i);
-                V16(_mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(v))))
-            } else {
-                V16(_mm512_loadu_ps(p as *const f32))
-            }
-        }
+        unsafe { V16(T::load16(p)) }
     }
     #[inline(always)]
     unsafe fn fmadd(a: Self, b: Self, c: Self) -> Self {
