@@ -160,7 +160,11 @@ mod tests {
         ];
         for (i, (check, needs)) in checks.iter().enumerate() {
             for drop in 0..6 {
-                assert_eq!(check(&without(drop)), !needs.contains(&drop), "check {i} without {drop}");
+                assert_eq!(
+                    check(&without(drop)),
+                    !needs.contains(&drop),
+                    "check {i} without {drop}"
+                );
             }
         }
     }

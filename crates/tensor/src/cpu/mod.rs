@@ -16,9 +16,9 @@ mod simd512;
 
 pub use backend::{CpuBackend, CpuKvPool};
 pub use features::{features, CpuFeatures};
-pub(crate) use simd::Weight;
 pub use lora::CpuPagePool;
 pub use matmul::{bf16_activations_supported, matmul, matmul_ref, matmul_with, Precision};
+pub(crate) use simd::Weight;
 
 /// Raw output pointer shared by parallel tasks that each write a disjoint part of it (the
 /// matmul's column blocks, attention's rows).
