@@ -23,8 +23,8 @@ impl CpuBackend {
         }
     }
 
-    /// Leaves weights in the safetensors mapping (no copy at load; decode streams them ~20%
-    /// slower, see [`crate::cpu::huge::into_huge_pages`]): for a machine whose memory cannot hold
+    /// Leaves weights in the safetensors mapping (no copy at load; decode streams them more
+    /// slowly, see [`crate::cpu::huge::into_huge_pages`]): for a machine whose memory cannot hold
     /// a private copy of the model next to the page cache's.
     pub fn keep_weights_mapped(self) -> Self {
         Self {

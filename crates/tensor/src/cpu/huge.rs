@@ -68,11 +68,10 @@ impl<T: bytemuck::Pod> AsRef<[T]> for HugeVec<T> {
 
 /// A weight matrix in huge-page memory when it is at least 2 MB, as it was otherwise.
 ///
-/// Decode streams every weight once per token. Read from the safetensors file's page-cache
-/// mapping (4 KB pages), the decode matmul sequence of the Qwen2.5-0.5B shape ran at 56-59 GB/s
-/// on a quiet 2-core Zen 5 VM whose read probe gave ~80 GB/s; the same weights copied into 2 MB
-/// pages ran at 72-73 GB/s, and into 4 KB anonymous pages at ~65 (`docs/BENCHMARKS.md`). The
-/// file's pages stay in the page cache only as clean, reclaimable cache.
+/// Decode streams every weight once per token, so how the weights are mapped shows directly in
+/// its speed: the safetensors file's page-cache mapping (4 KB pages) streams slowest, a private
+/// copy faster, and a copy in 2 MB pages, with far fewer TLB misses, fastest. The file's pages
+/// stay in the page cache only as clean, reclaimable cache.
 pub fn into_huge_pages(m: Matrix) -> Matrix {
     let data = match &m.data {
         MatrixData::F32(s) => huge_copy(s).map(MatrixData::F32),

@@ -6,15 +6,13 @@
 //! against every token of the tile in registers (`NT × U` accumulator chains per row of A,
 //! summed horizontally once per row, not per page). The expand keeps a strip of `NT × UC`
 //! output vectors in registers and streams the rank pages of Bᵀ that feed it, so `y` is loaded
-//! and stored once per tile instead of once per rank (a row-by-row expand, which reads and
-//! writes `y` rank times, took 17.4 vs 16.2 ms for the kernels of a 32-adapter decode step).
+//! and stored once per tile instead of once per rank (as a row-by-row expand would).
 //! Adapter upload hands out Bᵀ's page ids column page by column page, so those rank pages are
 //! adjacent in the pool; with AVX-512 a 1-2-token strip is a whole page, so the expand reads
-//! each column block of rank pages front to back (half-page strips read it in two strided
-//! passes: 21.3 vs 19.5 ms for the kernels of a decode step). There is no software prefetch:
-//! the kernel is bound by DRAM latency, and prefetching 16 KB ahead through the L1 miss
-//! buffers was slower (22.0 vs 21.3 ms) than leaving the sequential runs of pages to the
-//! hardware prefetchers (`docs/BENCHMARKS.md`).
+//! each column block of rank pages front to back (half-page strips would read it in two
+//! strided passes). There is no software prefetch: the kernel is bound by DRAM latency, and a
+//! prefetch far ahead ties up the L1 miss buffers that the demand loads need, while the
+//! sequential runs of pages are what the hardware prefetchers follow anyway.
 
 use std::arch::x86_64::*;
 

@@ -14,13 +14,13 @@ use super::simd::{self, Weight};
 use super::SendPtr;
 use crate::storage::{Matrix, MatrixData};
 
-/// From this many x rows on, the `gemm` crate's packed kernel takes over. Both paths run near
-/// the AVX2 FMA peak from m ≈ 16 on; the streaming kernel is as fast or faster up to m ≈ 256
-/// (k = 896), `gemm` pulls ahead above (measured on 2 Zen 5 cores, see docs/BENCHMARKS.md).
+/// From this many x rows on, the `gemm` crate's packed kernel takes over: both paths are
+/// compute bound well below it, and only with many rows does `gemm`'s cache blocking beat the
+/// streaming kernel, which reads each weight once and needs no packing.
 pub const GEMM_MIN_M: usize = 256;
 
 /// Weight bytes below which the streaming path stays on the calling thread: rayon's fork/join
-/// (a few µs) would cost more than it saves.
+/// would cost more than it saves.
 const PAR_MIN_BYTES: usize = 128 << 10;
 
 /// Smallest weight slice (bytes) given to one rayon task in the streaming path.
@@ -39,7 +39,8 @@ pub enum Precision {
     F32,
     /// For bf16 weights and 24 or more x rows on a CPU with AVX512_BF16, x is rounded to bf16 and
     /// multiplied with `vdpbf16ps` (f32 accumulation), as llama.cpp and PyTorch-in-bf16 do:
-    /// 1.5-1.9× the f32 rate, logits ~0.5% of their largest magnitude off the reference.
+    /// twice the multiply-adds per instruction, logits ~0.5% of their largest magnitude off the
+    /// reference.
     /// Elsewhere it is [`Precision::F32`].
     Bf16Activations,
 }
@@ -70,8 +71,9 @@ pub fn bf16_activations_supported() -> bool {
     super::features().avx512_bf16()
 }
 
-/// x rows from which bf16-activation matmuls run: below, the f32 tiles stream the weights as
-/// fast (the products are not the bottleneck), measured level at m = 16 and ahead from 32 on.
+/// x rows from which bf16-activation matmuls run: below, streaming the weights is the
+/// bottleneck, not the products, so the f32 tiles keep up and rounding x would only cost
+/// precision.
 const BF16_MIN_M: usize = 24;
 
 /// Fast `out = x · Wᵀ`: `x` is `[m, w.cols]`, `out` is `[m, w.rows]`, both row-major.

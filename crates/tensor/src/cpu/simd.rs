@@ -10,9 +10,9 @@ use half::{bf16, f16};
 /// `Matrix::row_f32`.
 pub(crate) trait Weight: bytemuck::Pod + Send + Sync + 'static {
     /// Whether tiles over several x rows should read a pre-widened f32 copy of each weight block:
-    /// true for f16, whose F16C conversion is too slow to redo in every tile (measured: the 3×4
-    /// tile runs at half speed, ~60 vs ~115 GFLOP/s per core); bf16 widening is two cheap
-    /// integer ops and f32 needs none.
+    /// true for f16, whose F16C conversion is too costly to redo in every tile (each group of x
+    /// rows would convert the same weights again); bf16 widening is two cheap integer ops and
+    /// f32 needs none.
     const WIDEN_FIRST: bool = false;
     fn to_f32(self) -> f32;
     /// Loads 8 consecutive elements from `p` (no alignment needed) widened to f32.
@@ -207,7 +207,8 @@ mod avx2 {
         // in every tile (see `Weight::WIDEN_FIRST`).
         let widen_first = T::WIDEN_FIRST && m >= WIDEN_MIN_M;
         let mut buf = if widen_first { vec![0.0f32; NR * k] } else { Vec::new() };
-        // Prefetch at least ~8 KB ahead (measured best for 7 KB blocks: one block is too close).
+        // Prefetch at least PF_AHEAD_BYTES ahead: for small blocks the next one is too close to
+        // hide the DRAM latency.
         let pf_blocks = PF_AHEAD_BYTES.div_ceil(NR * k * std::mem::size_of::<T>());
         let mut r = 0;
         while r < rows {
@@ -250,7 +251,8 @@ mod avx2 {
         let groups = m.div_ceil(3).min(NR);
         let (mut i, mut g) = (0, 0);
         while i < m {
-            // Groups of 3, but 2 + 2 rather than 3 + 1 at the end: a 1-row tile is half as fast.
+            // Groups of 3, but 2 + 2 rather than 3 + 1 at the end: a 1-row tile reuses each
+            // weight vector for a single x row.
             let mr = if m - i == 4 { 2 } else { (m - i).min(3) };
             // Group g prefetches the next block's rows r with r % groups == g.
             let mask = (0..NR).filter(|r| r % groups == g).fold(0, |a, r| a | 1 << r);
@@ -278,10 +280,10 @@ mod avx2 {
 
     /// Which memory a tile prefetches: the rows in `mask` of the weight block at `base` (row
     /// stride `k` elements of `elem_bytes`), at the position the tile is reading. Several short
-    /// row streams at once defeat the hardware prefetcher (measured 2-3× slower than a single
-    /// stream), so each block prefetches the next one; with several x groups per block, the
-    /// rows are shared out between them so DRAM stays busy the whole time. Prefetches never
-    /// fault, so pointing past the end of `w` is harmless (addresses use `wrapping_add`).
+    /// row streams at once defeat the hardware prefetcher, so each block prefetches the next
+    /// one; with several x groups per block, the rows are shared out between them so DRAM stays
+    /// busy the whole time. Prefetches never fault, so pointing past the end of `w` is harmless
+    /// (addresses use `wrapping_add`).
     #[derive(Clone, Copy)]
     struct Prefetch {
         base: *const i8,

@@ -5,14 +5,13 @@
 //! At batch 1 the kernel is a pure stream over the weights. Reading the rows of a task's chunk
 //! strictly in order gives the hardware prefetcher one sequential stream (the 4-row AVX2 tiles
 //! walk four streams at once), and a software prefetch a fixed distance ahead of the read keeps
-//! DRAM busy across row ends. Measured on the decode matmul sequence of the Qwen2.5-0.5B shape
-//! (2 Zen 5 cores): 57 GB/s against 48-53 GB/s for the AVX2 tiles, 79% of the read-bandwidth
-//! probe against 64-72% (`docs/BENCHMARKS.md`, issue 2).
+//! DRAM busy across row ends, so the kernel gets closer to the machine's read bandwidth than
+//! the multi-stream tiles.
 
 use std::arch::x86_64::*;
 
-/// How far ahead of the read the software prefetch runs (measured flat between 8 and 16 KB,
-/// worse at 2-4 KB and at 32 KB).
+/// How far ahead of the read the software prefetch runs: far enough to cover the DRAM latency,
+/// near enough that the lines are still in L1 when the read reaches them.
 const PF_AHEAD_BYTES: usize = 8 << 10;
 
 /// `out[r] = Σ_p x[p] · w[r * k + p]` for every row `r < rows`, with f32 accumulation.
@@ -69,9 +68,9 @@ pub(crate) unsafe fn gemv_rows<T: super::simd::Weight>(
 
 /// Rows of `w` per block (the tiles over one block read it from L1 after the first): 6 for
 /// 2-byte weights, so a tile of 4 x rows holds 24 accumulators, 4 x vectors and a weight vector
-/// (29 of the 32 registers) and loads x once per 6 weight rows instead of 4 (batch-32 bf16
-/// matmuls 1.1-1.3× faster, `docs/BENCHMARKS.md`); 4 for f32, whose 6-row next-block prefetch
-/// (21 KB per block at k = 896) slowed the memory-bound m = 8 case.
+/// (29 of the 32 registers) and loads x once per 6 weight rows instead of 4; 4 for f32, whose
+/// 6-row blocks (21 KB at k = 896) make the next-block prefetch too large for the
+/// memory-bound small batches.
 const fn block_rows(elem: usize) -> usize {
     if elem == 4 {
         4
