@@ -125,33 +125,26 @@ mod tests {
         eprintln!("cpu features: {f}");
     }
 
-    /// The combined checks need every feature they name (the kernels' `target_feature` sets).
+    /// Features set from flags in the order of `flags`.
+    fn with(f: [bool; 6]) -> CpuFeatures {
+        let [avx2, fma, f16c, avx512f, avx512bw, avx512bf16] = f;
+        CpuFeatures {
+            avx2,
+            fma,
+            f16c,
+            avx512f,
+            avx512bw,
+            avx512bf16,
+        }
+    }
+
+    type Check = fn(&CpuFeatures) -> bool;
+
+    /// Each combined check holds with all features and fails without any one it needs (the
+    /// kernels' `target_feature` sets), and only those.
     #[test]
-    fn combined_checks_need_each_feature() {
-        let all = CpuFeatures {
-            avx2: true,
-            fma: true,
-            f16c: true,
-            avx512f: true,
-            avx512bw: true,
-            avx512bf16: true,
-        };
-        assert!(all.avx2_fma_f16c() && all.avx2_fma() && all.avx512f_bw() && all.avx512f_avx2() && all.avx512_bf16());
-        let without = |drop: usize| {
-            let mut f = all;
-            let fields = [
-                &mut f.avx2,
-                &mut f.fma,
-                &mut f.f16c,
-                &mut f.avx512f,
-                &mut f.avx512bw,
-                &mut f.avx512bf16,
-            ];
-            *fields.into_iter().nth(drop).expect("six fields") = false;
-            f
-        };
-        // (check, features it needs, by index into `flags`)
-        let checks: [(fn(&CpuFeatures) -> bool, &[usize]); 5] = [
+    fn combined_checks_need_exactly_their_features() {
+        let checks: [(Check, &[usize]); 5] = [
             (CpuFeatures::avx2_fma_f16c, &[0, 1, 2]),
             (CpuFeatures::avx2_fma, &[0, 1]),
             (CpuFeatures::avx512f_bw, &[3, 4]),
@@ -159,12 +152,11 @@ mod tests {
             (CpuFeatures::avx512_bf16, &[3, 4, 5]),
         ];
         for (i, (check, needs)) in checks.iter().enumerate() {
+            assert!(check(&with([true; 6])), "check {i} with everything");
             for drop in 0..6 {
-                assert_eq!(
-                    check(&without(drop)),
-                    !needs.contains(&drop),
-                    "check {i} without {drop}"
-                );
+                let mut f = [true; 6];
+                f[drop] = false;
+                assert_eq!(check(&with(f)), !needs.contains(&drop), "check {i} without {drop}");
             }
         }
     }
