@@ -16,9 +16,29 @@ mod serve;
 #[derive(Parser)]
 #[command(name = "quiver", version, about = "Multi-adapter LLM inference server")]
 struct Cli {
+    /// Log lines as text (colour only on a terminal) or as JSON objects for log shippers.
+    #[arg(long, global = true, default_value = "text", env = "QUIVER_LOG_FORMAT")]
+    log_format: LogFormat,
     /// Without a subcommand, `quiver` serves (the demo model unless --model is given).
     #[command(subcommand)]
     command: Option<Command>,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Logs go to stderr, filtered by `RUST_LOG` (default `info`).
+fn init_logs(format: LogFormat) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => logs.json().init(),
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
 }
 
 #[derive(Subcommand)]
@@ -119,11 +139,9 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    init_logs(cli.log_format);
+    match cli.command {
         Some(Command::Generate(args)) => generate(args),
         Some(Command::Serve(args)) => serve::run(*args),
         None => serve::run(serve::ServeArgs::parse_from(["quiver"])),

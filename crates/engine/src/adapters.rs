@@ -161,10 +161,10 @@ impl<B: Backend> AdapterManager<B> {
         if self.registry.contains_key(name) {
             return Err(EngineError::AdapterExists(name.into()));
         }
-        if let Some(host) = preloaded.as_ref().filter(|h| h.max_rank() > self.max_rank) {
+        if let Some(reason) = preloaded.as_ref().and_then(|h| self.rank_refusal(h)) {
             return Err(EngineError::AdapterLoad {
                 name: name.into(),
-                reason: format!("rank {} exceeds --max-lora-rank {}", host.max_rank(), self.max_rank),
+                reason,
             });
         }
         self.generation += 1;
@@ -231,22 +231,25 @@ impl<B: Backend> AdapterManager<B> {
         }
     }
 
+    /// The one rank check: adapters above `--max-lora-rank` are refused, however they arrive.
+    fn rank_refusal(&self, host: &HostAdapter) -> Option<String> {
+        (host.max_rank() > self.max_rank)
+            .then(|| format!("rank {} exceeds --max-lora-rank {}", host.max_rank(), self.max_rank))
+    }
+
     /// Collects finished loads into the host tier. Call once per scheduler step.
     pub fn poll(&mut self) {
         while let Ok((name, generation, result)) = self.results.try_recv() {
             self.loading.remove(&name);
-            let Some(reg) = self.registry.get_mut(&name).filter(|r| r.generation == generation) else {
+            if self.registry.get(&name).is_none_or(|r| r.generation != generation) {
                 continue;
-            };
+            }
+            let result = result.and_then(|host| match self.rank_refusal(&host) {
+                Some(reason) => Err(reason),
+                None => Ok(host),
+            });
+            let Some(reg) = self.registry.get_mut(&name) else { continue };
             match result {
-                Ok(host) if host.max_rank() > self.max_rank => {
-                    self.stats.load_failures += 1;
-                    reg.failed = Some(format!(
-                        "rank {} exceeds --max-lora-rank {}",
-                        host.max_rank(),
-                        self.max_rank
-                    ));
-                }
                 Ok(host) => {
                     self.stats.loads += 1;
                     reg.failed = None;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::sync::{mpsc, Arc};
 
 use quiver_adapters::HostAdapter;
-use quiver_model::Llama;
+use quiver_model::{Llama, Tokenizer};
 use quiver_tensor::Backend;
 use tokio::sync::{mpsc as tmpsc, oneshot};
 
@@ -12,35 +12,60 @@ use crate::adapters::AdapterInfo;
 use crate::error::EngineError;
 use crate::request::{Command, EngineStats, Event, GenerateRequest};
 use crate::scheduler::Scheduler;
+use crate::validation::{ValidRequest, ValidationError, Validator};
 use crate::EngineConfig;
 
 #[derive(Clone)]
 pub struct Engine {
     commands: mpsc::Sender<Command>,
+    validator: Validator,
 }
 
 impl Engine {
     /// Sizes the KV cache and the adapter page pool from one memory budget and starts the
-    /// scheduler on its own OS thread (tensor work never runs on the async runtime).
-    pub fn start<B: Backend>(model: Llama<B>, eos: Vec<u32>, cfg: EngineConfig) -> Result<Engine, EngineError> {
-        let scheduler = Scheduler::build(model, eos, cfg)?;
+    /// scheduler on its own OS thread (tensor work never runs on the async runtime). With a
+    /// tokenizer the engine detokenizes and applies stop strings; without one, deltas carry
+    /// tokens only and stop strings are refused.
+    pub fn start<B: Backend>(
+        model: Llama<B>,
+        tokenizer: Option<Arc<Tokenizer>>,
+        eos: Vec<u32>,
+        cfg: EngineConfig,
+    ) -> Result<Engine, EngineError> {
+        let scheduler = Scheduler::build(model, tokenizer, eos, cfg)?;
+        let validator = Validator::new(scheduler.limits());
         let (commands, rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("quiver-scheduler".into())
             .spawn(move || scheduler.run(rx))
             .map_err(|e| EngineError::Model(format!("cannot start the scheduler thread: {e}")))?;
-        Ok(Engine { commands })
+        Ok(Engine { commands, validator })
+    }
+
+    /// The checks every request passes before [`submit`](Self::submit).
+    pub fn validator(&self) -> &Validator {
+        &self.validator
+    }
+
+    pub fn validate(&self, request: GenerateRequest) -> Result<ValidRequest, ValidationError> {
+        self.validator.validate(request)
     }
 
     fn send(&self, cmd: Command) -> Result<(), EngineError> {
         self.commands.send(cmd).map_err(|_| EngineError::Stopped)
     }
 
-    /// Queues a request; its tokens arrive on the returned channel. Dropping the receiver
-    /// cancels the request at the next step.
-    pub fn submit(&self, request: GenerateRequest) -> Result<tmpsc::UnboundedReceiver<Event>, EngineError> {
+    /// Queues every choice of a request; their events arrive on the returned channel. Dropping
+    /// the receiver cancels the request at the next step.
+    pub fn submit(
+        &self,
+        request: impl Into<Arc<ValidRequest>>,
+    ) -> Result<tmpsc::UnboundedReceiver<Event>, EngineError> {
         let (events, rx) = tmpsc::unbounded_channel();
-        self.send(Command::Submit { request, events })?;
+        self.send(Command::Submit {
+            request: request.into(),
+            events,
+        })?;
         Ok(rx)
     }
 

@@ -5,17 +5,21 @@ pub mod adapters;
 pub mod engine;
 pub mod error;
 pub mod memory;
+pub mod metrics;
 pub mod output;
 pub mod queue;
 pub mod request;
 pub mod sampling;
 pub mod scheduler;
+mod sequence;
 pub mod stop;
+pub mod validation;
 
 pub use engine::Engine;
 pub use error::EngineError;
 pub use queue::Policy;
-pub use request::{EngineStats, Event, FinishReason, GenerateRequest};
+pub use request::{Delta, EngineStats, Event, FinishReason, GenerateRequest, StopCause};
+pub use validation::{ValidRequest, ValidationError, Validator};
 
 use quiver_tensor::DType;
 

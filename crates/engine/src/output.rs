@@ -1,6 +1,6 @@
-//! A request's token stream as text: complete UTF-8 only (incremental detokenization), cut at the
-//! first stop string. Runs on the consumer's side of the event channel; when a stop string
-//! matches, the consumer drops its receiver and the engine frees the sequence at the next step.
+//! A choice's token stream as text: complete UTF-8 only (incremental detokenization), cut at the
+//! first stop string. The engine's output stage runs one per choice; a stop string ends the
+//! choice there like EOS does.
 
 use quiver_model::{IncrementalDecoder, ModelError, Tokenizer};
 
@@ -24,6 +24,11 @@ impl TextStream {
             decoder: IncrementalDecoder::new(skip_special_tokens),
             stop: StopMatcher::new(stops)?,
         })
+    }
+
+    /// Index of the stop string that ended the text, once one has.
+    pub fn stopped(&self) -> Option<usize> {
+        self.stop.stopped()
     }
 
     pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<Piece, ModelError> {

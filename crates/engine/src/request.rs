@@ -2,44 +2,104 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use quiver_adapters::HostAdapter;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::adapters::{AdapterInfo, AdapterStats};
 use crate::error::EngineError;
+use crate::metrics::RequestMetrics;
 use crate::sampling::{Sampled, SamplingParams};
+use crate::validation::ValidRequest;
 
-/// One generation request, already tokenized and validated by the API layer.
+/// A generation request as the API layer assembled it: tokenized, not yet validated. Only
+/// [`Validator::validate`](crate::validation::Validator::validate) turns it into something the
+/// engine accepts.
 #[derive(Debug, Clone)]
 pub struct GenerateRequest {
-    pub prompt: Vec<u32>,
+    /// One or more prompts; each runs `n` times (choice `i * n + j` is sample `j` of prompt `i`).
+    pub prompts: Vec<Vec<u32>>,
+    pub n: usize,
     /// Adapter name; `None` runs the base model.
     pub adapter: Option<String>,
     pub sampling: SamplingParams,
-    pub max_tokens: usize,
+    /// `None`: whatever the context leaves after the prompt.
+    pub max_tokens: Option<usize>,
+    /// Stop strings, matched on the detokenized text (needs an engine with a tokenizer).
+    pub stop: Vec<String>,
     pub stop_token_ids: Vec<u32>,
     pub ignore_eos: bool,
+    pub skip_special_tokens: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+impl GenerateRequest {
+    /// One prompt, greedy, one choice, defaults everywhere else.
+    pub fn new(prompt: Vec<u32>) -> Self {
+        GenerateRequest {
+            prompts: vec![prompt],
+            n: 1,
+            adapter: None,
+            sampling: SamplingParams::default(),
+            max_tokens: None,
+            stop: Vec::new(),
+            stop_token_ids: Vec::new(),
+            ignore_eos: false,
+            skip_special_tokens: true,
+        }
+    }
+}
+
+/// Why a stop ended a choice (OpenAI's `finish_reason: "stop"`; vLLM's `stop_reason`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopCause {
+    Eos,
+    /// One of the request's `stop_token_ids`.
+    Token(u32),
+    /// The request's stop string at this index.
+    String(usize),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FinishReason {
     /// `max_tokens` or the context length was reached.
     Length,
-    /// EOS or a stop token id.
-    Stop,
+    Stop(StopCause),
+}
+
+impl FinishReason {
+    /// OpenAI's `finish_reason`, and vLLM's `finished_reason` metric label.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            FinishReason::Length => "length",
+            FinishReason::Stop(_) => "stop",
+        }
+    }
+}
+
+/// New output of one choice: text now final (empty while a character or a possible stop string
+/// is incomplete) and the tokens sampled since the last delta.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delta {
+    pub index: usize,
+    pub text: String,
+    pub tokens: Vec<Sampled>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    Token(Sampled),
+    Delta(Delta),
+    /// The choice's last event; every choice of a request ends with one (or the request with
+    /// an [`Event::Error`]).
     Finished {
+        index: usize,
         reason: FinishReason,
         prompt_tokens: usize,
         completion_tokens: usize,
-        /// From submission until the request first ran (adapter loading and queueing included).
-        queue_time: std::time::Duration,
+        /// From submission until the choice first ran (adapter loading and queueing included).
+        queue_time: Duration,
     },
+    /// The request failed; no further events follow.
     Error(EngineError),
 }
 
@@ -56,16 +116,19 @@ pub struct EngineStats {
     pub adapter_pages_used: usize,
     pub preemptions: u64,
     pub steps: u64,
+    /// Choices that ended (any reason but cancellation).
     pub finished: u64,
+    /// Requests whose client went away before they ended.
     pub cancelled: u64,
     pub running_adapters: Vec<String>,
     pub waiting_adapters: Vec<String>,
     pub adapters: AdapterStats,
+    pub requests: RequestMetrics,
 }
 
 pub enum Command {
     Submit {
-        request: GenerateRequest,
+        request: Arc<ValidRequest>,
         events: mpsc::UnboundedSender<Event>,
     },
     RegisterAdapter {

@@ -6,43 +6,21 @@
 
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use quiver_model::{lora_page_size, BatchBuilder, BlockAllocator, Llama, LoraAdapter, SequenceCache};
+use quiver_model::{lora_page_size, BatchBuilder, BlockAllocator, Llama, SequenceCache, Tokenizer};
 use quiver_tensor::Backend;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::adapters::{Acquire, AdapterManager};
 use crate::error::EngineError;
 use crate::memory::MemoryBudget;
-use crate::queue::{FairQueue, Key};
-use crate::request::{Command, EngineStats, Event, FinishReason, GenerateRequest};
+use crate::queue::FairQueue;
+use crate::request::{Command, EngineStats, Event};
 use crate::sampling::Sampler;
+use crate::sequence::{Outcome, Sequence};
+use crate::validation::{Limits, ValidRequest};
 use crate::EngineConfig;
-
-struct Sequence {
-    id: u64,
-    adapter: Key,
-    /// Prompt then generated tokens.
-    tokens: Vec<u32>,
-    prompt_len: usize,
-    /// Tokens whose K/V are in the cache.
-    computed: usize,
-    cache: SequenceCache,
-    lease: Option<Arc<LoraAdapter>>,
-    sampler: Sampler,
-    request: GenerateRequest,
-    events: UnboundedSender<Event>,
-    submitted: Instant,
-    /// Set when the sequence first runs.
-    queue_time: Option<Duration>,
-}
-
-impl Sequence {
-    fn generated(&self) -> usize {
-        self.tokens.len() - self.prompt_len
-    }
-}
 
 /// KV memory: block free list plus the share of the memory budget it has taken.
 struct KvMemory {
@@ -88,6 +66,8 @@ impl KvMemory {
 
 pub struct Scheduler<B: Backend> {
     model: Llama<B>,
+    /// Detokenizes for the output stage; without it deltas carry tokens only.
+    tokenizer: Option<Arc<Tokenizer>>,
     cfg: EngineConfig,
     eos: Vec<u32>,
     kv: B::KvPool,
@@ -97,6 +77,7 @@ pub struct Scheduler<B: Backend> {
     waiting: FairQueue<Sequence>,
     running: Vec<Sequence>,
     next_id: u64,
+    next_request_id: u64,
     /// Mixed into the seed of requests that bring none, so unseeded output differs across runs.
     seed_base: u64,
     stats: EngineStats,
@@ -106,7 +87,12 @@ impl<B: Backend> Scheduler<B> {
     /// Sizes the KV cache and the adapter page pool from one memory budget. Both pools can hold
     /// the whole budget; the budget itself decides the split at run time (untouched pages of
     /// these zeroed buffers cost no physical memory).
-    pub fn build(model: Llama<B>, eos: Vec<u32>, cfg: EngineConfig) -> Result<Self, EngineError> {
+    pub fn build(
+        model: Llama<B>,
+        tokenizer: Option<Arc<Tokenizer>>,
+        eos: Vec<u32>,
+        cfg: EngineConfig,
+    ) -> Result<Self, EngineError> {
         let merr = |e: quiver_model::ModelError| EngineError::Model(e.to_string());
         let block_bytes = model.kv_layout(1, cfg.block_size).bytes_per_block();
         let num_blocks = cfg.memory_budget / block_bytes;
@@ -134,7 +120,19 @@ impl<B: Backend> Scheduler<B> {
             cfg.max_lora_rank,
         );
         let blocks = BlockAllocator::new(num_blocks, cfg.block_size);
-        Ok(Self::new(model, eos, cfg, adapters, kv, blocks, block_bytes))
+        Ok(Self::new(model, tokenizer, eos, cfg, adapters, kv, blocks, block_bytes))
+    }
+
+    /// What requests are validated against: the model, and the longest sequence the KV budget
+    /// holds.
+    pub fn limits(&self) -> Limits {
+        let blocks = self.mem.blocks.total().min(self.budget.total() / self.mem.block_bytes);
+        Limits {
+            max_model_len: self.cfg.max_model_len,
+            vocab_size: self.model.cfg.vocab_size,
+            max_kv_tokens: blocks * self.cfg.block_size,
+            has_tokenizer: self.tokenizer.is_some(),
+        }
     }
 
     /// Whether any request is queued or running.
@@ -142,8 +140,10 @@ impl<B: Backend> Scheduler<B> {
         !self.running.is_empty() || !self.waiting.is_empty()
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn new(
         model: Llama<B>,
+        tokenizer: Option<Arc<Tokenizer>>,
         eos: Vec<u32>,
         cfg: EngineConfig,
         adapters: AdapterManager<B>,
@@ -154,6 +154,7 @@ impl<B: Backend> Scheduler<B> {
         let budget = MemoryBudget::new(cfg.memory_budget);
         Scheduler {
             model,
+            tokenizer,
             waiting: FairQueue::new(cfg.policy),
             cfg,
             eos,
@@ -163,6 +164,7 @@ impl<B: Backend> Scheduler<B> {
             adapters,
             running: Vec::new(),
             next_id: 0,
+            next_request_id: 0,
             seed_base: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_nanos() as u64)
@@ -222,71 +224,44 @@ impl<B: Backend> Scheduler<B> {
         }
     }
 
-    /// Admission control: reject up front what can never run.
-    fn submit(&mut self, request: GenerateRequest, events: UnboundedSender<Event>) {
-        let total = request.prompt.len() + request.max_tokens;
-        let blocks_needed = total.div_ceil(self.cfg.block_size);
-        let error = if request.prompt.is_empty() {
-            Some(EngineError::Invalid("the prompt is empty".into()))
-        } else if total > self.cfg.max_model_len {
-            Some(EngineError::TooLarge(format!(
-                "prompt ({} tokens) + max_tokens ({}) exceeds the maximum context length {}",
-                request.prompt.len(),
-                request.max_tokens,
-                self.cfg.max_model_len
-            )))
-        } else if blocks_needed > self.mem.blocks.total() || blocks_needed * self.mem.block_bytes > self.budget.total()
-        {
-            Some(EngineError::TooLarge(format!(
-                "{total} tokens need more KV memory than the whole budget"
-            )))
-        } else if let Some(bad) = request
-            .prompt
-            .iter()
-            .find(|&&t| t as usize >= self.model.cfg.vocab_size)
-        {
-            Some(EngineError::Invalid(format!(
-                "token id {bad} is outside the vocabulary"
-            )))
-        } else if let Some(name) = request.adapter.as_ref().filter(|n| !self.adapters.is_registered(n)) {
-            Some(EngineError::UnknownAdapter(name.clone()))
-        } else {
-            request
-                .sampling
-                .validate()
-                .err()
-                .map(|e| EngineError::Invalid(e.to_string()))
-        };
-        if let Some(e) = error {
-            let _ = events.send(Event::Error(e));
+    /// Queues every choice of a validated request. An adapter unloaded since validation is the
+    /// one thing that can still refuse it here.
+    fn submit(&mut self, request: Arc<ValidRequest>, events: UnboundedSender<Event>) {
+        let r = request.request();
+        if let Some(name) = r.adapter.as_ref().filter(|n| !self.adapters.is_registered(n)) {
+            let _ = events.send(Event::Error(EngineError::UnknownAdapter(name.clone())));
             return;
         }
-        self.next_id += 1;
-        let seq = Sequence {
-            id: self.next_id,
-            adapter: request.adapter.clone(),
-            tokens: request.prompt.clone(),
-            prompt_len: request.prompt.len(),
-            computed: 0,
-            cache: SequenceCache::default(),
-            lease: None,
-            sampler: Sampler::new(request.sampling.clone(), self.seed_base ^ self.next_id),
-            request,
-            events,
-            submitted: Instant::now(),
-            queue_time: None,
-        };
-        // Start the load now only near the head of the queue; `step` prefetches the rest as they
-        // move up. A load for a request far back could be evicted from the host tier before the
-        // request is admitted, and then be loaded again.
-        if let Some(name) = seq
-            .adapter
-            .as_deref()
-            .filter(|_| self.waiting.len() < self.prefetch_window())
-        {
-            self.adapters.prefetch(name);
+        debug_assert!(r.prompts.iter().all(|p| !p.is_empty() && p.len() < self.cfg.max_model_len));
+        self.next_request_id += 1;
+        let submitted = Instant::now();
+        for index in 0..request.num_choices() {
+            self.next_id += 1;
+            let mut sampling = r.sampling.clone();
+            // n > 1 with a seed: distinct but reproducible samples.
+            sampling.seed = sampling.seed.map(|s| s.wrapping_add(index as u64));
+            let seq = Sequence::new(
+                self.next_id,
+                self.next_request_id,
+                index,
+                request.clone(),
+                Sampler::new(sampling, self.seed_base ^ self.next_id),
+                self.tokenizer.is_some(),
+                events.clone(),
+                submitted,
+            );
+            // Start the load now only near the head of the queue; `step` prefetches the rest as
+            // they move up. A load for a request far back could be evicted from the host tier
+            // before the request is admitted, and then be loaded again.
+            if let Some(name) = seq
+                .adapter
+                .as_deref()
+                .filter(|_| self.waiting.len() < self.prefetch_window())
+            {
+                self.adapters.prefetch(name);
+            }
+            self.waiting.push_back(seq.adapter.clone(), seq);
         }
-        self.waiting.push_back(seq.adapter.clone(), seq);
     }
 
     /// Waiting requests whose adapters load ahead of admission: `cfg.prefetch`, but no more than
@@ -326,8 +301,12 @@ impl<B: Backend> Scheduler<B> {
                 i += 1;
             }
         }
+        let mut requests: Vec<u64> = gone.iter().map(|s| s.request_id).collect();
+        requests.sort_unstable();
+        requests.dedup();
+        self.stats.cancelled += requests.len() as u64;
         for seq in gone {
-            self.stats.cancelled += 1;
+            seq.abort(&mut self.stats.requests);
             self.release(seq);
         }
     }
@@ -383,7 +362,7 @@ impl<B: Backend> Scheduler<B> {
             });
             let Some((_, mut seq)) = next else { break };
             if let Some((_, e)) = failed.into_iter().find(|(id, _)| *id == seq.id) {
-                let _ = seq.events.send(Event::Error(e));
+                seq.fail(e, &mut self.stats.requests);
                 self.release(seq);
                 continue;
             }
@@ -398,7 +377,11 @@ impl<B: Backend> Scheduler<B> {
             }
             plan.push((self.running.len(), chunk));
             token_budget -= chunk;
-            seq.queue_time.get_or_insert_with(|| seq.submitted.elapsed());
+            if seq.queue_time.is_none() {
+                let waited = seq.submitted.elapsed();
+                seq.queue_time = Some(waited);
+                self.stats.requests.queue_time.observe(waited);
+            }
             self.running.push(seq);
         }
         if plan.is_empty() {
@@ -439,35 +422,25 @@ impl<B: Backend> Scheduler<B> {
             .map_err(|e| EngineError::Model(e.to_string()))?;
         self.stats.steps += 1;
         let vocab = self.model.cfg.vocab_size;
+        let tokenizer = self.tokenizer.as_deref();
         let mut finished = Vec::new();
         for (row, &i) in sampled_rows.iter().enumerate() {
             let seq = &mut self.running[i];
             let (prompt, generated) = seq.tokens.split_at(seq.prompt_len);
-            let sampled = match seq
+            let outcome = match seq
                 .sampler
                 .sample(&logits[row * vocab..(row + 1) * vocab], prompt, generated)
             {
-                Ok(s) => s,
-                Err(e) => {
-                    let _ = seq.events.send(Event::Error(EngineError::Model(e.to_string())));
-                    finished.push(i);
-                    continue;
-                }
+                Ok(sampled) => seq.emit(
+                    sampled,
+                    &self.eos,
+                    self.cfg.max_model_len,
+                    tokenizer,
+                    &mut self.stats.requests,
+                ),
+                Err(e) => seq.fail(EngineError::Model(e.to_string()), &mut self.stats.requests),
             };
-            let token = sampled.token;
-            seq.tokens.push(token);
-            let _ = seq.events.send(Event::Token(sampled));
-            let stop =
-                seq.request.stop_token_ids.contains(&token) || (!seq.request.ignore_eos && self.eos.contains(&token));
-            let length = seq.generated() >= seq.request.max_tokens || seq.tokens.len() >= self.cfg.max_model_len;
-            if stop || length {
-                let reason = if stop { FinishReason::Stop } else { FinishReason::Length };
-                let _ = seq.events.send(Event::Finished {
-                    reason,
-                    prompt_tokens: seq.prompt_len,
-                    completion_tokens: seq.generated(),
-                    queue_time: seq.queue_time.unwrap_or_default(),
-                });
+            if !matches!(outcome, Outcome::Running) {
                 finished.push(i);
             }
         }
@@ -482,8 +455,8 @@ impl<B: Backend> Scheduler<B> {
 
     fn fail_running(&mut self, e: EngineError) {
         tracing::error!(error = %e, "batch failed; failing its requests");
-        for seq in std::mem::take(&mut self.running) {
-            let _ = seq.events.send(Event::Error(e.clone()));
+        for mut seq in std::mem::take(&mut self.running) {
+            seq.fail(e.clone(), &mut self.stats.requests);
             self.release(seq);
         }
     }

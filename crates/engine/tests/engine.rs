@@ -7,9 +7,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use quiver_engine::request::Command;
-use quiver_engine::sampling::SamplingParams;
 use quiver_engine::scheduler::Scheduler;
-use quiver_engine::{Engine, EngineConfig, Event, FinishReason, GenerateRequest};
+use quiver_engine::{Engine, EngineConfig, Event, FinishReason, GenerateRequest, ValidRequest, Validator};
 use quiver_model::ModelBundle;
 use quiver_tensor::cpu::CpuBackend;
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -29,7 +28,7 @@ fn fixture() -> Result<(tempfile::TempDir, PathBuf)> {
 
 fn start(base: &Path, adapters: &Path, cfg: EngineConfig) -> Result<Engine> {
     let bundle = ModelBundle::load(CpuBackend::default(), base, None)?;
-    let engine = Engine::start(bundle.model, vec![], cfg)?;
+    let engine = Engine::start(bundle.model, None, vec![], cfg)?;
     for name in ADAPTERS {
         engine
             .register_adapter(name, adapters.join(name), false)?
@@ -61,17 +60,25 @@ fn small() -> EngineConfig {
 fn request(i: usize, max_tokens: usize) -> GenerateRequest {
     let len = 3 + (i * 7) % 40;
     GenerateRequest {
-        prompt: (0..len as u32).map(|t| (t * 13 + i as u32 * 31) % 400 + 5).collect(),
         adapter: if i % 5 == 4 {
             None
         } else {
             Some(ADAPTERS[i % ADAPTERS.len()].to_string())
         },
-        sampling: SamplingParams::default(),
-        max_tokens,
-        stop_token_ids: vec![],
+        max_tokens: Some(max_tokens),
         ignore_eos: true,
+        ..GenerateRequest::new((0..len as u32).map(|t| (t * 13 + i as u32 * 31) % 400 + 5).collect())
     }
+}
+
+/// Validates and submits, as the API does.
+fn submit(engine: &Engine, r: GenerateRequest) -> Result<UnboundedReceiver<Event>> {
+    Ok(engine.submit(engine.validate(r)?)?)
+}
+
+/// Validates a request for a scheduler driven by hand.
+fn valid(s: &Scheduler<CpuBackend>, r: GenerateRequest) -> std::sync::Arc<ValidRequest> {
+    Validator::new(s.limits()).validate(r).expect("a valid request").into()
 }
 
 /// Collects a request's tokens until it finishes.
@@ -79,7 +86,7 @@ fn collect(mut rx: UnboundedReceiver<Event>) -> Result<(Vec<u32>, FinishReason)>
     let mut tokens = Vec::new();
     loop {
         match rx.blocking_recv().context("engine dropped the request")? {
-            Event::Token(s) => tokens.push(s.token),
+            Event::Delta(d) => tokens.extend(d.tokens.iter().map(|s| s.token)),
             Event::Finished {
                 reason,
                 completion_tokens,
@@ -105,7 +112,7 @@ fn tokens_are_the_same_alone_and_in_a_busy_batch_with_preemption() -> Result<()>
     let alone_engine = start(&base, &adapters, small())?;
     let mut alone = Vec::new();
     for i in 0..n {
-        alone.push(collect(alone_engine.submit(request(i, 10))?)?.0);
+        alone.push(collect(submit(&alone_engine, request(i, 10))?)?.0);
     }
     // A budget of a few KV blocks (8 KiB each here) forces preemption and recomputation, and a
     // small token budget forces chunked prefill.
@@ -116,7 +123,7 @@ fn tokens_are_the_same_alone_and_in_a_busy_batch_with_preemption() -> Result<()>
         ..small()
     };
     let busy = start(&base, &adapters, cfg)?;
-    let receivers: Vec<_> = (0..n).map(|i| busy.submit(request(i, 10))).collect::<Result<_, _>>()?;
+    let receivers: Vec<_> = (0..n).map(|i| submit(&busy, request(i, 10))).collect::<Result<_, _>>()?;
     for (i, rx) in receivers.into_iter().enumerate() {
         let (tokens, reason) = collect(rx)?;
         ensure!(reason == FinishReason::Length, "request {i} finished with {reason:?}");
@@ -147,7 +154,7 @@ fn a_cold_adapter_does_not_delay_other_requests() -> Result<()> {
     let adapters = dir.path().join("adapters");
     let engine = start(&base, &adapters, small())?;
     // Warm llama-r1-qv.
-    collect(engine.submit(request(1, 2))?)?;
+    collect(submit(&engine, request(1, 2))?)?;
     let cold = dir.path().join("cold");
     std::fs::create_dir(&cold)?;
     std::fs::copy(
@@ -162,10 +169,10 @@ fn a_cold_adapter_does_not_delay_other_requests() -> Result<()> {
         .blocking_recv()??;
     let mut cold_req = request(0, 4);
     cold_req.adapter = Some("cold".into());
-    let mut cold_rx = engine.submit(cold_req)?;
+    let mut cold_rx = submit(&engine, cold_req)?;
     let t = Instant::now();
-    let warm = collect(engine.submit(request(1, 8))?)?;
-    let base_only = collect(engine.submit(request(4, 8))?)?;
+    let warm = collect(submit(&engine, request(1, 8))?)?;
+    let base_only = collect(submit(&engine, request(4, 8))?)?;
     ensure!(
         warm.0.len() == 8 && base_only.0.len() == 8,
         "other requests did not complete"
@@ -197,7 +204,7 @@ fn eviction_spares_pinned_and_leased_adapters() -> Result<()> {
         block_size: 64,
         ..small()
     };
-    let mut s = Scheduler::build(bundle.model, vec![], cfg)?;
+    let mut s = Scheduler::build(bundle.model, None, vec![], cfg)?;
     register(&mut s, &adapters, "llama-r1-qv", true)?;
     register(&mut s, &adapters, "llama-r64-mlp", false)?;
     register(&mut s, &adapters, "llama-r8-all-linear", false)?;
@@ -205,7 +212,10 @@ fn eviction_spares_pinned_and_leased_adapters() -> Result<()> {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let mut r = request(0, max_tokens);
         r.adapter = Some(adapter.into());
-        s.handle(Command::Submit { request: r, events: tx });
+        s.handle(Command::Submit {
+            request: valid(s, r),
+            events: tx,
+        });
         rx
     };
     let run_until = |s: &mut Scheduler<CpuBackend>, rx: &mut UnboundedReceiver<Event>| -> Result<Vec<Event>> {
@@ -214,7 +224,7 @@ fn eviction_spares_pinned_and_leased_adapters() -> Result<()> {
         while t.elapsed() < Duration::from_secs(30) {
             s.step()?;
             while let Ok(e) = rx.try_recv() {
-                let done = !matches!(e, Event::Token(_));
+                let done = !matches!(e, Event::Delta(_));
                 events.push(e);
                 if done {
                     return Ok(events);
@@ -303,7 +313,7 @@ fn a_long_queue_loads_each_adapter_once() -> Result<()> {
         ..small()
     };
     ensure!(cfg.prefetch > 1, "the test needs a window wider than the host tier");
-    let mut s = Scheduler::build(bundle.model, vec![], cfg)?;
+    let mut s = Scheduler::build(bundle.model, None, vec![], cfg)?;
     for name in ADAPTERS {
         register(&mut s, &adapters, name, false)?;
     }
@@ -313,7 +323,8 @@ fn a_long_queue_loads_each_adapter_once() -> Result<()> {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
             let mut r = request(0, 2);
             r.adapter = Some(name.to_string());
-            s.handle(Command::Submit { request: r, events: tx });
+            let request = valid(&s, r);
+            s.handle(Command::Submit { request, events: tx });
             rx
         })
         .collect();
@@ -324,7 +335,7 @@ fn a_long_queue_loads_each_adapter_once() -> Result<()> {
         pending.retain_mut(|rx| {
             let mut done = false;
             while let Ok(e) = rx.try_recv() {
-                done |= !matches!(e, Event::Token(_));
+                done |= !matches!(e, Event::Delta(_));
             }
             !done
         });
@@ -352,11 +363,13 @@ fn impossible_requests_are_rejected_up_front() -> Result<()> {
     too_long.adapter = None;
     let mut unknown = request(0, 2);
     unknown.adapter = Some("nope".into());
-    for (r, want) in [(too_long, "maximum context length"), (unknown, "not registered")] {
-        match engine.submit(r)?.blocking_recv() {
-            Some(Event::Error(e)) => ensure!(e.to_string().contains(want), "{e}"),
-            other => bail!("expected an error, got {other:?}"),
-        }
+    match engine.validate(too_long) {
+        Err(e) => ensure!(e.to_string().contains("maximum context length"), "{e}"),
+        Ok(_) => bail!("a request longer than the context passed validation"),
+    }
+    match submit(&engine, unknown)?.blocking_recv() {
+        Some(Event::Error(e)) => ensure!(e.to_string().contains("not registered"), "{e}"),
+        other => bail!("expected an error, got {other:?}"),
     }
     Ok(())
 }

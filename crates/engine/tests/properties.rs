@@ -7,9 +7,8 @@ use std::sync::OnceLock;
 
 use proptest::prelude::*;
 use quiver_engine::request::Command;
-use quiver_engine::sampling::SamplingParams;
 use quiver_engine::scheduler::Scheduler;
-use quiver_engine::{EngineConfig, EngineStats, Event, GenerateRequest, Policy};
+use quiver_engine::{EngineConfig, EngineStats, Event, GenerateRequest, Policy, Validator};
 use quiver_model::ModelBundle;
 use quiver_tensor::cpu::CpuBackend;
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -62,7 +61,7 @@ fn drain(t: &mut Tracked) -> Result<(), TestCaseError> {
     while let Ok(e) = rx.try_recv() {
         prop_assert!(!t.ended, "event after the end: {e:?}");
         match e {
-            Event::Token(_) => t.tokens += 1,
+            Event::Delta(d) => t.tokens += d.tokens.len(),
             Event::Finished { completion_tokens, .. } => {
                 prop_assert_eq!(completion_tokens, t.tokens);
                 prop_assert_eq!(t.tokens, t.max_tokens, "ignore_eos requests run to max_tokens");
@@ -88,7 +87,7 @@ fn run(ops: Vec<Op>, policy: Policy) -> Result<(), TestCaseError> {
         ..Default::default()
     };
     let budget = cfg.memory_budget;
-    let mut s = Scheduler::build(bundle.model, vec![], cfg).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let mut s = Scheduler::build(bundle.model, None, vec![], cfg).map_err(|e| TestCaseError::fail(e.to_string()))?;
     for name in ADAPTERS {
         let (tx, _rx) = tokio::sync::oneshot::channel();
         s.handle(Command::RegisterAdapter {
@@ -114,14 +113,18 @@ fn run(ops: Vec<Op>, policy: Policy) -> Result<(), TestCaseError> {
             } => {
                 let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
                 let request = GenerateRequest {
-                    prompt: (0..prompt_len as u32).map(|t| t * 7 % 300 + 3).collect(),
                     adapter: (adapter > 0).then(|| ADAPTERS[adapter - 1].to_string()),
-                    sampling: SamplingParams::default(),
-                    max_tokens,
-                    stop_token_ids: vec![],
+                    max_tokens: Some(max_tokens),
                     ignore_eos: true,
+                    ..GenerateRequest::new((0..prompt_len as u32).map(|t| t * 7 % 300 + 3).collect())
                 };
-                s.handle(Command::Submit { request, events: tx });
+                let request = Validator::new(s.limits())
+                    .validate(request)
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                s.handle(Command::Submit {
+                    request: request.into(),
+                    events: tx,
+                });
                 tracked.push(Tracked {
                     rx: Some(rx),
                     max_tokens,

@@ -3,9 +3,10 @@
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use quiver_engine::EngineError;
-use serde_json::json;
+use quiver_engine::{EngineError, ValidationError};
 use thiserror::Error;
+
+use crate::openai::response::{ErrorBody, ErrorDetail};
 
 #[derive(Debug, Error)]
 pub enum ApiError {
@@ -81,9 +82,22 @@ impl ApiError {
         self.parts().0
     }
 
-    pub fn body(&self) -> serde_json::Value {
+    pub fn body(&self) -> ErrorBody {
         let (_, kind, param, code) = self.parts();
-        json!({"error": {"message": self.to_string(), "type": kind, "param": param, "code": code}})
+        ErrorBody {
+            error: ErrorDetail {
+                message: self.to_string(),
+                kind,
+                param: param.map(str::to_string),
+                code,
+            },
+        }
+    }
+}
+
+impl From<ValidationError> for ApiError {
+    fn from(e: ValidationError) -> Self {
+        ApiError::param(e.param, e.message)
     }
 }
 

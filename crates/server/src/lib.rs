@@ -1,177 +1,31 @@
-//! The OpenAI-compatible HTTP server: axum on tokio for I/O, validation and tokenization; all
-//! tensor work on the engine's scheduler thread. See docs/ARCHITECTURE.md.
+//! The OpenAI-compatible HTTP server: axum on tokio for I/O, request parsing and tokenization;
+//! validation, scheduling, tensor work and every ending on the engine's side. See
+//! docs/ARCHITECTURE.md.
 
 pub mod admin;
 pub mod device;
 pub mod error;
-pub mod generate;
+pub mod extract;
 pub mod metrics;
+pub mod models;
 pub mod openai;
+pub mod respond;
 pub mod routes;
+pub mod startup;
 pub mod state;
 
-use std::collections::BTreeMap;
 use std::future::Future;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::Router;
-use quiver_adapters::load_peft_adapter;
-use quiver_engine::{Engine, EngineConfig};
-use quiver_model::ModelBundle;
-use quiver_tensor::cpu::{CpuBackend, Precision};
-use quiver_tensor::Backend;
-use tokio::sync::Semaphore;
 
 pub use device::Device;
 pub use error::ApiError;
+pub use startup::{build_state, ServerOptions};
 pub use state::{AppState, Limits};
-
-/// Everything `quiver serve` needs besides the socket.
-#[derive(Debug, Clone)]
-pub struct ServerOptions {
-    pub model: PathBuf,
-    pub served_model_name: Option<String>,
-    pub lora_modules: Vec<(String, PathBuf)>,
-    pub adapter_root: Option<PathBuf>,
-    pub api_key: Option<String>,
-    pub admin_key: Option<String>,
-    pub max_model_len: Option<usize>,
-    pub max_concurrent: usize,
-    pub max_body_bytes: usize,
-    pub device: Device,
-    /// Input precision of the CPU backend's matmuls (f32 = the reference; ignored on a GPU).
-    pub cpu_matmul_precision: Precision,
-    /// Leave the weights in the file mapping instead of copying them into huge pages (CPU).
-    pub cpu_keep_weights_mapped: bool,
-    /// On a GPU, size the KV + adapter budget as this fraction of the memory left free once the
-    /// weights are resident; `None` keeps `engine.memory_budget`.
-    pub gpu_memory_utilization: Option<f64>,
-    pub engine: EngineConfig,
-}
-
-/// Loads the model, starts the engine and registers the start-up adapters (each validated fully:
-/// a broken adapter stops the start with its error).
-pub fn build_state(opts: ServerOptions) -> anyhow::Result<Arc<AppState>> {
-    match opts.device {
-        Device::Cpu => build_on(cpu_backend(&opts), opts, None),
-        Device::Cuda(n) => build_on_cuda(n, opts),
-        Device::Auto => {
-            #[cfg(feature = "cuda")]
-            match quiver_cuda::CudaBackend::new(0) {
-                Ok(be) => return build_on_backend_cuda(be, opts),
-                Err(e) => tracing::info!("--device auto: {e}; using the CPU"),
-            }
-            #[cfg(not(feature = "cuda"))]
-            tracing::info!("--device auto: this build has no CUDA support (cargo feature `cuda`); using the CPU");
-            build_on(cpu_backend(&opts), opts, None)
-        }
-    }
-}
-
-fn cpu_backend(opts: &ServerOptions) -> CpuBackend {
-    tracing::info!(features = %quiver_tensor::cpu::features(), "CPU kernels dispatch on");
-    let precision = opts.cpu_matmul_precision;
-    if precision == Precision::Bf16Activations && !quiver_tensor::cpu::bf16_activations_supported() {
-        tracing::warn!("--matmul-precision bf16: this CPU has no AVX512_BF16; matmuls stay in f32");
-    }
-    let backend = CpuBackend::with_precision(precision);
-    if opts.cpu_keep_weights_mapped {
-        backend.keep_weights_mapped()
-    } else {
-        backend
-    }
-}
-
-#[cfg(feature = "cuda")]
-fn build_on_cuda(ordinal: usize, opts: ServerOptions) -> anyhow::Result<Arc<AppState>> {
-    let be = quiver_cuda::CudaBackend::new(ordinal)?;
-    build_on_backend_cuda(be, opts)
-}
-
-#[cfg(feature = "cuda")]
-fn build_on_backend_cuda(be: quiver_cuda::CudaBackend, opts: ServerOptions) -> anyhow::Result<Arc<AppState>> {
-    if opts.cpu_matmul_precision != Precision::F32 {
-        tracing::info!("--matmul-precision applies to the CPU backend only; ignored on the GPU");
-    }
-    let probe = be.clone();
-    let fraction = opts.gpu_memory_utilization;
-    let budget = move || -> anyhow::Result<Option<usize>> {
-        let Some(f) = fraction else { return Ok(None) };
-        let (free, total) = probe.memory_info()?;
-        Ok(Some(device::device_budget(free, total, f)))
-    };
-    build_on(be, opts, Some(Box::new(budget)))
-}
-
-#[cfg(not(feature = "cuda"))]
-fn build_on_cuda(ordinal: usize, _opts: ServerOptions) -> anyhow::Result<Arc<AppState>> {
-    anyhow::bail!("--device cuda:{ordinal}: this build has no CUDA support; rebuild with `cargo build --release -p quiver --features cuda`")
-}
-
-/// Measures the device's memory budget once the weights are resident (`None`: keep the flag's).
-type DeviceBudget = Box<dyn FnOnce() -> anyhow::Result<Option<usize>>>;
-
-fn build_on<B: Backend>(
-    backend: B,
-    opts: ServerOptions,
-    device_budget: Option<DeviceBudget>,
-) -> anyhow::Result<Arc<AppState>> {
-    tracing::info!(backend = %backend.name(), "loading {}", opts.model.display());
-    let bundle = ModelBundle::load(backend, &opts.model, opts.max_model_len)?;
-    let cfg = bundle.model.cfg.clone();
-    let max_model_len = bundle.model.max_positions();
-    let served_name = opts
-        .served_model_name
-        .clone()
-        .unwrap_or_else(|| opts.model.display().to_string());
-    let mut engine_cfg = opts.engine.clone();
-    engine_cfg.max_model_len = max_model_len;
-    if let Some(budget) = device_budget.map(|f| f()).transpose()?.flatten() {
-        tracing::info!(bytes = budget, "KV + adapter budget sized from free device memory");
-        engine_cfg.memory_budget = budget;
-    }
-    let limits = Limits {
-        max_model_len,
-        max_body_bytes: opts.max_body_bytes,
-        max_concurrent: opts.max_concurrent,
-        max_lora_rank: engine_cfg.max_lora_rank,
-        max_loras: engine_cfg.max_num_seqs,
-    };
-    let engine = Engine::start(bundle.model, bundle.eos_token_ids.clone(), engine_cfg)?;
-    let mut adapters = BTreeMap::new();
-    for (name, path) in &opts.lora_modules {
-        let host = load_peft_adapter(name, path, &cfg)?;
-        engine
-            .register_loaded_adapter(name, path.clone(), false, Arc::new(host))?
-            .blocking_recv()??;
-        adapters.insert(name.clone(), path.clone());
-    }
-    let created = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    Ok(Arc::new(AppState {
-        engine,
-        tokenizer: Arc::new(bundle.tokenizer),
-        model_cfg: cfg,
-        chat_template: bundle.chat_template,
-        served_name,
-        model_path: opts.model.display().to_string(),
-        adapters: RwLock::new(adapters),
-        adapter_root: opts.adapter_root,
-        api_key: opts.api_key,
-        admin_key: opts.admin_key,
-        admission: Arc::new(Semaphore::new(limits.max_concurrent)),
-        limits,
-        draining: AtomicBool::new(false),
-        metrics: Default::default(),
-        created,
-    }))
-}
 
 pub fn router(state: Arc<AppState>) -> Router {
     let limit = state.limits.max_body_bytes;

@@ -1,71 +1,37 @@
-//! Prometheus metrics: Quiver's own (per adapter, per tier, latency histograms) and the ones
-//! Kubernetes routers read from vLLM (`vllm:lora_requests_info`, `vllm:num_requests_waiting`,
-//! `vllm:kv_cache_usage_perc`), so the Gateway API Inference Extension routes to Quiver as it does
-//! to vLLM. Rendered by hand in the text exposition format.
+//! Prometheus metrics, rendered by hand in the text exposition format. vLLM's names wherever vLLM
+//! has the metric — the router-facing gauges the Gateway API Inference Extension reads
+//! (`vllm:lora_requests_info`, `vllm:num_requests_waiting`, `vllm:kv_cache_usage_perc`) and the
+//! request metrics its dashboards chart (`vllm:request_success_total{finished_reason}`, token
+//! counters, TTFT / inter-token / e2e / queue histograms) — and `quiver_*` for what only Quiver
+//! has (adapter tiers and residency, per-adapter counts, preemptions, memory split).
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use quiver_engine::adapters::{AdapterInfo, Tier};
+use quiver_engine::adapters::AdapterInfo;
+use quiver_engine::metrics::{AdapterCounts, Histogram, LATENCY_BUCKETS};
 use quiver_engine::EngineStats;
 
-const BUCKETS: [f64; 14] = [
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
-];
+use crate::admin::tier_name;
 
-#[derive(Default, Clone)]
-struct Histogram {
-    counts: [u64; BUCKETS.len()],
-    sum: f64,
-    count: u64,
-}
-
-impl Histogram {
-    fn observe(&mut self, v: f64) {
-        for (c, b) in self.counts.iter_mut().zip(BUCKETS) {
-            if v <= b {
-                *c += 1;
-            }
-        }
-        self.sum += v;
-        self.count += 1;
+fn render_histogram(h: &Histogram, name: &str, help: &str, model: &str, out: &mut String) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+    for (c, b) in h.counts.iter().zip(LATENCY_BUCKETS) {
+        let _ = writeln!(out, "{name}_bucket{{model_name=\"{model}\",le=\"{b}\"}} {c}");
     }
-
-    fn render(&self, name: &str, help: &str, out: &mut String) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        for (c, b) in self.counts.iter().zip(BUCKETS) {
-            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {c}");
-        }
-        let _ = writeln!(
-            out,
-            "{name}_bucket{{le=\"+Inf\"}} {}\n{name}_sum {}\n{name}_count {}",
-            self.count, self.sum, self.count
-        );
-    }
+    let _ = writeln!(
+        out,
+        "{name}_bucket{{model_name=\"{model}\",le=\"+Inf\"}} {}\n{name}_sum{{model_name=\"{model}\"}} {}\n{name}_count{{model_name=\"{model}\"}} {}",
+        h.count, h.sum, h.count
+    );
 }
 
-#[derive(Default, Clone, Copy)]
-struct PerAdapter {
-    requests: u64,
-    prompt_tokens: u64,
-    generation_tokens: u64,
-}
-
-#[derive(Default)]
-struct Inner {
-    ttft: Histogram,
-    tpot: Histogram,
-    e2e: Histogram,
-    queue: Histogram,
-    per_adapter: BTreeMap<String, PerAdapter>,
-    rejected: BTreeMap<u16, u64>,
-}
-
+/// What only the HTTP side sees: requests refused before they reached the engine.
 #[derive(Default)]
 pub struct Metrics {
-    inner: Mutex<Inner>,
+    rejected: Mutex<BTreeMap<u16, u64>>,
 }
 
 fn label(s: &str) -> String {
@@ -73,41 +39,16 @@ fn label(s: &str) -> String {
 }
 
 impl Metrics {
-    fn with(&self, f: impl FnOnce(&mut Inner)) {
-        if let Ok(mut g) = self.inner.lock() {
-            f(&mut g)
-        }
-    }
-
-    pub fn observe_ttft(&self, d: Duration) {
-        self.with(|m| m.ttft.observe(d.as_secs_f64()));
-    }
-
-    pub fn observe_queue(&self, d: Duration) {
-        self.with(|m| m.queue.observe(d.as_secs_f64()));
-    }
-
-    pub fn observe_tpot(&self, d: Duration) {
-        self.with(|m| m.tpot.observe(d.as_secs_f64()));
-    }
-
-    pub fn finished(&self, adapter: Option<&str>, prompt: usize, generated: usize, e2e: Duration) {
-        self.with(|m| {
-            m.e2e.observe(e2e.as_secs_f64());
-            let a = m.per_adapter.entry(adapter.unwrap_or("").to_string()).or_default();
-            a.requests += 1;
-            a.prompt_tokens += prompt as u64;
-            a.generation_tokens += generated as u64;
-        });
-    }
-
     pub fn rejected(&self, status: u16) {
-        self.with(|m| *m.rejected.entry(status).or_default() += 1);
+        if let Ok(mut r) = self.rejected.lock() {
+            *r.entry(status).or_default() += 1;
+        }
     }
 
     pub fn render(&self, stats: &EngineStats, adapters: &[AdapterInfo], max_lora: usize, model: &str) -> String {
         let mut out = String::new();
-        let Ok(m) = self.inner.lock() else { return out };
+        let m = &stats.requests;
+        let model = label(model);
         let kv_usage = if stats.kv_blocks_total == 0 {
             0.0
         } else {
@@ -116,8 +57,7 @@ impl Metrics {
         let gauge = |out: &mut String, name: &str, help: &str, v: f64| {
             let _ = writeln!(
                 out,
-                "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{model_name=\"{}\"}} {v}",
-                label(model)
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{model_name=\"{model}\"}} {v}"
             );
         };
         gauge(
@@ -176,11 +116,6 @@ impl Metrics {
             ),
             ("quiver_engine_steps_total", "Engine iterations.", stats.steps),
             (
-                "quiver_requests_cancelled_total",
-                "Requests whose client went away.",
-                stats.cancelled,
-            ),
-            (
                 "quiver_adapter_loads_total",
                 "Adapters loaded from disk into host memory.",
                 a.loads,
@@ -221,12 +156,7 @@ impl Metrics {
         }
         let _ = writeln!(out, "# HELP quiver_adapter_residency Where each adapter lives (1 for its tier).\n# TYPE quiver_adapter_residency gauge");
         for info in adapters {
-            let tier = match info.tier {
-                Tier::Disk => "disk",
-                Tier::Loading => "loading",
-                Tier::Host => "host",
-                Tier::Device => "device",
-            };
+            let tier = tier_name(info.tier);
             let _ = writeln!(
                 out,
                 "quiver_adapter_residency{{adapter=\"{}\",tier=\"{tier}\"}} 1",
@@ -237,7 +167,7 @@ impl Metrics {
             (
                 "quiver_requests_total",
                 "Finished requests per adapter (\"\" = base model).",
-                (|p: &PerAdapter| p.requests) as fn(&PerAdapter) -> u64,
+                (|p: &AdapterCounts| p.requests) as fn(&AdapterCounts) -> u64,
             ),
             ("quiver_prompt_tokens_total", "Prompt tokens per adapter.", |p| {
                 p.prompt_tokens
@@ -252,26 +182,39 @@ impl Metrics {
             }
         }
         let _ = writeln!(out, "# HELP quiver_requests_rejected_total Requests refused, by HTTP status.\n# TYPE quiver_requests_rejected_total counter");
-        for (status, n) in &m.rejected {
-            let _ = writeln!(out, "quiver_requests_rejected_total{{status=\"{status}\"}} {n}");
+        if let Ok(rejected) = self.rejected.lock() {
+            for (status, n) in rejected.iter() {
+                let _ = writeln!(out, "quiver_requests_rejected_total{{status=\"{status}\"}} {n}");
+            }
         }
-        m.ttft
-            .render("quiver_time_to_first_token_seconds", "Time to first token.", &mut out);
-        m.tpot.render(
-            "quiver_time_per_output_token_seconds",
-            "Time between output tokens.",
-            &mut out,
-        );
-        m.e2e.render(
-            "quiver_e2e_request_latency_seconds",
-            "End-to-end request latency.",
-            &mut out,
-        );
-        m.queue.render(
-            "quiver_request_queue_time_seconds",
-            "Time from submission until a request first runs.",
-            &mut out,
-        );
+        // vLLM's request metrics, under its names and labels.
+        let _ = writeln!(out, "# HELP vllm:request_success_total Count of successfully processed requests.\n# TYPE vllm:request_success_total counter");
+        for reason in ["stop", "length", "abort"] {
+            let n = m.finished.get(reason).copied().unwrap_or(0);
+            let _ = writeln!(
+                out,
+                "vllm:request_success_total{{model_name=\"{model}\",finished_reason=\"{reason}\"}} {n}"
+            );
+        }
+        for (name, help, v) in [
+            ("vllm:prompt_tokens_total", "Number of prefill tokens processed.", m.prompt_tokens),
+            ("vllm:generation_tokens_total", "Number of generation tokens processed.", m.generation_tokens),
+            (
+                "quiver_request_errors_total",
+                "Choices that ended with an engine error.",
+                m.finished.get("error").copied().unwrap_or(0),
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{model_name=\"{model}\"}} {v}");
+        }
+        for (h, name, help) in [
+            (&m.time_to_first_token, "vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds."),
+            (&m.inter_token_latency, "vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds."),
+            (&m.e2e_latency, "vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds."),
+            (&m.queue_time, "vllm:request_queue_time_seconds", "Histogram of time spent in WAITING phase for request."),
+        ] {
+            render_histogram(h, name, help, &model, &mut out);
+        }
         out
     }
 }

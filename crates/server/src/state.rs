@@ -12,13 +12,12 @@ use tokio::sync::Semaphore;
 
 use crate::metrics::Metrics;
 
+/// The server's own limits; what a request may ask of the model is the engine validator's.
 #[derive(Debug, Clone)]
 pub struct Limits {
-    pub max_model_len: usize,
     pub max_body_bytes: usize,
     /// Requests admitted at once (running or queued in the engine); more get 429.
     pub max_concurrent: usize,
-    pub max_lora_rank: usize,
     /// Advertised as vLLM's `max_lora`: the most adapters that can run at once (one per sequence).
     pub max_loras: usize,
 }
