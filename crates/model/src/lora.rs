@@ -270,7 +270,8 @@ impl<'a, B: Backend> LoraBatch<'a, B> {
 
     /// `y += ` the LoRA delta of slot `slot` for `x`.
     pub fn apply(&self, backend: &B, slot: usize, x: &B::Tensor, y: &mut B::Tensor) -> Result<()> {
-        if self.used.get(slot).copied().unwrap_or(false) {
+        // A slot past the end goes to the backend, which reports it.
+        if self.used.get(slot) != Some(&false) {
             backend.lora_slot(&self.prepared, slot, x, y)?;
         }
         Ok(())
