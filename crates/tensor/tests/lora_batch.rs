@@ -51,7 +51,10 @@ fn each_slot_matches_a_lone_call() -> Result<(), quiver_tensor::TensorError> {
         cpu.lora(&pool, &x, &mut want, in_f, out_f, &lone[slot])?;
         assert_eq!(got, want, "slot {slot}");
         assert_ne!(got, y0, "slot {slot} changes its rows");
-        assert!(cpu.lora_slot(&batch, slot, &x[1..].to_vec(), &mut got).is_err(), "wrong x shape");
+        assert!(
+            cpu.lora_slot(&batch, slot, &x[1..].to_vec(), &mut got).is_err(),
+            "wrong x shape"
+        );
     }
     let (x, mut y) = (vec![0.0; tokens * 16], vec![0.0; tokens * 8]);
     assert!(cpu.lora_slot(&batch, 2, &x, &mut y).is_err(), "no slot 2");
