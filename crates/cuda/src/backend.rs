@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
-use quiver_tensor::{AttentionBatch, Backend, DType, KvLayout, LoraSegment, Matrix, RopeTable, TensorError};
+use quiver_tensor::{AttentionBatch, Backend, DType, KvLayout, LoraPlan, LoraSegment, Matrix, RopeTable, TensorError};
 
 use crate::device::{arch_name, cublas_available, device_count, guarded};
 use crate::error::{dev, CudaError};
@@ -160,6 +160,7 @@ impl Backend for CudaBackend {
     type Weight = CudaWeight;
     type KvPool = CudaKvPool;
     type PagePool = CudaPagePool;
+    type LoraBatch<'a> = crate::lora::CudaLoraBatch<'a>;
 
     fn name(&self) -> String {
         self.inner.label.clone()
@@ -393,6 +394,24 @@ impl Backend for CudaBackend {
         segments: &[LoraSegment<'_>],
     ) -> Result<(), TensorError> {
         crate::lora::lora(self, pool, x, y, in_f, out_f, segments)
+    }
+
+    fn lora_batch<'a>(
+        &self,
+        pool: &'a CudaPagePool,
+        plan: LoraPlan<'a>,
+    ) -> Result<crate::lora::CudaLoraBatch<'a>, TensorError> {
+        crate::lora::lora_batch(self, pool, plan)
+    }
+
+    fn lora_slot(
+        &self,
+        batch: &crate::lora::CudaLoraBatch<'_>,
+        slot: usize,
+        x: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<(), TensorError> {
+        crate::lora::lora_slot(self, batch, slot, x, y)
     }
 
     fn gather_rows(

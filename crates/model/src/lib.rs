@@ -19,5 +19,5 @@ pub use config::{Arch, ModelConfig, RopeScaling};
 pub use error::{ModelError, Result};
 pub use kv::{BatchBuilder, BlockAllocator, SequenceCache};
 pub use llama::{ForwardInput, Linear, Llama};
-pub use lora::{lora_page_size, AdapterRun, HostLoraModule, LoraAdapter, ModuleKind};
+pub use lora::{lora_page_size, lora_plan, lora_slot, AdapterRun, HostLoraModule, LoraAdapter, LoraBatch, ModuleKind};
 pub use tokenizer::{IncrementalDecoder, Tokenizer};

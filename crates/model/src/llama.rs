@@ -3,11 +3,11 @@
 
 use std::path::Path;
 
-use quiver_tensor::{AttentionBatch, Backend, KvLayout, LoraSegment, Matrix, RopeTable};
+use quiver_tensor::{AttentionBatch, Backend, KvLayout, Matrix, RopeTable};
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
-use crate::lora::{AdapterRun, HostLoraModule, ModuleKind};
+use crate::lora::{lora_slot, AdapterRun, HostLoraModule, LoraBatch, ModuleKind};
 use crate::rope::rope_table;
 use crate::weights::WeightStore;
 
@@ -35,24 +35,25 @@ impl<B: Backend> Linear<B> {
         })
     }
 
-    /// Base projection plus the LoRA delta of every segment (tokens outside them: base only).
-    pub fn forward(&self, b: &B, x: &B::Tensor, rows: usize, lora: Option<Lora<'_, B>>) -> Result<B::Tensor> {
+    /// Base projection plus slot `slot` of this step's adapters (tokens outside every run: base
+    /// only).
+    pub fn forward(
+        &self,
+        b: &B,
+        x: &B::Tensor,
+        rows: usize,
+        lora: Option<(&LoraBatch<'_, B>, usize)>,
+    ) -> Result<B::Tensor> {
         let mut out = b.zeros(rows * self.out_features)?;
         b.matmul(x, rows, &self.weight, &mut out)?;
         if let Some(bias) = &self.bias {
             b.add_bias(&mut out, bias)?;
         }
-        if let Some(l) = lora.filter(|l| !l.segments.is_empty()) {
-            b.lora(l.pool, x, &mut out, self.in_features, self.out_features, &l.segments)?;
+        if let Some((batch, slot)) = lora {
+            batch.apply(b, slot, x, &mut out)?;
         }
         Ok(out)
     }
-}
-
-/// The adapter segments that apply to one projection of one layer in this batch.
-pub struct Lora<'a, B: Backend> {
-    pub pool: &'a B::PagePool,
-    pub segments: Vec<LoraSegment<'a>>,
 }
 
 pub struct Layer<B: Backend> {
@@ -310,28 +311,6 @@ impl<B: Backend> Llama<B> {
         Ok(())
     }
 
-    fn lora<'a>(
-        &self,
-        input: &'a ForwardInput,
-        pool: Option<&'a B::PagePool>,
-        layer: usize,
-        kind: ModuleKind,
-    ) -> Option<Lora<'a, B>> {
-        let pool = pool?;
-        let segments = input
-            .lora
-            .iter()
-            .filter_map(|r| {
-                Some(LoraSegment {
-                    start: r.start,
-                    len: r.len,
-                    module: r.adapter.module(layer, kind)?,
-                })
-            })
-            .collect();
-        Some(Lora { pool, segments })
-    }
-
     /// Runs every token of `input` through the model, writing their K/V into `kv`, and returns
     /// the logits `[logits_rows.len(), vocab]` of the requested rows.
     pub fn forward(&self, input: &ForwardInput, kv: &mut B::KvPool) -> Result<B::Tensor> {
@@ -360,7 +339,18 @@ impl<B: Backend> Llama<B> {
                 "batch uses adapters but no page pool was given".into(),
             ));
         }
-        let lora = |layer, kind| self.lora(input, pages, layer, kind);
+        // Built once per step; every layer and projection reads its slot of it.
+        let batch = match pages {
+            Some(pool) if !input.lora.is_empty() => Some(LoraBatch::new(
+                &self.backend,
+                pool,
+                &input.lora,
+                input.tokens.len(),
+                &self.cfg,
+            )?),
+            _ => None,
+        };
+        let lora = |layer, kind| batch.as_ref().map(|l| (l, lora_slot(layer, kind)));
         let b = &self.backend;
         let cfg = &self.cfg;
         let (n, h, hd) = (input.tokens.len(), cfg.hidden_size, cfg.head_dim);

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use quiver_tensor::{Backend, LoraModule};
+use quiver_tensor::{Backend, LoraModule, LoraPlan, LoraSlot};
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
@@ -214,11 +214,146 @@ pub struct AdapterRun {
     pub adapter: Arc<LoraAdapter>,
 }
 
+/// The slot of `kind` in `layer`: slots are numbered layer by layer, in [`ModuleKind::ALL`] order.
+pub fn lora_slot(layer: usize, kind: ModuleKind) -> usize {
+    layer * ModuleKind::ALL.len() + kind.index()
+}
+
+/// The plan of a step's runs: one slot per layer and projection (see [`lora_slot`]), each run
+/// naming its adapter's module there.
+pub fn lora_plan<'a>(runs: &'a [AdapterRun], tokens: usize, cfg: &ModelConfig) -> LoraPlan<'a> {
+    let slots = (0..cfg.num_layers)
+        .flat_map(|layer| ModuleKind::ALL.map(|kind| (layer, kind)))
+        .map(|(layer, kind)| {
+            let (in_f, out_f) = kind.dims(cfg);
+            LoraSlot {
+                in_f,
+                out_f,
+                modules: runs.iter().map(|r| r.adapter.module(layer, kind)).collect(),
+            }
+        })
+        .collect();
+    LoraPlan {
+        tokens,
+        runs: runs.iter().map(|r| (r.start, r.len)).collect(),
+        slots,
+    }
+}
+
+/// One step's adapters, prepared by the backend once and read by every adapted linear of the
+/// step (vLLM's punica wrapper builds its metadata the same way, once per step).
+pub struct LoraBatch<'a, B: Backend> {
+    prepared: B::LoraBatch<'a>,
+    /// Slots no run adapts: their linears skip the backend call.
+    used: Vec<bool>,
+}
+
+impl<'a, B: Backend> LoraBatch<'a, B> {
+    pub fn new(
+        backend: &B,
+        pool: &'a B::PagePool,
+        runs: &'a [AdapterRun],
+        tokens: usize,
+        cfg: &ModelConfig,
+    ) -> Result<Self> {
+        let plan = lora_plan(runs, tokens, cfg);
+        let used = plan
+            .slots
+            .iter()
+            .map(|s| s.modules.iter().any(Option::is_some))
+            .collect();
+        Ok(LoraBatch {
+            prepared: backend.lora_batch(pool, plan)?,
+            used,
+        })
+    }
+
+    /// `y += ` the LoRA delta of slot `slot` for `x`.
+    pub fn apply(&self, backend: &B, slot: usize, x: &B::Tensor, y: &mut B::Tensor) -> Result<()> {
+        // A slot past the end goes to the backend, which reports it.
+        if self.used.get(slot) != Some(&false) {
+            backend.lora_slot(&self.prepared, slot, x, y)?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use quiver_tensor::cpu::CpuBackend;
     use quiver_tensor::DType;
+
+    /// The plan names each run's module in every slot: the slot's dims, `None` where the run's
+    /// adapter does not target the projection.
+    #[test]
+    fn plan_has_every_slot_once() {
+        let cfg = ModelConfig::from_json(&serde_json::json!({
+            "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "vocab_size": 300, "rms_norm_eps": 1e-5, "max_position_embeddings": 64
+        }))
+        .expect("config");
+        let module = |rank| LoraModule {
+            rank,
+            scale: 1.0,
+            a_pages: vec![],
+            b_pages: vec![],
+        };
+        let mut all = LoraAdapter {
+            name: "all".into(),
+            layers: vec![Default::default(); 2],
+            pages: vec![],
+        };
+        let mut down = LoraAdapter {
+            name: "down".into(),
+            layers: vec![Default::default(); 2],
+            pages: vec![],
+        };
+        for l in 0..2 {
+            all.layers[l] = std::array::from_fn(|k| Some(module(k + 1)));
+            down.layers[l][ModuleKind::Down.index()] = Some(module(9));
+        }
+        let (all, down) = (Arc::new(all), Arc::new(down));
+        let runs = [
+            AdapterRun {
+                start: 0,
+                len: 3,
+                adapter: all.clone(),
+            },
+            AdapterRun {
+                start: 4,
+                len: 1,
+                adapter: down,
+            },
+            AdapterRun {
+                start: 5,
+                len: 2,
+                adapter: all,
+            },
+        ];
+        let plan = lora_plan(&runs, 7, &cfg);
+        assert_eq!(plan.tokens, 7);
+        assert_eq!(plan.runs, vec![(0, 3), (4, 1), (5, 2)]);
+        assert_eq!(plan.slots.len(), 14);
+        for l in 0..2 {
+            for kind in ModuleKind::ALL {
+                let slot = &plan.slots[lora_slot(l, kind)];
+                assert_eq!((slot.in_f, slot.out_f), kind.dims(&cfg));
+                let ranks: Vec<Option<usize>> = slot.modules.iter().map(|m| m.map(|m| m.rank)).collect();
+                let down = (kind == ModuleKind::Down).then_some(9);
+                assert_eq!(ranks, vec![Some(kind.index() + 1), down, Some(kind.index() + 1)]);
+                let segs: Vec<(usize, usize)> = plan.segments(slot).iter().map(|s| (s.start, s.len)).collect();
+                let want = if down.is_some() {
+                    vec![(0, 3), (4, 1), (5, 2)]
+                } else {
+                    vec![(0, 3), (5, 2)]
+                };
+                assert_eq!(segs, want);
+            }
+        }
+        plan.check().expect("valid plan");
+    }
 
     /// Upload stores A and Bᵀ page by page in the documented order, and hands out Bᵀ's ids
     /// column page by column page: the rank pages an expand strip reads together are adjacent.

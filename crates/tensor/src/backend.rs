@@ -71,6 +71,86 @@ pub struct LoraSegment<'a> {
     pub module: &'a LoraModule,
 }
 
+/// One forward step's adapters, described once for every adapted linear of the step (what vLLM's
+/// punica wrapper builds in `update_metadata`): runs of tokens that share an adapter, and per
+/// slot (one projection of one layer) the module each run uses there.
+#[derive(Debug, Clone, Default)]
+pub struct LoraPlan<'a> {
+    pub tokens: usize,
+    /// `(start, len)` of each run; sorted and disjoint.
+    pub runs: Vec<(usize, usize)>,
+    pub slots: Vec<LoraSlot<'a>>,
+}
+
+/// One adapted linear's part of a [`LoraPlan`].
+#[derive(Debug, Clone, Default)]
+pub struct LoraSlot<'a> {
+    pub in_f: usize,
+    pub out_f: usize,
+    /// `modules[r]`: the module run `r` uses here; `None`: base only.
+    pub modules: Vec<Option<&'a LoraModule>>,
+}
+
+impl<'a> LoraPlan<'a> {
+    /// A one-slot plan: each segment is a run (what a lone [`Backend::lora`] call prepares).
+    pub fn single(tokens: usize, in_f: usize, out_f: usize, segments: &[LoraSegment<'a>]) -> Self {
+        LoraPlan {
+            tokens,
+            runs: segments.iter().map(|s| (s.start, s.len)).collect(),
+            slots: vec![LoraSlot {
+                in_f,
+                out_f,
+                modules: segments.iter().map(|s| Some(s.module)).collect(),
+            }],
+        }
+    }
+
+    /// The segments of `slot`: its runs that have a module there, in order.
+    pub fn segments(&self, slot: &LoraSlot<'a>) -> Vec<LoraSegment<'a>> {
+        self.runs
+            .iter()
+            .zip(&slot.modules)
+            .filter_map(|(&(start, len), m)| {
+                Some(LoraSegment {
+                    start,
+                    len,
+                    module: (*m)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Runs sorted, disjoint and inside the batch; every slot names one entry per run.
+    pub fn check(&self) -> Result<(), TensorError> {
+        let mut end = 0;
+        for &(start, len) in &self.runs {
+            if start < end || start + len > self.tokens {
+                return Err(TensorError::Shape {
+                    op: "lora_batch",
+                    detail: format!("run {start}+{len} overlaps or leaves a batch of {}", self.tokens),
+                });
+            }
+            end = start + len;
+        }
+        if let Some((i, s)) = self
+            .slots
+            .iter()
+            .enumerate()
+            .find(|(_, s)| s.modules.len() != self.runs.len())
+        {
+            return Err(TensorError::Shape {
+                op: "lora_batch",
+                detail: format!(
+                    "slot {i} names {} modules for {} runs",
+                    s.modules.len(),
+                    self.runs.len()
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
 pub trait Backend: Clone + Send + Sync + 'static {
     /// Flat f32 activations.
     type Tensor: Send + Sync;
@@ -80,6 +160,12 @@ pub trait Backend: Clone + Send + Sync + 'static {
     type KvPool: Send;
     /// Fixed-size pages holding adapter weights.
     type PagePool: Send + Sync;
+    /// A [`LoraPlan`] checked (and on a device uploaded) once per step, read by every
+    /// [`lora_slot`](Self::lora_slot) call of the step. It borrows the page pool, so no page can
+    /// be rewritten or released while it lives.
+    type LoraBatch<'a>: Send + Sync
+    where
+        Self: 'a;
 
     fn name(&self) -> String;
 
@@ -145,7 +231,8 @@ pub trait Backend: Clone + Send + Sync + 'static {
         out: &mut Self::Tensor,
     ) -> Result<(), TensorError>;
     /// LoRA delta for each segment's tokens: `y[t] += scale · (x[t] · Aᵀ) · Bᵀ`; `x` is
-    /// `[tokens, in_f]`, `y` is `[tokens, out_f]`; segments sorted and disjoint.
+    /// `[tokens, in_f]`, `y` is `[tokens, out_f]`; segments sorted and disjoint. One call on its
+    /// own: a forward pass prepares a [`lora_batch`](Self::lora_batch) once instead.
     fn lora(
         &self,
         pool: &Self::PagePool,
@@ -154,6 +241,17 @@ pub trait Backend: Clone + Send + Sync + 'static {
         in_f: usize,
         out_f: usize,
         segments: &[LoraSegment<'_>],
+    ) -> Result<(), TensorError>;
+    /// Prepares one step's adapters for every slot of `plan`.
+    fn lora_batch<'a>(&self, pool: &'a Self::PagePool, plan: LoraPlan<'a>) -> Result<Self::LoraBatch<'a>, TensorError>;
+    /// [`lora`](Self::lora) for slot `slot` of a prepared batch: `x` is `[tokens, in_f]`, `y`
+    /// is `[tokens, out_f]` with the slot's dimensions.
+    fn lora_slot(
+        &self,
+        batch: &Self::LoraBatch<'_>,
+        slot: usize,
+        x: &Self::Tensor,
+        y: &mut Self::Tensor,
     ) -> Result<(), TensorError>;
     /// `out[i, :] = x[rows[i], :]` for rows of width `width`.
     fn gather_rows(

@@ -6,6 +6,6 @@ pub mod cpu;
 pub mod error;
 pub mod storage;
 
-pub use backend::{AttentionBatch, Backend, KvLayout, LoraModule, LoraSegment, RopeTable};
+pub use backend::{AttentionBatch, Backend, KvLayout, LoraModule, LoraPlan, LoraSegment, LoraSlot, RopeTable};
 pub use error::TensorError;
 pub use storage::{DType, Matrix, MatrixData, TypedSlice};

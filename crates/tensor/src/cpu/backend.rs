@@ -1,7 +1,7 @@
 //! [`Backend`] for the CPU: activations are `Vec<f32>`, weights stay memory-mapped.
 
-use crate::backend::{AttentionBatch, Backend, KvLayout, LoraSegment, RopeTable};
-use crate::cpu::lora::{try_lora_apply, CpuPagePool};
+use crate::backend::{AttentionBatch, Backend, KvLayout, LoraPlan, LoraSegment, RopeTable};
+use crate::cpu::lora::{try_lora_apply, CheckedSegments, CpuPagePool};
 use crate::cpu::{attention, matmul_with, ops, Precision};
 use crate::error::TensorError;
 use crate::storage::{DType, Matrix};
@@ -51,6 +51,11 @@ fn worker_pool() -> Option<&'static rayon::ThreadPool> {
     .as_ref()
 }
 
+/// One step's adapters on the CPU: each slot's segments, checked against the pool once.
+pub struct CpuLoraBatch<'a> {
+    pub slots: Vec<CheckedSegments<'a>>,
+}
+
 /// K and V of every layer: V `[num_blocks * block_size, kv_heads, head_dim]`, K transposed within
 /// each block, `[num_blocks, kv_heads, head_dim, block_size]` (see `attention.rs`).
 pub struct CpuKvPool {
@@ -72,6 +77,7 @@ impl Backend for CpuBackend {
     type Weight = Matrix;
     type KvPool = CpuKvPool;
     type PagePool = CpuPagePool;
+    type LoraBatch<'a> = CpuLoraBatch<'a>;
 
     fn name(&self) -> String {
         let threads = worker_pool().map_or_else(rayon::current_num_threads, |p| p.current_num_threads());
@@ -151,6 +157,39 @@ impl Backend for CpuBackend {
         segments: &[LoraSegment<'_>],
     ) -> Result<(), TensorError> {
         try_lora_apply(pool, x, y, in_f, out_f, segments).map_err(|detail| TensorError::Shape { op: "lora", detail })
+    }
+
+    fn lora_batch<'a>(&self, pool: &'a CpuPagePool, plan: LoraPlan<'a>) -> Result<CpuLoraBatch<'a>, TensorError> {
+        plan.check()?;
+        let slots = plan
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(i, slot)| {
+                CheckedSegments::new(pool, plan.tokens, slot.in_f, slot.out_f, plan.segments(slot)).map_err(|detail| {
+                    TensorError::Shape {
+                        op: "lora_batch",
+                        detail: format!("slot {i}: {detail}"),
+                    }
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(CpuLoraBatch { slots })
+    }
+
+    fn lora_slot(
+        &self,
+        batch: &CpuLoraBatch<'_>,
+        slot: usize,
+        x: &Vec<f32>,
+        y: &mut Vec<f32>,
+    ) -> Result<(), TensorError> {
+        let s = batch
+            .slots
+            .get(slot)
+            .ok_or_else(|| TensorError::Range(format!("lora slot {slot} of {}", batch.slots.len())))?;
+        s.apply(x, y)
+            .map_err(|detail| TensorError::Shape { op: "lora", detail })
     }
 
     fn embed(&self, table: &Matrix, ids: &[u32], out: &mut Vec<f32>) -> Result<(), TensorError> {

@@ -150,70 +150,109 @@ pub fn try_lora_apply(
     out_f: usize,
     segments: &[LoraSegment<'_>],
 ) -> Result<(), String> {
-    let p = pool.page;
     let tokens = x.len() / in_f.max(1);
-    if !(p > 0
-        && in_f.is_multiple_of(p)
-        && out_f.is_multiple_of(p)
-        && x.len() == tokens * in_f
-        && y.len() == tokens * out_f)
-    {
-        return Err(format!(
-            "x {} y {} for in {in_f} out {out_f} page {p}",
-            x.len(),
-            y.len()
-        ));
+    CheckedSegments::new(pool, tokens, in_f, out_f, segments.to_vec())?.apply(x, y)
+}
+
+/// One linear's segments checked against the pool and its dimensions: what the tiles' unchecked
+/// page loads rely on. A step's batch checks each slot once and applies it per call.
+pub struct CheckedSegments<'a> {
+    pool: &'a CpuPagePool,
+    tokens: usize,
+    in_f: usize,
+    out_f: usize,
+    segments: Vec<LoraSegment<'a>>,
+}
+
+impl<'a> CheckedSegments<'a> {
+    /// Segments sorted, disjoint and inside `tokens`; page lists matching rank and dimensions,
+    /// every id a page of `pool`.
+    pub fn new(
+        pool: &'a CpuPagePool,
+        tokens: usize,
+        in_f: usize,
+        out_f: usize,
+        segments: Vec<LoraSegment<'a>>,
+    ) -> Result<Self, String> {
+        let p = pool.page;
+        if !(p > 0 && in_f.is_multiple_of(p) && out_f.is_multiple_of(p)) {
+            return Err(format!("in {in_f} out {out_f} are not whole pages of {p}"));
+        }
+        let num_pages = pool.num_pages();
+        let mut end = 0;
+        for seg in &segments {
+            let m = seg.module;
+            if !(seg.start >= end
+                && seg.start + seg.len <= tokens
+                && m.a_pages.len() == m.rank * (in_f / p)
+                && m.b_pages.len() == m.rank * (out_f / p)
+                && max_id(&m.a_pages).max(max_id(&m.b_pages)) <= num_pages)
+            {
+                return Err(format!(
+                    "segment {}+{} (rank {}) does not fit the batch or the pool",
+                    seg.start, seg.len, m.rank
+                ));
+            }
+            end = seg.start + seg.len;
+        }
+        Ok(CheckedSegments {
+            pool,
+            tokens,
+            in_f,
+            out_f,
+            segments,
+        })
     }
-    let num_pages = pool.num_pages();
-    let mut end = 0;
-    for seg in segments {
-        let m = seg.module;
-        if !(seg.start >= end
-            && seg.start + seg.len <= tokens
-            && m.a_pages.len() == m.rank * (in_f / p)
-            && m.b_pages.len() == m.rank * (out_f / p)
-            && max_id(&m.a_pages).max(max_id(&m.b_pages)) <= num_pages)
-        {
+
+    pub fn segments(&self) -> &[LoraSegment<'a>] {
+        &self.segments
+    }
+
+    /// `y[t] += scale · (x[t] · Aᵀ) · Bᵀ` for the tokens of every segment.
+    pub fn apply(&self, x: &[f32], y: &mut [f32]) -> Result<(), String> {
+        let (p, in_f, out_f, tokens) = (self.pool.page, self.in_f, self.out_f, self.tokens);
+        if !(x.len() == tokens * in_f && y.len() == tokens * out_f) {
             return Err(format!(
-                "segment {}+{} (rank {}) does not fit the batch or the pool",
-                seg.start, seg.len, m.rank
+                "x {} y {} for {tokens} tokens, in {in_f} out {out_f}",
+                x.len(),
+                y.len()
             ));
         }
-        end = seg.start + seg.len;
-    }
-    // Cut segments into tiles and pair each tile with its (disjoint) rows of y.
-    let mut work: Vec<Tile<'_>> = Vec::new();
-    let mut rest = y;
-    let mut consumed = 0;
-    for seg in segments {
-        let mut start = seg.start;
-        while start < seg.start + seg.len {
-            let len = TILE.min(seg.start + seg.len - start);
-            let (_, tail) = rest.split_at_mut((start - consumed) * out_f);
-            let (rows, tail) = tail.split_at_mut(len * out_f);
-            work.push(Tile {
-                start,
-                module: seg.module,
-                rows,
-            });
-            rest = tail;
-            consumed = start + len;
-            start += len;
+        let pool = self.pool;
+        // Cut segments into tiles and pair each tile with its (disjoint) rows of y.
+        let mut work: Vec<Tile<'_>> = Vec::new();
+        let mut rest = y;
+        let mut consumed = 0;
+        for seg in &self.segments {
+            let mut start = seg.start;
+            while start < seg.start + seg.len {
+                let len = TILE.min(seg.start + seg.len - start);
+                let (_, tail) = rest.split_at_mut((start - consumed) * out_f);
+                let (rows, tail) = tail.split_at_mut(len * out_f);
+                work.push(Tile {
+                    start,
+                    module: seg.module,
+                    rows,
+                });
+                rest = tail;
+                consumed = start + len;
+                start += len;
+            }
         }
+        // Runs of consecutive tiles, a few per thread: each run reads its pages in pool order, and
+        // work stealing evens out a busy core.
+        let per = work.len().div_ceil(4 * rayon::current_num_threads()).max(1);
+        let run = |tiles: &mut [Tile<'_>]| match &pool.data {
+            PageData::F32(data) => run_tiles(p, data, x, tiles, in_f, out_f),
+            PageData::BF16(data) => run_tiles(p, data, x, tiles, in_f, out_f),
+        };
+        if work.len() > per {
+            work.par_chunks_mut(per).for_each(run);
+        } else {
+            run(&mut work);
+        }
+        Ok(())
     }
-    // Runs of consecutive tiles, a few per thread: each run reads its pages in pool order, and
-    // work stealing evens out a busy core.
-    let per = work.len().div_ceil(4 * rayon::current_num_threads()).max(1);
-    let run = |tiles: &mut [Tile<'_>]| match &pool.data {
-        PageData::F32(data) => run_tiles(p, data, x, tiles, in_f, out_f),
-        PageData::BF16(data) => run_tiles(p, data, x, tiles, in_f, out_f),
-    };
-    if work.len() > per {
-        work.par_chunks_mut(per).for_each(run);
-    } else {
-        run(&mut work);
-    }
-    Ok(())
 }
 
 /// The largest page id in `ids` plus one (0 if empty): vectorises, unlike `all(..)`.
@@ -233,9 +272,10 @@ fn run_tiles<T: Page>(page: usize, data: &[T], x: &[f32], tiles: &mut [Tile<'_>]
                 let xs = &x[t.start * in_f..(t.start + n) * in_f];
                 let (xp, yp) = (xs.as_ptr(), t.rows.as_mut_ptr());
                 // SAFETY: the CPU features are present (checked just above: AVX-512F with
-                // page % 16 == 0, else AVX2/FMA/F16C with page % 8 == 0); `lora_apply` checked
-                // that the module's page lists match rank and dims and that every id is a page
-                // of `data`; `xs` and `rows` hold n (1..=TILE) rows of in_f and out_f floats.
+                // page % 16 == 0, else AVX2/FMA/F16C with page % 8 == 0); `CheckedSegments::new`
+                // checked that the module's page lists match rank and dims and that every id is
+                // a page of `data`; `xs` and `rows` hold n (1..=TILE) rows of in_f and out_f
+                // floats.
                 unsafe {
                     if wide {
                         tiles::tile_avx512(data.as_ptr(), d, t.module, xp, yp, n)
