@@ -20,7 +20,6 @@ use std::time::Instant;
 use anyhow::{bail, ensure, Context, Result};
 use quiver_adapters::load_peft_adapter;
 use quiver_benches::{bench_model_dir, zipf_cdf, zipf_pick, Rng};
-use quiver_engine::sampling::SamplingParams;
 use quiver_engine::{Engine, EngineConfig, Event, GenerateRequest};
 use quiver_model::generate::{argmax, BLOCK_SIZE};
 use quiver_model::{BatchBuilder, BlockAllocator, Llama, LoraAdapter, ModelBundle, SequenceCache};
@@ -239,16 +238,15 @@ fn run_all(engine: &Engine, requests: &[(Vec<u32>, usize, Option<String>)]) -> R
     let rxs = requests
         .iter()
         .map(|(prompt, max_tokens, adapter)| {
-            engine.submit(GenerateRequest {
-                prompt: prompt.clone(),
+            let request = GenerateRequest {
                 adapter: adapter.clone(),
-                sampling: SamplingParams::default(),
-                max_tokens: *max_tokens,
-                stop_token_ids: vec![],
+                max_tokens: Some(*max_tokens),
                 ignore_eos: true,
-            })
+                ..GenerateRequest::new(prompt.clone())
+            };
+            Ok(engine.submit(engine.validate(request)?)?)
         })
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect::<Result<Vec<_>>>()?;
     let results = std::thread::scope(|s| {
         let handles: Vec<_> = rxs
             .into_iter()
@@ -258,9 +256,9 @@ fn run_all(engine: &Engine, requests: &[(Vec<u32>, usize, Option<String>)]) -> R
                     let mut first = None;
                     loop {
                         match rx.blocking_recv() {
-                            Some(Event::Token(t)) => {
+                            Some(Event::Delta(d)) => {
                                 first.get_or_insert_with(|| t0.elapsed().as_secs_f64());
-                                tokens.push(t.token);
+                                tokens.extend(d.tokens.iter().map(|t| t.token));
                             }
                             Some(Event::Finished { .. }) => {
                                 let done = t0.elapsed().as_secs_f64();
@@ -462,6 +460,7 @@ fn start_engine(w: &Workload, precision: Precision) -> Result<Engine> {
     let bundle = ModelBundle::load(CpuBackend::with_precision(precision), &w.model, Some(MAX_MODEL_LEN))?;
     let engine = Engine::start(
         bundle.model,
+        Some(Arc::new(bundle.tokenizer)),
         bundle.eos_token_ids,
         EngineConfig {
             max_num_seqs: 32,

@@ -2,12 +2,13 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use quiver_benches::{zipf_cdf, zipf_pick};
 use quiver_engine::adapters::AdapterStats;
-use quiver_engine::sampling::SamplingParams;
+
 use quiver_engine::{Engine, EngineConfig, Event, GenerateRequest, Policy};
 use quiver_model::ModelBundle;
 use quiver_tensor::cpu::CpuBackend;
@@ -29,7 +30,7 @@ fn collect(mut rx: UnboundedReceiver<Event>, submitted: Instant) -> Result<Recor
     let mut tokens = Vec::new();
     loop {
         match rx.blocking_recv() {
-            Some(Event::Token(_)) => tokens.push(Instant::now()),
+            Some(Event::Delta(_)) => tokens.push(Instant::now()),
             Some(Event::Finished { .. }) => {
                 return Ok(Record {
                     submitted,
@@ -105,7 +106,13 @@ fn policy() -> Policy {
 
 fn start_engine(model_dir: &Path, adapter_root: &Path, adapters: usize) -> Result<Engine> {
     let bundle = ModelBundle::load(CpuBackend::default(), model_dir, Some(MAX_MODEL_LEN))?;
-    let engine = Engine::start(bundle.model, bundle.eos_token_ids, engine_config())?;
+    // With the tokenizer, as the server runs it: the engine's output stage detokenizes.
+    let engine = Engine::start(
+        bundle.model,
+        Some(Arc::new(bundle.tokenizer)),
+        bundle.eos_token_ids,
+        engine_config(),
+    )?;
     for i in 0..adapters {
         engine
             .register_adapter(&adapter_name(i), adapter_root.join(adapter_name(i)), false)?
@@ -113,14 +120,11 @@ fn start_engine(model_dir: &Path, adapter_root: &Path, adapters: usize) -> Resul
     }
     // Warm-up on the base model (thread pool, allocations); touches no adapter.
     let warm = GenerateRequest {
-        prompt: (3..67).collect(),
-        adapter: None,
-        sampling: SamplingParams::default(),
-        max_tokens: 4,
-        stop_token_ids: vec![],
+        max_tokens: Some(4),
         ignore_eos: true,
+        ..GenerateRequest::new((3..67).collect())
     };
-    collect(engine.submit(warm)?, Instant::now())?;
+    collect(engine.submit(engine.validate(warm)?)?, Instant::now())?;
     Ok(engine)
 }
 
@@ -155,15 +159,13 @@ pub fn run_point(model_dir: &Path, adapter_root: &Path, adapters: usize, stream:
                 std::thread::sleep(wait);
             }
             let request = GenerateRequest {
-                prompt: a.prompt.clone(),
                 adapter: Some(adapter_name(zipf_pick(&cdf, a.popularity))),
-                sampling: SamplingParams::default(),
-                max_tokens: a.max_tokens,
-                stop_token_ids: vec![],
+                max_tokens: Some(a.max_tokens),
                 ignore_eos: true,
+                ..GenerateRequest::new(a.prompt.clone())
             };
             let submitted = Instant::now();
-            let rx = engine.submit(request)?;
+            let rx = engine.submit(engine.validate(request)?)?;
             handles.push(s.spawn(move || collect(rx, submitted)));
         }
         let records = handles

@@ -248,7 +248,9 @@ impl<B: Backend> AdapterManager<B> {
                 Some(reason) => Err(reason),
                 None => Ok(host),
             });
-            let Some(reg) = self.registry.get_mut(&name) else { continue };
+            let Some(reg) = self.registry.get_mut(&name) else {
+                continue;
+            };
             match result {
                 Ok(host) => {
                     self.stats.loads += 1;

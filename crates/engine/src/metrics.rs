@@ -55,7 +55,14 @@ pub struct RequestMetrics {
 
 impl RequestMetrics {
     /// A choice ended: `reason` as above, its adapter, its token counts and its lifetime.
-    pub fn ended(&mut self, reason: &'static str, adapter: Option<&str>, prompt: usize, generated: usize, e2e: Duration) {
+    pub fn ended(
+        &mut self,
+        reason: &'static str,
+        adapter: Option<&str>,
+        prompt: usize,
+        generated: usize,
+        e2e: Duration,
+    ) {
         *self.finished.entry(reason).or_default() += 1;
         self.prompt_tokens += prompt as u64;
         self.generation_tokens += generated as u64;

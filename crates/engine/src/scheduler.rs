@@ -232,7 +232,10 @@ impl<B: Backend> Scheduler<B> {
             let _ = events.send(Event::Error(EngineError::UnknownAdapter(name.clone())));
             return;
         }
-        debug_assert!(r.prompts.iter().all(|p| !p.is_empty() && p.len() < self.cfg.max_model_len));
+        debug_assert!(r
+            .prompts
+            .iter()
+            .all(|p| !p.is_empty() && p.len() < self.cfg.max_model_len));
         self.next_request_id += 1;
         let submitted = Instant::now();
         for index in 0..request.num_choices() {

@@ -65,7 +65,9 @@ impl Sequence {
         let prompt_index = index / r.n;
         let prompt = r.prompts[prompt_index].clone();
         // The validator refused stop strings when there is no tokenizer, and empty ones always.
-        let text = has_tokenizer.then(|| TextStream::new(r.stop.clone(), r.skip_special_tokens).ok()).flatten();
+        let text = has_tokenizer
+            .then(|| TextStream::new(r.stop.clone(), r.skip_special_tokens).ok())
+            .flatten();
         Sequence {
             id,
             request_id,

@@ -79,7 +79,10 @@ impl Validator {
     pub fn validate(&self, request: GenerateRequest) -> Result<ValidRequest, ValidationError> {
         let l = &self.limits;
         if !(1..=MAX_N).contains(&request.n) {
-            return Err(refuse("n", format!("n must be between 1 and {MAX_N}, got {}", request.n)));
+            return Err(refuse(
+                "n",
+                format!("n must be between 1 and {MAX_N}, got {}", request.n),
+            ));
         }
         if request.max_tokens == Some(0) {
             return Err(refuse("max_tokens", "max_tokens must be at least 1, got 0"));
@@ -98,13 +101,19 @@ impl Validator {
             return Err(refuse("stop", "stop sequences must not be empty"));
         }
         if !request.stop.is_empty() && !l.has_tokenizer {
-            return Err(refuse("stop", "stop strings need a tokenizer, and this engine has none"));
+            return Err(refuse(
+                "stop",
+                "stop strings need a tokenizer, and this engine has none",
+            ));
         }
         if request.stop_token_ids.len() > MAX_STOPS {
             return Err(refuse("stop_token_ids", format!("at most {MAX_STOPS} stop token ids")));
         }
         if let Some(t) = request.stop_token_ids.iter().find(|&&t| t as usize >= l.vocab_size) {
-            return Err(refuse("stop_token_ids", format!("token id {t} is outside the vocabulary")));
+            return Err(refuse(
+                "stop_token_ids",
+                format!("token id {t} is outside the vocabulary"),
+            ));
         }
         if request.prompts.is_empty() {
             return Err(refuse("prompt", "the prompt is empty"));

@@ -123,7 +123,9 @@ fn tokens_are_the_same_alone_and_in_a_busy_batch_with_preemption() -> Result<()>
         ..small()
     };
     let busy = start(&base, &adapters, cfg)?;
-    let receivers: Vec<_> = (0..n).map(|i| submit(&busy, request(i, 10))).collect::<Result<_, _>>()?;
+    let receivers: Vec<_> = (0..n)
+        .map(|i| submit(&busy, request(i, 10)))
+        .collect::<Result<_, _>>()?;
     for (i, rx) in receivers.into_iter().enumerate() {
         let (tokens, reason) = collect(rx)?;
         ensure!(reason == FinishReason::Length, "request {i} finished with {reason:?}");

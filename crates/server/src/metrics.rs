@@ -197,21 +197,48 @@ impl Metrics {
             );
         }
         for (name, help, v) in [
-            ("vllm:prompt_tokens_total", "Number of prefill tokens processed.", m.prompt_tokens),
-            ("vllm:generation_tokens_total", "Number of generation tokens processed.", m.generation_tokens),
+            (
+                "vllm:prompt_tokens_total",
+                "Number of prefill tokens processed.",
+                m.prompt_tokens,
+            ),
+            (
+                "vllm:generation_tokens_total",
+                "Number of generation tokens processed.",
+                m.generation_tokens,
+            ),
             (
                 "quiver_request_errors_total",
                 "Choices that ended with an engine error.",
                 m.finished.get("error").copied().unwrap_or(0),
             ),
         ] {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{model_name=\"{model}\"}} {v}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{model_name=\"{model}\"}} {v}"
+            );
         }
         for (h, name, help) in [
-            (&m.time_to_first_token, "vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds."),
-            (&m.inter_token_latency, "vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds."),
-            (&m.e2e_latency, "vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds."),
-            (&m.queue_time, "vllm:request_queue_time_seconds", "Histogram of time spent in WAITING phase for request."),
+            (
+                &m.time_to_first_token,
+                "vllm:time_to_first_token_seconds",
+                "Histogram of time to first token in seconds.",
+            ),
+            (
+                &m.inter_token_latency,
+                "vllm:inter_token_latency_seconds",
+                "Histogram of inter-token latency in seconds.",
+            ),
+            (
+                &m.e2e_latency,
+                "vllm:e2e_request_latency_seconds",
+                "Histogram of e2e request latency in seconds.",
+            ),
+            (
+                &m.queue_time,
+                "vllm:request_queue_time_seconds",
+                "Histogram of time spent in WAITING phase for request.",
+            ),
         ] {
             render_histogram(h, name, help, &model, &mut out);
         }

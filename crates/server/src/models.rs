@@ -85,4 +85,3 @@ pub async fn load(state: &Arc<AppState>, name: &str, dir: PathBuf) -> Result<(),
     }
     Ok(())
 }
-

@@ -14,8 +14,8 @@ use serde_json::{Map, Value};
 
 use crate::error::ApiError;
 use crate::openai::response::{
-    AssistantMessage, ChatChoice, ChatChunkChoice, ChatLogprobs, ChatTokenLogprob, Chunk, ChunkDelta,
-    CompletionChoice, CompletionLogprobs, Response, StopReason, TopLogprob, Usage,
+    AssistantMessage, ChatChoice, ChatChunkChoice, ChatLogprobs, ChatTokenLogprob, Chunk, ChunkDelta, CompletionChoice,
+    CompletionLogprobs, Response, StopReason, TopLogprob, Usage,
 };
 use crate::routes::{Job, Kind};
 use crate::state::AppState;

@@ -78,7 +78,11 @@ async fn start(
     request.prompts = prompts;
     request.adapter = adapter;
     let valid = state.engine.validate(request).map_err(|e| {
-        let param = if e.param == "prompt" { kind.prompt_param() } else { e.param };
+        let param = if e.param == "prompt" {
+            kind.prompt_param()
+        } else {
+            e.param
+        };
         ApiError::param(param, e.message)
     })?;
     let request = Arc::new(valid);

@@ -162,4 +162,3 @@ fn build_on<B: Backend>(
         created,
     }))
 }
-

@@ -88,8 +88,10 @@ async fn models_stream_and_metrics() -> Result<()> {
         "vllm:kv_cache_usage_perc",
         "quiver_requests_total{adapter=\"qwen2-r4-qkv\"} 2",
         "quiver_adapter_residency{adapter=\"qwen2-r4-qkv\",tier=\"device\"} 1",
-        "quiver_time_to_first_token_seconds_count 2",
-        "quiver_request_queue_time_seconds_count 2",
+        "vllm:time_to_first_token_seconds_count{model_name=\"base\"} 2",
+        "vllm:request_queue_time_seconds_count{model_name=\"base\"} 2",
+        "vllm:request_success_total{model_name=\"base\",finished_reason=\"length\"} 2",
+        "vllm:generation_tokens_total{model_name=\"base\"} 12",
     ] {
         ensure!(metrics.contains(needle), "metrics lack {needle}:\n{metrics}");
     }
@@ -222,7 +224,7 @@ async fn concurrent_adapters_edge_inputs_and_prometheus_format() -> Result<()> {
         error_code(status, &text)?.0 == 400 && text.contains("maximum context length"),
         "{text}"
     );
-    // Wrong types and invalid UTF-8 are 400s; unknown fields are ignored, as vLLM does.
+    // Wrong types and invalid UTF-8 are 400s; so are unknown fields, as OpenAI does.
     let (status, _) = http(
         srv.addr,
         "POST",
@@ -248,8 +250,15 @@ async fn concurrent_adapters_edge_inputs_and_prometheus_format() -> Result<()> {
         String::from_utf8_lossy(&raw)
     );
     let unknown = json!({"model": "base", "prompt": "x", "max_tokens": 1, "frobnicate": true}).to_string();
-    let (status, _) = http(srv.addr, "POST", "/v1/completions", Some(&unknown), None).await?;
-    ensure!(status == 200);
+    let (status, text) = http(srv.addr, "POST", "/v1/completions", Some(&unknown), None).await?;
+    ensure!(
+        error_code(status, &text)?
+            == (
+                400,
+                json!({"message": "Unrecognized request argument supplied: frobnicate", "type": "invalid_request_error", "param": "frobnicate", "code": null})
+            ),
+        "{text}"
+    );
 
     // /metrics is valid Prometheus text: every sample belongs to a declared family and has a number.
     let (_, metrics) = http(srv.addr, "GET", "/metrics", None, None).await?;

@@ -111,7 +111,8 @@ pub enum PromptInput {
 
 #[derive(Debug, Deserialize)]
 pub struct CompletionRequest {
-    #[serde(flatten)]
+    /// Parsed from the same body separately (no `flatten`, so type errors keep their path).
+    #[serde(skip)]
     pub common: Common,
     pub prompt: PromptInput,
     /// Number of top alternatives per token (0-20).
@@ -123,7 +124,8 @@ pub struct CompletionRequest {
 
 #[derive(Debug, Deserialize)]
 pub struct ChatRequest {
-    #[serde(flatten)]
+    /// Parsed from the same body separately (no `flatten`, so type errors keep their path).
+    #[serde(skip)]
     pub common: Common,
     pub messages: Vec<Value>,
     pub max_completion_tokens: Option<u32>,
@@ -152,15 +154,23 @@ pub struct ChatRequest {
     pub add_generation_prompt: Option<bool>,
 }
 
-/// Parses a JSON object body into `T`, refusing fields not in `known` and naming the field a
-/// type error is in.
-fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8], known: &[&[&str]]) -> Result<T, ApiError> {
+/// Parses a JSON object body into the shared fields and the endpoint's own, refusing fields not
+/// in `known` and naming the field a type error is in.
+fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8], known: &[&[&str]]) -> Result<(Common, T), ApiError> {
     let map: Map<String, Value> =
         serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("invalid request body: {e}")))?;
     if let Some(k) = map.keys().find(|k| !known.iter().any(|l| l.contains(&k.as_str()))) {
-        return Err(ApiError::param(k, format!("Unrecognized request argument supplied: {k}")));
+        return Err(ApiError::param(
+            k,
+            format!("Unrecognized request argument supplied: {k}"),
+        ));
     }
-    serde_path_to_error::deserialize(Value::Object(map)).map_err(|e| {
+    let object = Value::Object(map);
+    Ok((typed(&object)?, typed(&object)?))
+}
+
+fn typed<T: serde::de::DeserializeOwned>(object: &Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(object).map_err(|e| {
         let path = e.path().to_string();
         let param = path.split(['.', '[']).next().unwrap_or_default().to_string();
         let message = format!("invalid value for `{path}`: {}", e.inner());
@@ -173,11 +183,13 @@ fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8], known: &[&[&str]]) ->
 }
 
 pub fn parse_completion(body: &[u8]) -> Result<CompletionRequest, ApiError> {
-    parse_body(body, &[COMMON, COMPLETION])
+    let (common, request) = parse_body(body, &[COMMON, COMPLETION])?;
+    Ok(CompletionRequest { common, ..request })
 }
 
 pub fn parse_chat(body: &[u8]) -> Result<ChatRequest, ApiError> {
-    parse_body(body, &[COMMON, CHAT])
+    let (common, request) = parse_body(body, &[COMMON, CHAT])?;
+    Ok(ChatRequest { common, ..request })
 }
 
 fn unsupported(param: &str, what: &str) -> ApiError {
@@ -288,17 +300,31 @@ impl ChatRequest {
         if self.messages.is_empty() {
             return Err(ApiError::param("messages", "messages must not be empty"));
         }
-        if self.response_format.as_ref().is_some_and(|f| !is_default_choice(f, "text")) {
-            return Err(unsupported("response_format", "structured output (response_format other than text)"));
+        if self
+            .response_format
+            .as_ref()
+            .is_some_and(|f| !is_default_choice(f, "text"))
+        {
+            return Err(unsupported(
+                "response_format",
+                "structured output (response_format other than text)",
+            ));
         }
         // Tools are rendered into the prompt only when the client asks for no tool calls:
         // parsing calls out of the output is not built yet.
         let has_tools = self.tools.as_ref().is_some_and(|t| !t.is_empty());
         let no_calls = self.tool_choice.as_ref().is_some_and(|c| is_default_choice(c, "none"));
         if has_tools && !no_calls {
-            return Err(unsupported("tools", "tool calling (tools without tool_choice \"none\")"));
+            return Err(unsupported(
+                "tools",
+                "tool calling (tools without tool_choice \"none\")",
+            ));
         }
-        if let Some(c) = self.tool_choice.as_ref().filter(|c| !is_default_choice(c, "none") && !c.is_null()) {
+        if let Some(c) = self
+            .tool_choice
+            .as_ref()
+            .filter(|c| !is_default_choice(c, "none") && !c.is_null())
+        {
             if !(c.as_str() == Some("auto") && !has_tools) {
                 return Err(unsupported("tool_choice", "tool_choice other than \"none\""));
             }
@@ -336,7 +362,10 @@ impl ChatRequest {
 
     /// Tools handed to the chat template (only with `tool_choice: "none"`).
     pub fn template_tools(&self) -> Option<Value> {
-        self.tools.as_ref().filter(|t| !t.is_empty()).map(|t| Value::Array(t.clone()))
+        self.tools
+            .as_ref()
+            .filter(|t| !t.is_empty())
+            .map(|t| Value::Array(t.clone()))
     }
 }
 
@@ -358,8 +387,14 @@ mod tests {
             }
         };
         let msgs = r#""messages": [{"role": "user", "content": "hi"}]"#;
-        assert_eq!(err(&format!("{{{msgs}, \"frobnicate\": 1}}"), true).as_deref(), Some("frobnicate"));
-        assert_eq!(err(r#"{"prompt": "x", "messages": []}"#, false).as_deref(), Some("messages"));
+        assert_eq!(
+            err(&format!("{{{msgs}, \"frobnicate\": 1}}"), true).as_deref(),
+            Some("frobnicate")
+        );
+        assert_eq!(
+            err(r#"{"prompt": "x", "messages": []}"#, false).as_deref(),
+            Some("messages")
+        );
         for (field, value) in [
             ("response_format", r#"{"type": "json_object"}"#),
             ("logit_bias", r#"{"5": 10}"#),
@@ -369,12 +404,21 @@ mod tests {
             ("audio", "{}"),
             ("modalities", r#"["audio"]"#),
         ] {
-            assert_eq!(err(&format!("{{{msgs}, \"{field}\": {value}}}"), true).as_deref(), Some(field));
+            assert_eq!(
+                err(&format!("{{{msgs}, \"{field}\": {value}}}"), true).as_deref(),
+                Some(field)
+            );
         }
         for (field, value) in [("echo", "true"), ("best_of", "3"), ("suffix", "\"s\"")] {
-            assert_eq!(err(&format!("{{\"prompt\": \"x\", \"{field}\": {value}}}"), false).as_deref(), Some(field));
+            assert_eq!(
+                err(&format!("{{\"prompt\": \"x\", \"{field}\": {value}}}"), false).as_deref(),
+                Some(field)
+            );
         }
-        assert_eq!(err(r#"{"prompt": "x", "max_tokens": "ten"}"#, false).as_deref(), Some("max_tokens"));
+        assert_eq!(
+            err(r#"{"prompt": "x", "max_tokens": "ten"}"#, false).as_deref(),
+            Some("max_tokens")
+        );
         assert_eq!(err(r#"{"prompt": "x", "n": -1}"#, false).as_deref(), Some("n"));
     }
 
