@@ -119,7 +119,7 @@ struct Tally {
 
 impl Tally {
     fn add(&mut self, job: &Job, index: usize, prompt: usize, completion: usize) {
-        if index % job.request.request().n == 0 {
+        if index.is_multiple_of(job.request.request().n) {
             self.prompt += prompt;
         }
         self.completion += completion;

@@ -320,14 +320,10 @@ impl ChatRequest {
                 "tool calling (tools without tool_choice \"none\")",
             ));
         }
-        if let Some(c) = self
-            .tool_choice
-            .as_ref()
-            .filter(|c| !is_default_choice(c, "none") && !c.is_null())
-        {
-            if !(c.as_str() == Some("auto") && !has_tools) {
-                return Err(unsupported("tool_choice", "tool_choice other than \"none\""));
-            }
+        // "auto" with no tools asks for nothing either.
+        let auto_without_tools = !has_tools && self.tool_choice.as_ref().and_then(Value::as_str) == Some("auto");
+        if self.tool_choice.is_some() && !no_calls && !auto_without_tools {
+            return Err(unsupported("tool_choice", "tool_choice other than \"none\""));
         }
         for (param, v) in [
             ("functions", &self.functions),
