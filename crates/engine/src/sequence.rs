@@ -146,13 +146,7 @@ impl Sequence {
         let Some(reason) = reason else {
             return Outcome::Running;
         };
-        metrics.ended(
-            reason.as_str(),
-            self.adapter.as_deref(),
-            self.prompt_len,
-            self.generated(),
-            self.submitted.elapsed(),
-        );
+        self.record(reason.as_str(), metrics);
         let _ = self.events.send(Event::Finished {
             index: self.index,
             reason,
@@ -165,21 +159,20 @@ impl Sequence {
 
     /// Ends the choice (and, for its client, the request) with an error.
     pub fn fail(&mut self, e: EngineError, metrics: &mut RequestMetrics) -> Outcome {
-        metrics.ended(
-            "error",
-            self.adapter.as_deref(),
-            self.prompt_len,
-            self.generated(),
-            self.submitted.elapsed(),
-        );
+        self.record("error", metrics);
         let _ = self.events.send(Event::Error(e));
         Outcome::Failed
     }
 
     /// The client went away.
     pub fn abort(&self, metrics: &mut RequestMetrics) {
+        self.record("abort", metrics);
+    }
+
+    /// Counts the choice's ending once, with its tokens and lifetime.
+    fn record(&self, reason: &'static str, metrics: &mut RequestMetrics) {
         metrics.ended(
-            "abort",
+            reason,
             self.adapter.as_deref(),
             self.prompt_len,
             self.generated(),

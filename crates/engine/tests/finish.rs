@@ -14,7 +14,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 const PROMPT: [u32; 6] = [40, 41, 42, 43, 44, 45];
 
 /// An engine over the test kit's tiny qwen2 with its tokenizer; `eos` as given.
-fn engine(eos: Vec<u32>) -> Result<(tempfile::TempDir, Engine, Arc<Tokenizer>)> {
+fn start(eos: Vec<u32>) -> Result<(tempfile::TempDir, Engine, Arc<Tokenizer>)> {
     let (dir, _) = quiver_testkit::materialize_lora("qwen2-f32-tied")?;
     let bundle = ModelBundle::load(CpuBackend::default(), &dir.path().join("base"), None)?;
     let tokenizer = Arc::new(bundle.tokenizer);
@@ -75,7 +75,7 @@ fn count(s: &EngineStats, reason: &str) -> u64 {
 
 #[test]
 fn length_stop_token_stop_string_and_eos_each_end_a_choice() -> Result<()> {
-    let (_dir, engine, tok) = engine(vec![])?;
+    let (_dir, engine, tok) = start(vec![])?;
     // Length: ignore nothing, no EOS configured, so the budget ends it.
     let full = run(&engine, greedy(8))?;
     ensure!(
@@ -149,7 +149,7 @@ fn length_stop_token_stop_string_and_eos_each_end_a_choice() -> Result<()> {
     drop(engine);
 
     // EOS: the same token, now the model's end-of-sequence id; `ignore_eos` runs past it.
-    let (_dir, engine, _) = engine_with_eos(stop_at)?;
+    let (_dir, engine, _) = start(vec![stop_at])?;
     let ended = run(&engine, greedy(8))?;
     ensure!(ended.reason == FinishReason::Stop(StopCause::Eos), "{:?}", ended.reason);
     ensure!(ended.tokens == full.tokens[..=first]);
@@ -166,15 +166,11 @@ fn length_stop_token_stop_string_and_eos_each_end_a_choice() -> Result<()> {
     Ok(())
 }
 
-fn engine_with_eos(eos: u32) -> Result<(tempfile::TempDir, Engine, Arc<Tokenizer>)> {
-    engine(vec![eos])
-}
-
 /// The client goes away mid-generation: the choice is aborted, counted once as a cancelled
 /// request and as `abort`, and its memory comes back.
 #[test]
 fn a_client_that_goes_away_is_an_abort() -> Result<()> {
-    let (_dir, engine, _) = engine(vec![])?;
+    let (_dir, engine, _) = start(vec![])?;
     let r = GenerateRequest { n: 2, ..greedy(200) };
     let mut rx: UnboundedReceiver<Event> = engine.submit(engine.validate(r)?)?;
     match rx.blocking_recv() {

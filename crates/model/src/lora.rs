@@ -284,16 +284,21 @@ mod tests {
     use quiver_tensor::cpu::CpuBackend;
     use quiver_tensor::DType;
 
+    /// A llama shape small enough to lay out by hand.
+    fn tiny_config(layers: usize) -> ModelConfig {
+        ModelConfig::from_json(&serde_json::json!({
+            "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "vocab_size": 300, "rms_norm_eps": 1e-5, "max_position_embeddings": 64
+        }))
+        .expect("config")
+    }
+
     /// The plan names each run's module in every slot: the slot's dims, `None` where the run's
     /// adapter does not target the projection.
     #[test]
     fn plan_has_every_slot_once() {
-        let cfg = ModelConfig::from_json(&serde_json::json!({
-            "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "vocab_size": 300, "rms_norm_eps": 1e-5, "max_position_embeddings": 64
-        }))
-        .expect("config");
+        let cfg = tiny_config(2);
         let module = |rank| LoraModule {
             rank,
             scale: 1.0,
@@ -359,12 +364,7 @@ mod tests {
     /// column page by column page: the rank pages an expand strip reads together are adjacent.
     #[test]
     fn upload_lays_out_pages_for_the_strips() {
-        let cfg = ModelConfig::from_json(&serde_json::json!({
-            "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
-            "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "vocab_size": 300, "rms_norm_eps": 1e-5, "max_position_embeddings": 64
-        }))
-        .expect("config");
+        let cfg = tiny_config(1);
         let (rank, page) = (3, 32);
         let (in_f, out_f) = ModuleKind::Up.dims(&cfg);
         let (a, b): (Vec<f32>, Vec<f32>) = (
