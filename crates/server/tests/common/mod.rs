@@ -76,16 +76,31 @@ pub async fn http(
     body: Option<&str>,
     key: Option<&str>,
 ) -> Result<(u16, String)> {
+    http_raw(addr, method, path, body.unwrap_or("").as_bytes(), key).await
+}
+
+/// [`http`] with a body of any bytes and no key.
+pub async fn http_bytes(addr: std::net::SocketAddr, method: &str, path: &str, body: &[u8]) -> Result<(u16, String)> {
+    http_raw(addr, method, path, body, None).await
+}
+
+async fn http_raw(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    key: Option<&str>,
+) -> Result<(u16, String)> {
     let mut s = TcpStream::connect(addr).await?;
-    let body = body.unwrap_or("");
     let auth = key
         .map(|k| format!("Authorization: Bearer {k}\r\n"))
         .unwrap_or_default();
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
-    s.write_all(req.as_bytes()).await?;
+    s.write_all(head.as_bytes()).await?;
+    s.write_all(body).await?;
     let mut raw = Vec::new();
     tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut raw)).await??;
     let text = String::from_utf8(raw)?;
