@@ -1,10 +1,12 @@
 //! Helpers shared by the benchmarks in `benches/benches/`.
 
 pub mod bandwidth;
+pub mod machine;
 pub mod rng;
 pub mod zipf;
 
 pub use bandwidth::measure_read_bandwidth_gbps;
+pub use machine::machine;
 pub use rng::Rng;
 pub use zipf::{zipf_cdf, zipf_pick};
 

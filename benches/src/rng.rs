@@ -22,6 +22,11 @@ impl Rng {
         lo + (self.next_u64() % (hi - lo + 1) as u64) as usize
     }
 
+    /// Uniform in `0..n` (`n` > 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+
     /// Token ids inside the test-kit tokenizer's ordinary range.
     pub fn prompt(&mut self, len: usize) -> Vec<u32> {
         (0..len).map(|_| 3 + (self.next_u64() % 500) as u32).collect()
