@@ -92,10 +92,10 @@ impl ServerOptions {
 fn check_kv_capacity(kv_tokens: usize, max_model_len: usize, budget: usize) -> anyhow::Result<()> {
     anyhow::ensure!(
         kv_tokens >= max_model_len,
-        "the memory budget ({} MiB) holds a KV cache of {kv_tokens} tokens, fewer than one sequence of \
+        "the memory budget ({:.1} MiB) holds a KV cache of {kv_tokens} tokens, fewer than one sequence of \
          max_model_len {max_model_len} needs: raise --memory-budget-mb (on a GPU: \
          --gpu-memory-utilization) or lower --max-model-len",
-        budget >> 20
+        budget as f64 / (1 << 20) as f64
     );
     Ok(())
 }
