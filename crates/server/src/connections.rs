@@ -2,17 +2,23 @@
 //! closes idle keep-alive connections), at most `max_connections` open at once, and shutdown
 //! with a deadline. axum's own `serve` has none of these settings.
 
+use std::convert::Infallible;
 use std::future::Future;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::body::Body;
+use axum::http::{Request, Response};
+use axum::BoxError;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
 use hyper::server::conn::http1;
+use hyper::service::{service_fn, Service as _};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -47,20 +53,21 @@ impl Default for ConnectionLimits {
     }
 }
 
-/// Serves until `shutdown` resolves, then drains: stops accepting, answers requests that arrive
-/// on open connections with 503, lets running ones finish until `shutdown_timeout`, cancels the
-/// rest and returns.
+/// Serves until `shutdown` resolves, then drains: stops accepting, closes connections with no
+/// request in progress (even one halfway through its headers), answers requests that still
+/// arrive on open connections with 503, lets running ones finish until `shutdown_timeout`,
+/// cancels the rest and returns.
 pub async fn serve(
     state: Arc<AppState>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let limits = state.limits.connections.clone();
-    let app = crate::router(state.clone());
+    let app = TowerToHyperService::new(crate::router(state.clone()));
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout);
-    let graceful = GracefulShutdown::new();
+    let (stop, stopping) = watch::channel(false);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
@@ -83,12 +90,11 @@ pub async fn serve(
         };
         // SSE frames are small writes that must not wait for the previous one's ACK.
         let _ = stream.set_nodelay(true);
-        let conn = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
-        let conn = graceful.watch(conn);
+        let busy = InFlight::default();
+        let conn = http.serve_connection(TokioIo::new(stream), busy.track(app.clone()));
+        let stopping = stopping.clone();
         connections.spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "connection ended with an error");
-            }
+            drive(conn, busy, stopping).await;
             drop(slot);
         });
         while connections.try_join_next().is_some() {}
@@ -100,10 +106,10 @@ pub async fn serve(
         deadline_s = limits.shutdown_timeout.as_secs_f64(),
         "draining: refusing new requests, finishing running ones"
     );
+    let _ = stop.send(true);
     let deadline = Instant::now() + limits.shutdown_timeout;
     let drained = tokio::time::timeout_at(deadline, async {
-        // Idle connections close now, busy ones after their response.
-        graceful.shutdown().await;
+        while connections.join_next().await.is_some() {}
         // In-flight generations hold admission permits until their response is complete.
         let _ = state.admission.acquire_many(state.limits.max_concurrent as u32).await;
     })
@@ -117,6 +123,83 @@ pub async fn serve(
     // Aborting a connection drops its response, which cancels its generation in the engine.
     connections.shutdown().await;
     Ok(())
+}
+
+type Service = TowerToHyperService<axum::Router>;
+
+/// Serves one connection; once `stopping`, closes it at once when no request is in progress, or
+/// else after the current response (hyper's graceful shutdown: no keep-alive).
+async fn drive<S>(conn: http1::Connection<TokioIo<TcpStream>, S>, busy: InFlight, mut stopping: watch::Receiver<bool>)
+where
+    S: hyper::service::HttpService<Incoming, ResBody = Body>,
+    S::Error: Into<BoxError>,
+{
+    tokio::pin!(conn);
+    let ended = tokio::select! {
+        ended = conn.as_mut() => Some(ended),
+        _ = stopping.wait_for(|s| *s) => None,
+    };
+    let ended = match ended {
+        Some(ended) => ended,
+        None if busy.is_idle() => return,
+        None => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = ended {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+/// Requests of one connection whose response has not been sent whole yet.
+#[derive(Clone, Default)]
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn is_idle(&self) -> bool {
+        self.0.load(Ordering::Acquire) == 0
+    }
+
+    /// `app`, counting each request from its headers until its response body is dropped (sent,
+    /// or abandoned with the connection).
+    fn track(
+        &self,
+        app: Service,
+    ) -> impl hyper::service::Service<
+        Request<Incoming>,
+        Response = Response<Body>,
+        Error = Infallible,
+        Future = impl Future<Output = Result<Response<Body>, Infallible>> + Send,
+    > {
+        let busy = self.clone();
+        service_fn(move |req: Request<Incoming>| {
+            let guard = Busy::enter(&busy.0);
+            let response = app.call(req);
+            async move {
+                let response = response.await?;
+                Ok(response.map(|body| Body::new(body.map_frame(move |frame| {
+                    let _ = &guard;
+                    frame
+                }))))
+            }
+        })
+    }
+}
+
+struct Busy(Arc<AtomicUsize>);
+
+impl Busy {
+    fn enter(count: &Arc<AtomicUsize>) -> Busy {
+        count.fetch_add(1, Ordering::AcqRel);
+        Busy(count.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// A failed accept: a client that gave up is nothing; anything else (such as running out of file

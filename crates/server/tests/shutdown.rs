@@ -1,6 +1,7 @@
-//! Shutdown with a deadline (issue #21): a stalled client cannot hold `serve` past
-//! `shutdown_timeout`, a running generation that fits in it finishes, one that does not is
-//! cancelled, and a request that arrives during the drain gets 503.
+//! Shutdown with a deadline (issue #21): a client stalled in its headers is closed at once, one
+//! stalled in its body cannot hold `serve` past `shutdown_timeout`, a running generation that
+//! fits in it finishes, one that does not is cancelled, and a request that arrives during the
+//! drain gets 503.
 
 mod common;
 
@@ -55,26 +56,57 @@ async fn read_rest(s: &mut TcpStream, mut seen: String) -> Result<String> {
     Ok(seen)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stalled_client_does_not_hold_shutdown_past_its_deadline() -> Result<()> {
-    let deadline = Duration::from_millis(500);
-    let mut srv = server_with(None, 8, |o| {
-        // Far longer than the test: only the shutdown deadline can end the stall.
-        o.connections.header_read_timeout = Duration::from_secs(600);
-        o.connections.shutdown_timeout = deadline;
-    })
-    .await?;
+/// Opens a connection, sends `raw` and returns once the server has accepted it.
+async fn stall(srv: &Server, raw: &[u8]) -> Result<TcpStream> {
     let mut stalled = TcpStream::connect(srv.addr).await?;
-    stalled.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\n").await?;
+    stalled.write_all(raw).await?;
     // Connections are accepted in order: once this one is answered, the stalled one is open.
     let (status, _) = http(srv.addr, "GET", "/health", None, None).await?;
     ensure!(status == 200);
-    stop_and_wait(&mut srv, deadline + SLACK).await?;
+    Ok(stalled)
+}
+
+async fn closed(mut s: TcpStream) -> Result<()> {
     let mut rest = Vec::new();
-    let _ = tokio::time::timeout(SLACK, stalled.read_to_end(&mut rest))
+    // Closed or reset: either ends it.
+    let _ = tokio::time::timeout(SLACK, s.read_to_end(&mut rest))
         .await
         .context("the stalled connection outlived serve")?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_stalled_in_its_headers_does_not_hold_shutdown() -> Result<()> {
+    let mut srv = server_with(None, 8, |o| {
+        // Both far longer than the test: the stalled connection has no request in progress, so
+        // the drain closes it at once.
+        o.connections.header_read_timeout = Duration::from_secs(600);
+        o.connections.shutdown_timeout = Duration::from_secs(600);
+    })
+    .await?;
+    let stalled = stall(&srv, b"GET /health HTTP/1.1\r\nHost: localhost\r\n").await?;
+    stop_and_wait(&mut srv, SLACK).await?;
+    closed(stalled).await?;
     ensure!(TcpStream::connect(srv.addr).await.is_err(), "still accepting after shutdown");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_stalled_in_its_body_is_cut_at_the_deadline() -> Result<()> {
+    let deadline = Duration::from_millis(500);
+    let mut srv = server_with(None, 8, |o| {
+        // Far longer than the test: only the shutdown deadline can end the stall.
+        o.connections.body_read_timeout = Duration::from_secs(600);
+        o.connections.shutdown_timeout = deadline;
+    })
+    .await?;
+    let stalled = stall(
+        &srv,
+        b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n{",
+    )
+    .await?;
+    stop_and_wait(&mut srv, deadline + SLACK).await?;
+    closed(stalled).await?;
     Ok(())
 }
 
