@@ -35,7 +35,5 @@ async fn read(body: Body, max: usize, timeout: Duration) -> Result<Bytes, ApiErr
     let collected = tokio::time::timeout(timeout, Limited::new(body, max).collect())
         .await
         .map_err(|_| body_timeout(timeout))?;
-    collected
-        .map(|c| c.to_bytes())
-        .map_err(|e| body_read_error(e, max))
+    collected.map(|c| c.to_bytes()).map_err(|e| body_read_error(e, max))
 }

@@ -178,10 +178,12 @@ impl InFlight {
             let response = app.call(req);
             async move {
                 let response = response.await?;
-                Ok(response.map(|body| Body::new(body.map_frame(move |frame| {
-                    let _ = &guard;
-                    frame
-                }))))
+                Ok(response.map(|body| {
+                    Body::new(body.map_frame(move |frame| {
+                        let _ = &guard;
+                        frame
+                    }))
+                }))
             }
         })
     }

@@ -4,9 +4,9 @@
 use std::time::Duration;
 
 use axum::http::{Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
 use axum::BoxError;
 use http_body_util::LengthLimitError;
-use axum::response::{IntoResponse, Response};
 use quiver_engine::{EngineError, ValidationError};
 use thiserror::Error;
 

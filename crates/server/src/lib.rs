@@ -45,6 +45,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         // The body was read whole (and checked) by `read_whole_body`; this only lifts axum's
         // default limit of 2 MB for the handlers' `Bytes`.
         .layer(DefaultBodyLimit::max(limit))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), body::read_whole_body))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            body::read_whole_body,
+        ))
         .with_state(state)
 }

@@ -63,7 +63,11 @@ impl ServerOptions {
             ("--max-concurrent-requests", self.max_concurrent),
             ("--max-connections", self.connections.max_connections),
         ] {
-            anyhow::ensure!(value <= u32::MAX as usize, "{flag} {value}: must be at most {}", u32::MAX);
+            anyhow::ensure!(
+                value <= u32::MAX as usize,
+                "{flag} {value}: must be at most {}",
+                u32::MAX
+            );
         }
         anyhow::ensure!(
             self.engine.memory_budget > 0,

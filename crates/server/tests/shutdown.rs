@@ -40,7 +40,11 @@ async fn start_stream(srv: &Server, tokens: usize) -> Result<(TcpStream, String)
     let mut buf = [0u8; 4096];
     while !String::from_utf8_lossy(&seen).contains("data: {") {
         let n = tokio::time::timeout(SLACK, s.read(&mut buf)).await??;
-        ensure!(n > 0, "closed before the first frame: {}", String::from_utf8_lossy(&seen));
+        ensure!(
+            n > 0,
+            "closed before the first frame: {}",
+            String::from_utf8_lossy(&seen)
+        );
         seen.extend_from_slice(&buf[..n]);
     }
     Ok((s, String::from_utf8_lossy(&seen).into_owned()))
@@ -87,7 +91,10 @@ async fn a_client_stalled_in_its_headers_does_not_hold_shutdown() -> Result<()> 
     let stalled = stall(&srv, b"GET /health HTTP/1.1\r\nHost: localhost\r\n").await?;
     stop_and_wait(&mut srv, SLACK).await?;
     closed(stalled).await?;
-    ensure!(TcpStream::connect(srv.addr).await.is_err(), "still accepting after shutdown");
+    ensure!(
+        TcpStream::connect(srv.addr).await.is_err(),
+        "still accepting after shutdown"
+    );
     Ok(())
 }
 
@@ -131,10 +138,16 @@ async fn a_generation_past_the_deadline_is_cancelled() -> Result<()> {
     let (mut stream, seen) = start_stream(&srv, max_tokens).await?;
     stop_and_wait(&mut srv, SLACK).await?;
     let text = read_rest(&mut stream, seen).await?;
-    ensure!(!text.contains("data: [DONE]"), "a generation outlived a zero deadline: {text}");
+    ensure!(
+        !text.contains("data: [DONE]"),
+        "a generation outlived a zero deadline: {text}"
+    );
     // Its permit came back with the cancelled response.
     let permits = tokio::time::timeout(SLACK, srv.state.admission.acquire_many(8)).await;
-    ensure!(permits.is_ok(), "the cancelled request still holds its admission permit");
+    ensure!(
+        permits.is_ok(),
+        "the cancelled request still holds its admission permit"
+    );
     Ok(())
 }
 
