@@ -24,15 +24,21 @@ async fn stop_and_wait(srv: &mut Server, within: Duration) -> Result<()> {
     Ok(())
 }
 
-/// Starts a streamed completion that runs for `tokens` tokens and returns once its first frame
-/// has arrived (so it is running), with what was read so far.
-async fn start_stream(srv: &Server, tokens: usize) -> Result<(TcpStream, String)> {
-    let body = serde_json::json!({"model": "base", "prompt": "hi", "max_tokens": tokens, "ignore_eos": true,
-                                  "stream": true})
+/// Starts a streamed chat completion of megabytes (16 choices with top log-probabilities) from a
+/// client with a tiny receive buffer, and returns once its first frame has arrived, with what was
+/// read so far. While the client reads nothing more, the server's writes wait: the response stays
+/// in progress for as long as the test needs.
+async fn start_stream(srv: &Server) -> Result<(TcpStream, String)> {
+    let tokens = srv.state.engine.validator().limits().max_model_len - 64;
+    let body = serde_json::json!({"model": "base", "messages": [{"role": "user", "content": "hi"}],
+                                  "max_tokens": tokens, "ignore_eos": true, "stream": true, "n": 16,
+                                  "logprobs": true, "top_logprobs": 20})
     .to_string();
-    let mut s = TcpStream::connect(srv.addr).await?;
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_recv_buffer_size(4096)?;
+    let mut s = socket.connect(srv.addr).await?;
     let req = format!(
-        "POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     s.write_all(req.as_bytes()).await?;
@@ -48,6 +54,11 @@ async fn start_stream(srv: &Server, tokens: usize) -> Result<(TcpStream, String)
         seen.extend_from_slice(&buf[..n]);
     }
     Ok((s, String::from_utf8_lossy(&seen).into_owned()))
+}
+
+/// Whether the streamed request still holds its admission permit (its response is not over).
+fn in_progress(srv: &Server) -> bool {
+    srv.state.admission.available_permits() < 8
 }
 
 async fn read_rest(s: &mut TcpStream, mut seen: String) -> Result<String> {
@@ -120,13 +131,27 @@ async fn a_client_stalled_in_its_body_is_cut_at_the_deadline() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_generation_running_at_shutdown_finishes_within_the_deadline() -> Result<()> {
     let mut srv = server_with(None, 8, |o| o.connections.shutdown_timeout = Duration::from_secs(60)).await?;
-    let (mut stream, seen) = start_stream(&srv, 200).await?;
-    stop_and_wait(&mut srv, Duration::from_secs(60) + SLACK).await?;
+    let (mut stream, seen) = start_stream(&srv).await?;
+    srv.stop.take().context("stop")?.send(()).ok();
+    tokio::time::timeout(SLACK, async {
+        while !srv.state.draining.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .context("never started draining")?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    ensure!(in_progress(&srv), "the response was over before the drain could matter");
+    ensure!(!srv.serving.is_finished(), "serve returned with a response in progress");
+    // The client reads again: the response completes, then serve returns.
     let text = read_rest(&mut stream, seen).await?;
-    ensure!(text.starts_with("HTTP/1.1 200"), "{text}");
+    tokio::time::timeout(Duration::from_secs(60) + SLACK, &mut srv.serving).await???;
+    ensure!(text.starts_with("HTTP/1.1 200"), "{}", &text[..text.len().min(1000)]);
+    let finished = text.matches("\"finish_reason\":\"length\"").count();
     ensure!(
-        text.contains("\"finish_reason\":\"length\"") && text.contains("data: [DONE]"),
-        "the drained generation did not finish: {text}"
+        finished == 16 && text.contains("data: [DONE]"),
+        "the drained generation did not finish: {finished} choices, {} bytes",
+        text.len()
     );
     Ok(())
 }
@@ -134,13 +159,14 @@ async fn a_generation_running_at_shutdown_finishes_within_the_deadline() -> Resu
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_generation_past_the_deadline_is_cancelled() -> Result<()> {
     let mut srv = server_with(None, 8, |o| o.connections.shutdown_timeout = Duration::ZERO).await?;
-    let max_tokens = srv.state.engine.validator().limits().max_model_len - 8;
-    let (mut stream, seen) = start_stream(&srv, max_tokens).await?;
+    let (mut stream, seen) = start_stream(&srv).await?;
+    ensure!(in_progress(&srv), "the response was over before the shutdown");
     stop_and_wait(&mut srv, SLACK).await?;
     let text = read_rest(&mut stream, seen).await?;
     ensure!(
         !text.contains("data: [DONE]"),
-        "a generation outlived a zero deadline: {text}"
+        "a generation outlived a zero deadline ({} bytes)",
+        text.len()
     );
     // Its permit came back with the cancelled response.
     let permits = tokio::time::timeout(SLACK, srv.state.admission.acquire_many(8)).await;
