@@ -1,11 +1,12 @@
 //! `quiver serve`: flags (vLLM's names where vLLM has one), the demo fallback, the runtime.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Parser;
 use quiver_engine::{EngineConfig, Policy};
-use quiver_server::ServerOptions;
+use quiver_server::{ConnectionLimits, ServerOptions};
 use quiver_tensor::DType;
 
 #[derive(Parser, Debug)]
@@ -77,6 +78,29 @@ pub struct ServeArgs {
     pub max_concurrent_requests: usize,
     #[arg(long, default_value_t = 8 << 20, env = "QUIVER_MAX_BODY_BYTES")]
     pub max_body_bytes: usize,
+    // Connections and shutdown (crates/server/src/connections.rs).
+    /// Seconds a connection may take to send a request's headers, counted from when the server
+    /// starts waiting for it: also how long an idle keep-alive connection stays open.
+    #[arg(long, default_value = "10", value_parser = seconds, env = "QUIVER_HTTP_HEADER_READ_TIMEOUT")]
+    pub http_header_read_timeout: Duration,
+    /// Seconds a request's whole body may take to arrive; slower ones get 408. Responses (streamed
+    /// or not) have no deadline.
+    #[arg(long, default_value = "60", value_parser = seconds, env = "QUIVER_HTTP_BODY_READ_TIMEOUT")]
+    pub http_body_read_timeout: Duration,
+    /// Open connections at once; at the limit new ones wait in the listen backlog until one
+    /// closes. Keep it below the open-file limit (`ulimit -n`).
+    #[arg(long, default_value_t = 512, env = "QUIVER_MAX_CONNECTIONS")]
+    pub max_connections: usize,
+    /// Seconds running requests may take to finish after SIGTERM/Ctrl-C before they are
+    /// cancelled and the process exits (Kubernetes' default grace period is 30).
+    #[arg(long, default_value = "30", value_parser = seconds, env = "QUIVER_SHUTDOWN_TIMEOUT")]
+    pub shutdown_timeout: Duration,
+}
+
+/// A duration flag in seconds (fractions allowed).
+fn seconds(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s.trim().parse().map_err(|e| format!("{s:?}: {e}"))?;
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?} seconds: {e}"))
 }
 
 fn parse_module(s: &str) -> anyhow::Result<(String, PathBuf)> {
@@ -159,10 +183,16 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             adapter_dtype: lora_dtype,
             ..EngineConfig::default()
         },
+        connections: ConnectionLimits {
+            header_read_timeout: args.http_header_read_timeout,
+            body_read_timeout: args.http_body_read_timeout,
+            max_connections: args.max_connections,
+            shutdown_timeout: args.shutdown_timeout,
+        },
     };
     let state = quiver_server::build_state(opts)?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    rt.block_on(async move {
+    let result = rt.block_on(async move {
         let addr = format!("{}:{}", args.host, args.port);
         let listener = tokio::net::TcpListener::bind(&addr)
             .await
@@ -175,7 +205,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!(%addr, model = %state.served_name, adapters = ?names, "serving the OpenAI API");
         quiver_server::serve(state, listener, shutdown_signal()).await?;
         Ok(())
-    })
+    });
+    // `serve` kept to its deadline; work left on the blocking pool (a tokenization, an adapter
+    // read) must not hold the exit.
+    rt.shutdown_timeout(Duration::from_millis(100));
+    result
 }
 
 /// SIGTERM or Ctrl-C.

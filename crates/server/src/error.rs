@@ -1,8 +1,12 @@
 //! Every error a client can see, mapped in one place to an HTTP status and OpenAI's error body
 //! `{"error": {"message", "type", "param", "code"}}`.
 
-use axum::http::StatusCode;
+use std::time::Duration;
+
+use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
+use axum::BoxError;
+use http_body_util::LengthLimitError;
 use quiver_engine::{EngineError, ValidationError};
 use thiserror::Error;
 
@@ -20,6 +24,11 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     PayloadTooLarge(String),
+    #[error("{0}")]
+    MethodNotAllowed(String),
+    /// The request body did not arrive within `--http-body-read-timeout`.
+    #[error("{0}")]
+    RequestTimeout(String),
     #[error("the server is at capacity; retry later")]
     Overloaded,
     #[error("the server is shutting down")]
@@ -62,6 +71,18 @@ impl ApiError {
             ),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "invalid_request_error", None, Some("not_found")),
             ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", None, None),
+            ApiError::MethodNotAllowed(_) => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "invalid_request_error",
+                None,
+                Some("method_not_allowed"),
+            ),
+            ApiError::RequestTimeout(_) => (
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                None,
+                Some("request_timeout"),
+            ),
             ApiError::Overloaded => (
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limit_error",
@@ -93,6 +114,40 @@ impl ApiError {
             },
         }
     }
+}
+
+/// The router's fallback: no route has this path.
+pub async fn no_such_route(uri: Uri) -> ApiError {
+    ApiError::NotFound(format!("no such route: {}", uri.path()))
+}
+
+/// The router's fallback for a known path asked with a method it does not serve (axum still
+/// adds the `Allow` header).
+pub async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::MethodNotAllowed(format!("{method} is not allowed on {}", uri.path()))
+}
+
+/// Why a request body could not be read whole: too large, or broken (a malformed chunked
+/// encoding, a client that went away mid-body).
+pub fn body_read_error(e: BoxError, max_body_bytes: usize) -> ApiError {
+    if e.is::<LengthLimitError>() {
+        body_too_large(max_body_bytes)
+    } else {
+        ApiError::bad(format!("could not read the request body: {e}"))
+    }
+}
+
+pub fn body_too_large(max_body_bytes: usize) -> ApiError {
+    ApiError::PayloadTooLarge(format!(
+        "the request body is larger than the server's limit of {max_body_bytes} bytes (--max-body-bytes)"
+    ))
+}
+
+pub fn body_timeout(timeout: Duration) -> ApiError {
+    ApiError::RequestTimeout(format!(
+        "the request body did not arrive within {} s (--http-body-read-timeout)",
+        timeout.as_secs_f64()
+    ))
 }
 
 impl From<ValidationError> for ApiError {

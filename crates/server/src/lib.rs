@@ -1,8 +1,10 @@
-//! The OpenAI-compatible HTTP server: axum on tokio for I/O, request parsing and tokenization;
-//! validation, scheduling, tensor work and every ending on the engine's side. See
-//! docs/ARCHITECTURE.md.
+//! The OpenAI-compatible HTTP server: hyper connections (`connections.rs`) into axum routes on
+//! tokio for I/O, request parsing and tokenization; validation, scheduling, tensor work and every
+//! ending on the engine's side. See docs/ARCHITECTURE.md.
 
 pub mod admin;
+pub mod body;
+pub mod connections;
 pub mod device;
 pub mod error;
 pub mod extract;
@@ -14,14 +16,13 @@ pub mod routes;
 pub mod startup;
 pub mod state;
 
-use std::future::Future;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::Router;
 
+pub use connections::{serve, ConnectionLimits};
 pub use device::Device;
 pub use error::ApiError;
 pub use startup::{build_state, ServerOptions};
@@ -38,27 +39,15 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/lora_adapters", get(admin::lora_adapters))
         .route("/health", get(admin::health))
         .route("/metrics", get(admin::metrics))
-        .fallback(|| async { ApiError::NotFound("no such route".into()) })
+        // After the routes: it applies to the routes added before it.
+        .method_not_allowed_fallback(error::method_not_allowed)
+        .fallback(error::no_such_route)
+        // The body was read whole (and checked) by `read_whole_body`; this only lifts axum's
+        // default limit of 2 MB for the handlers' `Bytes`.
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            body::read_whole_body,
+        ))
         .with_state(state)
-}
-
-/// Serves until `shutdown` resolves, then drains: no new requests (503), running ones finish.
-pub async fn serve(
-    state: Arc<AppState>,
-    listener: tokio::net::TcpListener,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    let drain_state = state.clone();
-    let app = router(state.clone());
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            drain_state.draining.store(true, Ordering::Relaxed);
-            tracing::info!("draining: refusing new requests, finishing running ones");
-        })
-        .await?;
-    // Wait for in-flight generations (each holds an admission permit).
-    let _ = state.admission.acquire_many(state.limits.max_concurrent as u32).await;
-    Ok(())
 }

@@ -13,6 +13,7 @@ use quiver_tensor::cpu::{CpuBackend, Precision};
 use quiver_tensor::Backend;
 use tokio::sync::Semaphore;
 
+use crate::connections::ConnectionLimits;
 use crate::device::Device;
 use crate::state::{AppState, Limits};
 
@@ -37,11 +38,76 @@ pub struct ServerOptions {
     /// weights are resident; `None` keeps `engine.memory_budget`.
     pub gpu_memory_utilization: Option<f64>,
     pub engine: EngineConfig,
+    /// HTTP timeouts, open connections, shutdown deadline.
+    pub connections: ConnectionLimits,
+}
+
+impl ServerOptions {
+    /// Refuses limits under which the server would start but could not answer (a zero
+    /// `--max-num-seqs` once queued every request forever); each message names its flag.
+    pub fn check(&self) -> anyhow::Result<()> {
+        let counts = [
+            ("--max-num-seqs", self.engine.max_num_seqs),
+            ("--max-num-batched-tokens", self.engine.max_batch_tokens),
+            ("--max-concurrent-requests", self.max_concurrent),
+            ("--max-body-bytes", self.max_body_bytes),
+            ("--max-connections", self.connections.max_connections),
+            ("--max-lora-rank", self.engine.max_lora_rank),
+            ("--max-model-len", self.max_model_len.unwrap_or(1)),
+        ];
+        for (flag, value) in counts {
+            anyhow::ensure!(value > 0, "{flag} 0: must be at least 1");
+        }
+        // Both are semaphores whose permits are counted in u32.
+        for (flag, value) in [
+            ("--max-concurrent-requests", self.max_concurrent),
+            ("--max-connections", self.connections.max_connections),
+        ] {
+            anyhow::ensure!(
+                value <= u32::MAX as usize,
+                "{flag} {value}: must be at most {}",
+                u32::MAX
+            );
+        }
+        anyhow::ensure!(
+            self.engine.memory_budget > 0,
+            "--memory-budget-mb 0: the KV cache needs memory; give at least one sequence's worth"
+        );
+        for (flag, timeout) in [
+            ("--http-header-read-timeout", self.connections.header_read_timeout),
+            ("--http-body-read-timeout", self.connections.body_read_timeout),
+        ] {
+            anyhow::ensure!(
+                !timeout.is_zero(),
+                "{flag} 0: must be above 0 (a zero timeout ends every request before it arrives)"
+            );
+        }
+        if let Some(f) = self.gpu_memory_utilization {
+            anyhow::ensure!(
+                f > 0.0 && f <= 1.0,
+                "--gpu-memory-utilization {f}: must be above 0 and at most 1"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The KV cache must hold one sequence of the longest length requests may ask for.
+fn check_kv_capacity(kv_tokens: usize, max_model_len: usize, budget: usize) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        kv_tokens >= max_model_len,
+        "the memory budget ({:.1} MiB) holds a KV cache of {kv_tokens} tokens, fewer than one sequence of \
+         max_model_len {max_model_len} needs: raise --memory-budget-mb (on a GPU: \
+         --gpu-memory-utilization) or lower --max-model-len",
+        budget as f64 / (1 << 20) as f64
+    );
+    Ok(())
 }
 
 /// Loads the model, starts the engine and registers the start-up adapters (each validated fully:
 /// a broken adapter stops the start with its error).
 pub fn build_state(opts: ServerOptions) -> anyhow::Result<Arc<AppState>> {
+    opts.check()?;
     match opts.device {
         Device::Cpu => build_on(cpu_backend(&opts), opts, None),
         Device::Cuda(n) => build_on_cuda(n, opts),
@@ -124,7 +190,9 @@ fn build_on<B: Backend>(
         max_body_bytes: opts.max_body_bytes,
         max_concurrent: opts.max_concurrent,
         max_loras: engine_cfg.max_num_seqs,
+        connections: opts.connections.clone(),
     };
+    let budget = engine_cfg.memory_budget;
     let tokenizer = Arc::new(bundle.tokenizer);
     let engine = Engine::start(
         bundle.model,
@@ -132,6 +200,7 @@ fn build_on<B: Backend>(
         bundle.eos_token_ids.clone(),
         engine_cfg,
     )?;
+    check_kv_capacity(engine.validator().limits().max_kv_tokens, max_model_len, budget)?;
     let mut adapters = BTreeMap::new();
     for (name, path) in &opts.lora_modules {
         let host = load_peft_adapter(name, path, &cfg)?;

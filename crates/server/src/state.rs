@@ -10,6 +10,7 @@ use quiver_engine::Engine;
 use quiver_model::{ChatTemplate, ModelConfig, Tokenizer};
 use tokio::sync::Semaphore;
 
+use crate::connections::ConnectionLimits;
 use crate::metrics::Metrics;
 
 /// The server's own limits; what a request may ask of the model is the engine validator's.
@@ -20,6 +21,8 @@ pub struct Limits {
     pub max_concurrent: usize,
     /// Advertised as vLLM's `max_lora`: the most adapters that can run at once (one per sequence).
     pub max_loras: usize,
+    /// Timeouts, open connections and the shutdown deadline of the HTTP server.
+    pub connections: ConnectionLimits,
 }
 
 pub struct AppState {

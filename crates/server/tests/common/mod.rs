@@ -21,6 +21,10 @@ pub struct Server {
     pub _dir: tempfile::TempDir,
     pub adapters: PathBuf,
     pub golden: quiver_testkit::LoraGolden,
+    /// Sending on it starts `serve`'s shutdown (dropping it does not).
+    pub stop: Option<tokio::sync::oneshot::Sender<()>>,
+    /// `serve` itself: it returns once drained.
+    pub serving: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
 pub fn test_device() -> Result<Device> {
@@ -31,10 +35,19 @@ pub fn test_device() -> Result<Device> {
 }
 
 pub async fn server(api_key: Option<&str>, max_concurrent: usize) -> Result<Server> {
+    server_with(api_key, max_concurrent, |_| {}).await
+}
+
+/// `server`, with its options adjusted by `tweak` first.
+pub async fn server_with(
+    api_key: Option<&str>,
+    max_concurrent: usize,
+    tweak: impl FnOnce(&mut ServerOptions),
+) -> Result<Server> {
     let (dir, golden) = quiver_testkit::materialize_lora(BASE)?;
     let adapters = dir.path().join("adapters");
     let preloaded = "qwen2-r4-qkv";
-    let opts = ServerOptions {
+    let mut opts = ServerOptions {
         model: dir.path().join("base"),
         served_model_name: Some("base".into()),
         lora_modules: vec![(preloaded.into(), adapters.join(preloaded))],
@@ -53,18 +66,28 @@ pub async fn server(api_key: Option<&str>, max_concurrent: usize) -> Result<Serv
             memory_budget: 64 << 20,
             ..Default::default()
         },
+        connections: Default::default(),
     };
+    tweak(&mut opts);
     let state = tokio::task::spawn_blocking(move || build_state(opts)).await??;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let s = state.clone();
-    tokio::spawn(async move { quiver_server::serve(s, listener, std::future::pending()).await });
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = async move {
+        if stopped.await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    let serving = tokio::spawn(quiver_server::serve(s, listener, shutdown));
     Ok(Server {
         addr,
         state,
         _dir: dir,
         adapters,
         golden,
+        stop: Some(stop),
+        serving,
     })
 }
 
