@@ -14,6 +14,7 @@ use quiver_tensor::Backend;
 use tokio::sync::Semaphore;
 
 use crate::device::Device;
+use crate::openai::request::InputLimits;
 use crate::state::{AppState, Limits};
 
 /// Everything `quiver serve` needs besides the socket.
@@ -26,8 +27,11 @@ pub struct ServerOptions {
     pub api_key: Option<String>,
     pub admin_key: Option<String>,
     pub max_model_len: Option<usize>,
+    /// Choices (prompts × `n`) admitted at once.
     pub max_concurrent: usize,
     pub max_body_bytes: usize,
+    /// Prompts and characters per request (`--max-prompts-per-request`, `--max-prompt-chars`).
+    pub input_limits: InputLimits,
     pub device: Device,
     /// Input precision of the CPU backend's matmuls (f32 = the reference; ignored on a GPU).
     pub cpu_matmul_precision: Precision,
@@ -123,6 +127,7 @@ fn build_on<B: Backend>(
     let limits = Limits {
         max_body_bytes: opts.max_body_bytes,
         max_concurrent: opts.max_concurrent,
+        input: opts.input_limits,
         max_loras: engine_cfg.max_num_seqs,
     };
     let tokenizer = Arc::new(bundle.tokenizer);
@@ -156,6 +161,9 @@ fn build_on<B: Backend>(
         api_key: opts.api_key,
         admin_key: opts.admin_key,
         admission: Arc::new(Semaphore::new(limits.max_concurrent)),
+        tokenizer_slots: Arc::new(Semaphore::new(
+            std::thread::available_parallelism().map_or(1, usize::from),
+        )),
         limits,
         draining: AtomicBool::new(false),
         metrics: Default::default(),
