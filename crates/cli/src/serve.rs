@@ -79,12 +79,12 @@ pub struct ServeArgs {
           value_parser = positive_u32, env = "QUIVER_MAX_CONCURRENT_CHOICES")]
     pub max_concurrent_choices: usize,
     /// Prompts in one completions request (`prompt` as a list).
-    #[arg(long, default_value_t = quiver_server::openai::request::DEFAULT_MAX_PROMPTS,
+    #[arg(long, default_value_t = quiver_server::openai::limits::DEFAULT_MAX_PROMPTS,
           value_parser = positive_u32, env = "QUIVER_MAX_PROMPTS_PER_REQUEST")]
     pub max_prompts_per_request: usize,
     /// Characters of prompt text per request (completions' text prompts together; every string
     /// of the chat messages and tools), checked before templating and tokenizing.
-    #[arg(long, default_value_t = quiver_server::openai::request::DEFAULT_MAX_PROMPT_CHARS,
+    #[arg(long, default_value_t = quiver_server::openai::limits::DEFAULT_MAX_PROMPT_CHARS,
           value_parser = positive_u32, env = "QUIVER_MAX_PROMPT_CHARS")]
     pub max_prompt_chars: usize,
     /// Prompt tokens per request, counted once per choice (prompts × n). Default: 16 ×
@@ -170,7 +170,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         max_model_len: args.max_model_len,
         max_concurrent: args.max_concurrent_choices,
         max_body_bytes: args.max_body_bytes,
-        input_limits: quiver_server::openai::request::InputLimits {
+        input_limits: quiver_server::openai::limits::InputLimits {
             max_prompts: args.max_prompts_per_request,
             max_chars: args.max_prompt_chars,
         },

@@ -14,7 +14,7 @@ use quiver_tensor::Backend;
 use tokio::sync::Semaphore;
 
 use crate::device::Device;
-use crate::openai::request::InputLimits;
+use crate::openai::limits::InputLimits;
 use crate::state::{AppState, Limits};
 
 /// Everything `quiver serve` needs besides the socket.

@@ -11,7 +11,7 @@ use quiver_model::{ChatTemplate, ModelConfig, Tokenizer};
 use tokio::sync::Semaphore;
 
 use crate::metrics::Metrics;
-use crate::openai::request::InputLimits;
+use crate::openai::limits::InputLimits;
 
 /// The server's own limits; what a request may ask of the model is the engine validator's.
 #[derive(Debug, Clone)]

@@ -8,45 +8,8 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::error::ApiError;
+use crate::openai::limits::{check_chars, check_prompts, InputLimits};
 use crate::openai::messages;
-
-/// Default of `--max-prompts-per-request`.
-pub const DEFAULT_MAX_PROMPTS: usize = 64;
-/// Default of `--max-prompt-chars`.
-pub const DEFAULT_MAX_PROMPT_CHARS: usize = 1_000_000;
-
-/// What one request may bring, checked on the parsed body before any template or tokenizer work
-/// (the token total is the engine validator's).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct InputLimits {
-    /// Prompts in one completions request.
-    pub max_prompts: usize,
-    /// Characters of prompt text in one request: completions' text prompts together, or every
-    /// string of the chat `messages` and `tools`.
-    pub max_chars: usize,
-}
-
-impl Default for InputLimits {
-    fn default() -> Self {
-        InputLimits {
-            max_prompts: DEFAULT_MAX_PROMPTS,
-            max_chars: DEFAULT_MAX_PROMPT_CHARS,
-        }
-    }
-}
-
-fn check_chars(param: &str, chars: usize, limits: &InputLimits) -> Result<(), ApiError> {
-    if chars > limits.max_chars {
-        return Err(ApiError::param(
-            param,
-            format!(
-                "{param} holds {chars} characters; at most {} are allowed per request",
-                limits.max_chars
-            ),
-        ));
-    }
-    Ok(())
-}
 
 /// Fields both endpoints share.
 const COMMON: &[&str] = &[
@@ -318,16 +281,7 @@ impl CompletionRequest {
     }
 
     pub fn settings(&self, limits: &InputLimits) -> Result<Settings, ApiError> {
-        let prompts = self.num_prompts();
-        if prompts > limits.max_prompts {
-            return Err(ApiError::param(
-                "prompt",
-                format!(
-                    "prompt holds {prompts} prompts; at most {} are allowed per request",
-                    limits.max_prompts
-                ),
-            ));
-        }
+        check_prompts(self.num_prompts(), limits)?;
         let chars = match &self.prompt {
             PromptInput::Text(t) => t.chars().count(),
             PromptInput::Texts(ts) => ts.iter().map(|t| t.chars().count()).sum(),
