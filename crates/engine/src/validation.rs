@@ -125,23 +125,27 @@ impl Validator {
                 format!("token id {t} is outside the vocabulary"),
             ));
         }
-        // Before any per-token check, so an oversized request costs no more than this sum.
-        let tokens = request.prompts.iter().map(Vec::len).sum::<usize>();
-        let work = tokens.saturating_mul(request.n);
-        if work > l.max_request_prompt_tokens {
-            return Err(refuse(
-                "prompt",
-                format!(
-                    "this request brings {work} prompt tokens ({tokens} in its prompts, each run n = {} times); at most {} are allowed per request",
-                    request.n, l.max_request_prompt_tokens
-                ),
-            ));
-        }
         let max_tokens = request
             .prompts
             .iter()
             .map(|p| self.check_prompt(p, request.max_tokens))
             .collect::<Result<_, _>>()?;
+        let tokens = request.prompts.iter().map(Vec::len).sum::<usize>();
+        let work = tokens.saturating_mul(request.n);
+        if work > l.max_request_prompt_tokens {
+            let per_choice = if request.n > 1 {
+                format!(" ({tokens} in its prompts × n = {})", request.n)
+            } else {
+                String::new()
+            };
+            return Err(refuse(
+                "prompt",
+                format!(
+                    "this request brings {work} prompt tokens{per_choice}; at most {} are allowed per request",
+                    l.max_request_prompt_tokens
+                ),
+            ));
+        }
         Ok(ValidRequest { request, max_tokens })
     }
 
