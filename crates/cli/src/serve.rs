@@ -73,9 +73,25 @@ pub struct ServeArgs {
     /// `adapter-rr` (per-adapter queues in rotation) or `fcfs`.
     #[arg(long, default_value = "adapter-rr", env = "QUIVER_SCHEDULING_POLICY")]
     pub scheduling_policy: String,
-    /// Requests admitted at once; more get 429.
-    #[arg(long, default_value_t = 256, env = "QUIVER_MAX_CONCURRENT_REQUESTS")]
-    pub max_concurrent_requests: usize,
+    /// Choices (prompts × n) admitted at once, running or queued: a request that does not fit
+    /// now gets 429 with Retry-After, one larger than this a 400. `--max-concurrent-requests`
+    /// is the old name (it counted requests).
+    #[arg(long, visible_alias = "max-concurrent-requests", default_value_t = 1024,
+          value_parser = positive_u32, env = "QUIVER_MAX_CONCURRENT_CHOICES")]
+    pub max_concurrent_choices: usize,
+    /// Prompts in one completions request (`prompt` as a list).
+    #[arg(long, default_value_t = quiver_server::openai::limits::DEFAULT_MAX_PROMPTS,
+          value_parser = positive_u32, env = "QUIVER_MAX_PROMPTS_PER_REQUEST")]
+    pub max_prompts_per_request: usize,
+    /// Characters of prompt text per request (completions' text prompts together; every string
+    /// of the chat messages and tools), checked before templating and tokenizing.
+    #[arg(long, default_value_t = quiver_server::openai::limits::DEFAULT_MAX_PROMPT_CHARS,
+          value_parser = positive_u32, env = "QUIVER_MAX_PROMPT_CHARS")]
+    pub max_prompt_chars: usize,
+    /// Prompt tokens per request, counted once per choice (prompts × n). Default: 16 ×
+    /// max-model-len, so one prompt at any n always fits.
+    #[arg(long, value_parser = positive_u32, env = "QUIVER_MAX_REQUEST_PROMPT_TOKENS")]
+    pub max_request_prompt_tokens: Option<usize>,
     #[arg(long, default_value_t = 8 << 20, env = "QUIVER_MAX_BODY_BYTES")]
     pub max_body_bytes: usize,
     // Connections and shutdown (crates/server/src/connections.rs).
@@ -101,6 +117,15 @@ pub struct ServeArgs {
 fn seconds(s: &str) -> Result<Duration, String> {
     let secs: f64 = s.trim().parse().map_err(|e| format!("{s:?}: {e}"))?;
     Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?} seconds: {e}"))
+}
+
+/// A limit flag: at least 1, and within what the admission semaphore counts (u32).
+fn positive_u32(s: &str) -> Result<usize, String> {
+    match s.parse::<u32>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(v) => Ok(v as usize),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 fn parse_module(s: &str) -> anyhow::Result<(String, PathBuf)> {
@@ -167,8 +192,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         api_key: args.api_key.clone(),
         admin_key: args.admin_api_key.clone(),
         max_model_len: args.max_model_len,
-        max_concurrent: args.max_concurrent_requests,
+        max_concurrent: args.max_concurrent_choices,
         max_body_bytes: args.max_body_bytes,
+        input_limits: quiver_server::openai::limits::InputLimits {
+            max_prompts: args.max_prompts_per_request,
+            max_chars: args.max_prompt_chars,
+        },
         device: args.device,
         cpu_matmul_precision: args.matmul_precision,
         cpu_keep_weights_mapped: args.cpu_keep_weights_mapped,
@@ -181,6 +210,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             max_lora_rank: args.max_lora_rank,
             policy,
             adapter_dtype: lora_dtype,
+            max_request_prompt_tokens: args.max_request_prompt_tokens,
             ..EngineConfig::default()
         },
         connections: ConnectionLimits {

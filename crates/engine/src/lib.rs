@@ -44,6 +44,9 @@ pub struct EngineConfig {
     /// Requests further back load when they get there: loading them earlier could evict what the
     /// head needs. Capped at the number of adapters the host tier holds.
     pub prefetch: usize,
+    /// Most prompt tokens per request, counted per choice (prompts × `n`); `None`: `MAX_N` ×
+    /// `max_model_len`, so any single prompt at any `n` fits.
+    pub max_request_prompt_tokens: Option<usize>,
 }
 
 impl Default for EngineConfig {
@@ -59,6 +62,7 @@ impl Default for EngineConfig {
             policy: Policy::AdapterRoundRobin,
             adapter_dtype: DType::F32,
             prefetch: 8,
+            max_request_prompt_tokens: None,
         }
     }
 }

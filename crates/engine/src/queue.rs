@@ -107,9 +107,13 @@ impl<T> FairQueue<T> {
         found
     }
 
-    /// Removes every request `drop` selects (cancelled ones), returning them.
+    /// Removes every request `drop` selects (cancelled ones), returning them. Called every step:
+    /// when nothing is selected the queues are only read, not rebuilt.
     pub fn drain_where(&mut self, mut drop: impl FnMut(&T) -> bool) -> Vec<T> {
         let mut out = Vec::new();
+        if !self.iter().any(|(_, t)| drop(t)) {
+            return out;
+        }
         let fifo = std::mem::take(&mut self.fifo);
         for (k, t) in fifo {
             if drop(&t) {

@@ -19,7 +19,7 @@ use crate::queue::FairQueue;
 use crate::request::{Command, EngineStats, Event};
 use crate::sampling::Sampler;
 use crate::sequence::{Outcome, Sequence};
-use crate::validation::{Limits, ValidRequest};
+use crate::validation::{Limits, ValidRequest, MAX_N};
 use crate::EngineConfig;
 
 /// KV memory: block free list plus the share of the memory budget it has taken.
@@ -132,6 +132,10 @@ impl<B: Backend> Scheduler<B> {
             vocab_size: self.model.cfg.vocab_size,
             max_kv_tokens: blocks * self.cfg.block_size,
             has_tokenizer: self.tokenizer.is_some(),
+            max_request_prompt_tokens: self
+                .cfg
+                .max_request_prompt_tokens
+                .unwrap_or(MAX_N.saturating_mul(self.cfg.max_model_len)),
         }
     }
 

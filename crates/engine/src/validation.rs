@@ -21,6 +21,9 @@ pub struct Limits {
     pub max_kv_tokens: usize,
     /// Stop strings need detokenization, which needs the tokenizer.
     pub has_tokenizer: bool,
+    /// Most prompt tokens one request may bring, counted once per choice (prompts × `n`): the
+    /// prefill work a single request can ask for.
+    pub max_request_prompt_tokens: usize,
 }
 
 /// A refused request: the OpenAI request field at fault (`prompt` for the prompt, which the chat
@@ -76,14 +79,21 @@ impl Validator {
         &self.limits
     }
 
+    /// The number of choices (prompts × `n`) of a request with `prompts` prompts, once `n` is in
+    /// range: what the API admits a request by, before it spends anything on tokenizing it.
+    pub fn choices(&self, prompts: usize, n: usize) -> Result<usize, ValidationError> {
+        if !(1..=MAX_N).contains(&n) {
+            return Err(refuse("n", format!("n must be between 1 and {MAX_N}, got {n}")));
+        }
+        if prompts == 0 {
+            return Err(refuse("prompt", "the prompt is empty"));
+        }
+        Ok(prompts.saturating_mul(n))
+    }
+
     pub fn validate(&self, request: GenerateRequest) -> Result<ValidRequest, ValidationError> {
         let l = &self.limits;
-        if !(1..=MAX_N).contains(&request.n) {
-            return Err(refuse(
-                "n",
-                format!("n must be between 1 and {MAX_N}, got {}", request.n),
-            ));
-        }
+        self.choices(request.prompts.len(), request.n)?;
         if request.max_tokens == Some(0) {
             return Err(refuse("max_tokens", "max_tokens must be at least 1, got 0"));
         }
@@ -115,14 +125,27 @@ impl Validator {
                 format!("token id {t} is outside the vocabulary"),
             ));
         }
-        if request.prompts.is_empty() {
-            return Err(refuse("prompt", "the prompt is empty"));
-        }
         let max_tokens = request
             .prompts
             .iter()
             .map(|p| self.check_prompt(p, request.max_tokens))
             .collect::<Result<_, _>>()?;
+        let tokens = request.prompts.iter().map(Vec::len).sum::<usize>();
+        let work = tokens.saturating_mul(request.n);
+        if work > l.max_request_prompt_tokens {
+            let per_choice = if request.n > 1 {
+                format!(" ({tokens} in its prompts × n = {})", request.n)
+            } else {
+                String::new()
+            };
+            return Err(refuse(
+                "prompt",
+                format!(
+                    "this request brings {work} prompt tokens{per_choice}; at most {} are allowed per request",
+                    l.max_request_prompt_tokens
+                ),
+            ));
+        }
         Ok(ValidRequest { request, max_tokens })
     }
 

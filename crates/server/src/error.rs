@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use axum::http::{Method, StatusCode, Uri};
+use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::BoxError;
 use http_body_util::LengthLimitError;
@@ -171,11 +171,21 @@ impl From<EngineError> for ApiError {
     }
 }
 
+/// `Retry-After` on a 429: admission frees as soon as any running choice ends, so a second is
+/// enough for a well-behaved client to come back without hammering.
+const RETRY_AFTER_SECS: &str = "1";
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         if matches!(self, ApiError::Internal(_)) {
             tracing::error!(error = %self, "internal error");
         }
-        (self.status(), axum::Json(self.body())).into_response()
+        let mut response = (self.status(), axum::Json(self.body())).into_response();
+        if matches!(self, ApiError::Overloaded) {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));
+        }
+        response
     }
 }

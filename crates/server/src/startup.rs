@@ -15,6 +15,7 @@ use tokio::sync::Semaphore;
 
 use crate::connections::ConnectionLimits;
 use crate::device::Device;
+use crate::openai::limits::InputLimits;
 use crate::state::{AppState, Limits};
 
 /// Everything `quiver serve` needs besides the socket.
@@ -27,8 +28,11 @@ pub struct ServerOptions {
     pub api_key: Option<String>,
     pub admin_key: Option<String>,
     pub max_model_len: Option<usize>,
+    /// Choices (prompts × `n`) admitted at once.
     pub max_concurrent: usize,
     pub max_body_bytes: usize,
+    /// Prompts and characters per request (`--max-prompts-per-request`, `--max-prompt-chars`).
+    pub input_limits: InputLimits,
     pub device: Device,
     /// Input precision of the CPU backend's matmuls (f32 = the reference; ignored on a GPU).
     pub cpu_matmul_precision: Precision,
@@ -49,7 +53,7 @@ impl ServerOptions {
         let counts = [
             ("--max-num-seqs", self.engine.max_num_seqs),
             ("--max-num-batched-tokens", self.engine.max_batch_tokens),
-            ("--max-concurrent-requests", self.max_concurrent),
+            ("--max-concurrent-choices", self.max_concurrent),
             ("--max-body-bytes", self.max_body_bytes),
             ("--max-connections", self.connections.max_connections),
             ("--max-lora-rank", self.engine.max_lora_rank),
@@ -60,7 +64,7 @@ impl ServerOptions {
         }
         // Both are semaphores whose permits are counted in u32.
         for (flag, value) in [
-            ("--max-concurrent-requests", self.max_concurrent),
+            ("--max-concurrent-choices", self.max_concurrent),
             ("--max-connections", self.connections.max_connections),
         ] {
             anyhow::ensure!(
@@ -189,6 +193,7 @@ fn build_on<B: Backend>(
     let limits = Limits {
         max_body_bytes: opts.max_body_bytes,
         max_concurrent: opts.max_concurrent,
+        input: opts.input_limits,
         max_loras: engine_cfg.max_num_seqs,
         connections: opts.connections.clone(),
     };
@@ -225,6 +230,9 @@ fn build_on<B: Backend>(
         api_key: opts.api_key,
         admin_key: opts.admin_key,
         admission: Arc::new(Semaphore::new(limits.max_concurrent)),
+        tokenizer_slots: Arc::new(Semaphore::new(
+            std::thread::available_parallelism().map_or(1, usize::from),
+        )),
         limits,
         draining: AtomicBool::new(false),
         metrics: Default::default(),

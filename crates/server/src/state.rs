@@ -12,13 +12,18 @@ use tokio::sync::Semaphore;
 
 use crate::connections::ConnectionLimits;
 use crate::metrics::Metrics;
+use crate::openai::limits::InputLimits;
 
 /// The server's own limits; what a request may ask of the model is the engine validator's.
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub max_body_bytes: usize,
-    /// Requests admitted at once (running or queued in the engine); more get 429.
+    /// Choices (prompts × `n`) admitted at once, running or queued in the engine: the
+    /// admission semaphore's size. A request that does not fit now gets 429, one that never can
+    /// a 400.
     pub max_concurrent: usize,
+    /// Prompts and characters per request, checked before tokenizing.
+    pub input: InputLimits,
     /// Advertised as vLLM's `max_lora`: the most adapters that can run at once (one per sequence).
     pub max_loras: usize,
     /// Timeouts, open connections and the shutdown deadline of the HTTP server.
@@ -39,7 +44,11 @@ pub struct AppState {
     pub api_key: Option<String>,
     pub admin_key: Option<String>,
     pub limits: Limits,
+    /// One permit per admitted choice.
     pub admission: Arc<Semaphore>,
+    /// Templating and tokenization jobs running at once on the blocking pool (one per core), so
+    /// that huge prompts queue for a slot instead of taking every blocking thread.
+    pub tokenizer_slots: Arc<Semaphore>,
     pub draining: AtomicBool,
     pub metrics: Metrics,
     pub created: u64,

@@ -164,7 +164,7 @@ async fn bad_requests_get_openai_errors_and_the_server_keeps_serving() -> Result
             "/v1/chat/completions",
             json!({"model": "base", "messages": [{"role": "robot", "content": "x"}]}).to_string(),
             400,
-            Some("messages"),
+            Some("messages[0].role"),
         ),
         ("/v1/nothing", "{}".into(), 404, None),
     ];

@@ -8,6 +8,8 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::error::ApiError;
+use crate::openai::limits::{check_chars, check_prompts, InputLimits};
+use crate::openai::messages;
 
 /// Fields both endpoints share.
 const COMMON: &[&str] = &[
@@ -187,8 +189,10 @@ pub fn parse_completion(body: &[u8]) -> Result<CompletionRequest, ApiError> {
     Ok(CompletionRequest { common, ..request })
 }
 
+/// Parses a chat body; every `messages` entry is checked and its content flattened to a string.
 pub fn parse_chat(body: &[u8]) -> Result<ChatRequest, ApiError> {
-    let (common, request) = parse_body(body, &[COMMON, CHAT])?;
+    let (common, mut request): (Common, ChatRequest) = parse_body(body, &[COMMON, CHAT])?;
+    messages::normalize(&mut request.messages)?;
     Ok(ChatRequest { common, ..request })
 }
 
@@ -267,7 +271,23 @@ impl Common {
 }
 
 impl CompletionRequest {
-    pub fn settings(&self) -> Result<Settings, ApiError> {
+    /// How many prompts `prompt` holds.
+    pub fn num_prompts(&self) -> usize {
+        match &self.prompt {
+            PromptInput::Text(_) | PromptInput::Tokens(_) => 1,
+            PromptInput::Texts(v) => v.len(),
+            PromptInput::TokenLists(v) => v.len(),
+        }
+    }
+
+    pub fn settings(&self, limits: &InputLimits) -> Result<Settings, ApiError> {
+        check_prompts(self.num_prompts(), limits)?;
+        let chars = match &self.prompt {
+            PromptInput::Text(t) => t.chars().count(),
+            PromptInput::Texts(ts) => ts.iter().map(|t| t.chars().count()).sum(),
+            PromptInput::Tokens(_) | PromptInput::TokenLists(_) => 0,
+        };
+        check_chars("prompt", chars, limits)?;
         if self.echo == Some(true) {
             return Err(unsupported("echo", "echo"));
         }
@@ -296,10 +316,13 @@ fn is_default_choice(v: &Value, default: &str) -> bool {
 }
 
 impl ChatRequest {
-    pub fn settings(&self) -> Result<Settings, ApiError> {
+    pub fn settings(&self, limits: &InputLimits) -> Result<Settings, ApiError> {
         if self.messages.is_empty() {
             return Err(ApiError::param("messages", "messages must not be empty"));
         }
+        let tools = self.tools.iter().flatten().map(messages::text_chars).sum::<usize>();
+        let chars = self.messages.iter().map(messages::text_chars).sum::<usize>() + tools;
+        check_chars("messages", chars, limits)?;
         if self
             .response_format
             .as_ref()
@@ -373,9 +396,9 @@ mod tests {
     fn unknown_and_unsupported_fields_are_named() {
         let err = |body: &str, chat: bool| {
             let r = if chat {
-                parse_chat(body.as_bytes()).and_then(|r| r.settings().map(|_| ()))
+                parse_chat(body.as_bytes()).and_then(|r| r.settings(&InputLimits::default()).map(|_| ()))
             } else {
-                parse_completion(body.as_bytes()).and_then(|r| r.settings().map(|_| ()))
+                parse_completion(body.as_bytes()).and_then(|r| r.settings(&InputLimits::default()).map(|_| ()))
             };
             match r {
                 Err(ApiError::BadRequest { param, .. }) => param,
@@ -425,11 +448,11 @@ mod tests {
             "tools": [{"type": "function", "function": {"name": "f"}}], "parallel_tool_calls": true,
             "modalities": ["text"], "service_tier": "auto", "functions": null, "seed": 3}"#;
         let r = parse_chat(ok.as_bytes()).expect("parses");
-        let s = r.settings().expect("accepted");
+        let s = r.settings(&InputLimits::default()).expect("accepted");
         assert_eq!(s.request.sampling.seed, Some(3));
         assert!(r.template_tools().is_some());
         let c = parse_completion(br#"{"prompt": [[1, 2], [3]], "best_of": 2, "n": 2, "echo": false}"#).expect("parses");
         assert!(matches!(c.prompt, PromptInput::TokenLists(ref l) if l.len() == 2));
-        assert_eq!(c.settings().expect("accepted").request.n, 2);
+        assert_eq!(c.settings(&InputLimits::default()).expect("accepted").request.n, 2);
     }
 }

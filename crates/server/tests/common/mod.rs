@@ -57,6 +57,7 @@ pub async fn server_with(
         max_model_len: Some(256),
         max_concurrent,
         max_body_bytes: 1 << 20,
+        input_limits: Default::default(),
         // The GPU check script runs these tests on CUDA with QUIVER_TEST_DEVICE=cuda.
         device: test_device()?,
         cpu_matmul_precision: Default::default(),
