@@ -14,6 +14,7 @@ use quiver_tensor::Backend;
 use tokio::sync::Semaphore;
 
 use crate::device::Device;
+use crate::models::{AdapterLoader, AdapterLoading};
 use crate::state::{AppState, Limits};
 
 /// Everything `quiver serve` needs besides the socket.
@@ -37,6 +38,8 @@ pub struct ServerOptions {
     /// weights are resident; `None` keeps `engine.memory_budget`.
     pub gpu_memory_utilization: Option<f64>,
     pub engine: EngineConfig,
+    /// Runtime (admin and just-in-time) adapter loading.
+    pub adapter_loading: AdapterLoading,
 }
 
 /// Loads the model, starts the engine and registers the start-up adapters (each validated fully:
@@ -160,5 +163,6 @@ fn build_on<B: Backend>(
         draining: AtomicBool::new(false),
         metrics: Default::default(),
         created,
+        loader: AdapterLoader::new(opts.adapter_loading, opts.engine.max_lora_rank),
     }))
 }

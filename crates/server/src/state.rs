@@ -11,6 +11,7 @@ use quiver_model::{ChatTemplate, ModelConfig, Tokenizer};
 use tokio::sync::Semaphore;
 
 use crate::metrics::Metrics;
+use crate::models::AdapterLoader;
 
 /// The server's own limits; what a request may ask of the model is the engine validator's.
 #[derive(Debug, Clone)]
@@ -40,4 +41,6 @@ pub struct AppState {
     pub draining: AtomicBool,
     pub metrics: Metrics,
     pub created: u64,
+    /// Runtime adapter loads: single flight, remembered failures, the just-in-time cap.
+    pub loader: AdapterLoader,
 }

@@ -53,6 +53,7 @@ pub async fn server(api_key: Option<&str>, max_concurrent: usize) -> Result<Serv
             memory_budget: 64 << 20,
             ..Default::default()
         },
+        adapter_loading: Default::default(),
     };
     let state = tokio::task::spawn_blocking(move || build_state(opts)).await??;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
