@@ -45,7 +45,10 @@ mod tests {
         assert_eq!(update_overflow(8192, 64, 2.0, 0.05, 0.05), None);
         assert!(update_overflow(64, 8, 1.0, 3e38, 3e38).is_some());
         assert!(update_overflow(64, 8, 1e38, 0.1, 0.1).is_some());
-        assert!(update_overflow(64, 8, 1.0, 1e37, 0.0).is_some(), "the shrink alone overflows");
+        assert!(
+            update_overflow(64, 8, 1.0, 1e37, 0.0).is_some(),
+            "the shrink alone overflows"
+        );
         assert_eq!(page_overflow(3e38), None);
         assert!(page_overflow(f32::MAX).is_some());
     }

@@ -72,9 +72,7 @@ impl SafetensorsFile {
             )));
         }
         if 8 + n > len {
-            return Err(invalid(format!(
-                "a header of {n} bytes, but the file has {len} bytes"
-            )));
+            return Err(invalid(format!("a header of {n} bytes, but the file has {len} bytes")));
         }
         let mut header = vec![0u8; n as usize];
         file.read_exact(&mut header).map_err(|e| e.to_string())?;

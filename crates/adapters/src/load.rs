@@ -77,7 +77,6 @@ fn to_f32(dtype: Dtype, data: &[u8]) -> Option<Vec<f32>> {
     })
 }
 
-
 /// Loads and validates the adapter in `dir` for a base model with config `model`.
 pub fn load_peft_adapter(name: &str, dir: &Path, model: &ModelConfig) -> Result<HostAdapter, AdapterError> {
     load_peft_adapter_with(name, dir, model, LoadLimits::default())
@@ -186,7 +185,9 @@ pub fn load_peft_adapter_with(
 
     // Only now the data, one tensor at a time.
     let mut read = |(key, info): &(String, TensorInfo)| -> Result<Vec<f32>, AdapterError> {
-        let bytes = st.read(info).map_err(|e| io(&st_path, format!("reading `{key}`: {e}")))?;
+        let bytes = st
+            .read(info)
+            .map_err(|e| io(&st_path, format!("reading `{key}`: {e}")))?;
         let data = to_f32(info.dtype, &bytes)
             .ok_or_else(|| tensor_err(key, format!("dtype {:?} (supported: f32, bf16, f16)", info.dtype)))?;
         if let Some(i) = data.iter().position(|v| !v.is_finite()) {

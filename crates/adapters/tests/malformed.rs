@@ -249,7 +249,10 @@ fn weights_whose_update_overflows_are_refused() {
     edit_config(&f, |v| v["lora_alpha"] = json!(3e37));
     poke(&f, "1.mlp.gate_proj.lora_A.weight", 0, 1.0);
     poke(&f, "1.mlp.gate_proj.lora_B.weight", 0, 1.0);
-    expect(load(&f), &["model.layers.1.mlp.gate_proj`", "overflows f32", "scale 3.75e36"]);
+    expect(
+        load(&f),
+        &["model.layers.1.mlp.gate_proj`", "overflows f32", "scale 3.75e36"],
+    );
     // Rounded to infinity in a bf16 page.
     let f = fixture();
     poke(&f, "1.mlp.up_proj.lora_B.weight", 0, f32::MAX);
@@ -265,8 +268,13 @@ fn limits_are_checked_before_tensor_data() {
     use quiver_adapters::{load_peft_adapter_with, LoadLimits, MAX_CONFIG_BYTES};
     let f = fixture();
     let limited = LoadLimits { max_rank: Some(4) };
-    let err = load_peft_adapter_with("x", &f.dir, &f.cfg, limited).unwrap_err().to_string();
-    assert!(err.contains("`r`") && err.contains("rank 8") && err.contains("--max-lora-rank 4"), "{err}");
+    let err = load_peft_adapter_with("x", &f.dir, &f.cfg, limited)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("`r`") && err.contains("rank 8") && err.contains("--max-lora-rank 4"),
+        "{err}"
+    );
 
     let path = f.dir.join("adapter_config.json");
     let mut text = std::fs::read_to_string(&path).unwrap();

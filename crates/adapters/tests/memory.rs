@@ -97,7 +97,9 @@ fn two_gib_sparse_adapters_are_refused_without_reading_them() {
         })
         .sum::<u64>()
         * layers as u64;
-    let cases: Vec<(&str, Box<dyn Fn()>, &str)> = vec![
+    // (what, how to write it, what the refusal says)
+    type Case<'a> = (&'a str, Box<dyn Fn() + 'a>, &'a str);
+    let cases: Vec<Case> = vec![
         (
             "a valid header, then 2 GiB of trailing holes",
             Box::new(|| write_sparse(&st, &all_linear(&cfg, 8, None), Some(TWO_GIB))),
@@ -105,7 +107,13 @@ fn two_gib_sparse_adapters_are_refused_without_reading_them() {
         ),
         (
             "a giant shape that the 2 GiB file matches",
-            Box::new(|| write_sparse(&st, &all_linear(&cfg, 8, Some((TWO_GIB / (4 * h as u64)) as usize)), None)),
+            Box::new(|| {
+                write_sparse(
+                    &st,
+                    &all_linear(&cfg, 8, Some((TWO_GIB / (4 * h as u64)) as usize)),
+                    None,
+                )
+            }),
             "expected [8, ",
         ),
         (

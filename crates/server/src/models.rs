@@ -41,11 +41,8 @@ pub async fn resolve_model(state: &Arc<AppState>, model: Option<&str>) -> Result
 /// symlinks resolved, a directory strictly inside the root holding an `adapter_config.json`.
 /// The canonical path is the adapter's identity: two names for one directory are one adapter.
 pub fn jit_dir(root: &Path, name: &str) -> Option<PathBuf> {
-    let plain = !name.is_empty()
-        && name.len() <= 255
-        && name != "."
-        && name != ".."
-        && !name.contains(['/', '\\', '\0']);
+    let plain =
+        !name.is_empty() && name.len() <= 255 && name != "." && name != ".." && !name.contains(['/', '\\', '\0']);
     if !plain {
         return None;
     }
@@ -98,9 +95,25 @@ mod tests {
         std::os::unix::fs::symlink(tmp.path().join("outside"), root.join("out"))?;
         let a = root.join("a").canonicalize()?;
         assert_eq!(jit_dir(&root, "a"), Some(a.clone()));
-        assert_eq!(jit_dir(&root, "alias"), Some(a.clone()), "a symlink is the same adapter");
+        assert_eq!(
+            jit_dir(&root, "alias"),
+            Some(a.clone()),
+            "a symlink is the same adapter"
+        );
         let abs = a.display().to_string();
-        for bad in ["", ".", "..", "a/", "./a", "a/.", "nested/b", "../root/a", abs.as_str(), "out", "missing"] {
+        for bad in [
+            "",
+            ".",
+            "..",
+            "a/",
+            "./a",
+            "a/.",
+            "nested/b",
+            "../root/a",
+            abs.as_str(),
+            "out",
+            "missing",
+        ] {
             assert_eq!(jit_dir(&root, bad), None, "{bad:?}");
         }
         Ok(())

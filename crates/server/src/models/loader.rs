@@ -141,7 +141,10 @@ impl AdapterLoader {
 /// The registered name whose directory is `dir` (already canonical), if any.
 fn registered_for(state: &AppState, dir: &Path) -> Option<String> {
     let adapters = state.adapters.read().ok()?;
-    adapters.iter().find(|(_, d)| d.as_path() == dir).map(|(n, _)| n.clone())
+    adapters
+        .iter()
+        .find(|(_, d)| d.as_path() == dir)
+        .map(|(n, _)| n.clone())
 }
 
 /// Like [`registered_for`], canonicalizing the registered paths (those from `--lora-modules` are

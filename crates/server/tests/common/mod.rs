@@ -31,10 +31,19 @@ pub fn test_device() -> Result<Device> {
 }
 
 pub async fn server(api_key: Option<&str>, max_concurrent: usize) -> Result<Server> {
+    server_with(api_key, max_concurrent, |_| {}).await
+}
+
+/// [`server`] with `edit` applied to its options first.
+pub async fn server_with(
+    api_key: Option<&str>,
+    max_concurrent: usize,
+    edit: impl FnOnce(&mut ServerOptions),
+) -> Result<Server> {
     let (dir, golden) = quiver_testkit::materialize_lora(BASE)?;
     let adapters = dir.path().join("adapters");
     let preloaded = "qwen2-r4-qkv";
-    let opts = ServerOptions {
+    let mut opts = ServerOptions {
         model: dir.path().join("base"),
         served_model_name: Some("base".into()),
         lora_modules: vec![(preloaded.into(), adapters.join(preloaded))],
@@ -55,6 +64,7 @@ pub async fn server(api_key: Option<&str>, max_concurrent: usize) -> Result<Serv
         },
         adapter_loading: Default::default(),
     };
+    edit(&mut opts);
     let state = tokio::task::spawn_blocking(move || build_state(opts)).await??;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
