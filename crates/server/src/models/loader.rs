@@ -3,7 +3,7 @@
 //!
 //! - One load per directory at a time: concurrent requests for it wait on the same load
 //!   (single flight), which runs in its own task so that a client hanging up cannot cancel it.
-//! - A failed load is remembered for `--adapter-failure-ttl`: just-in-time requests for that
+//! - A failed just-in-time load is remembered for `--adapter-failure-ttl`: requests for that
 //!   directory get the same 400 without touching the disk. The admin load endpoint does not
 //!   consult it, and clears it when it succeeds.
 //! - Registry changes (register, evict, unload) are serialized, so the engine and the names in
@@ -220,7 +220,7 @@ async fn read(state: &Arc<AppState>, name: &str, dir: &Path) -> Result<HostAdapt
 }
 
 /// The admin load endpoint: loads `dir` under `name`, ignoring (and on success clearing) a
-/// remembered failure.
+/// remembered just-in-time failure. Its own failures are answered, not remembered.
 pub async fn load_admin(state: &Arc<AppState>, name: &str, dir: PathBuf) -> Result<(), ApiError> {
     if is_registered(state, name) {
         return Err(already_loaded(name));
@@ -229,9 +229,8 @@ pub async fn load_admin(state: &Arc<AppState>, name: &str, dir: PathBuf) -> Resu
         Ok(host) => register(state, name, &dir, host, Origin::Admin).await,
         Err(e) => Err(e),
     };
-    match &outcome {
-        Ok(_) => state.loader.forget_failure(&dir),
-        Err(e) => state.loader.remember_failure(&dir, e),
+    if outcome.is_ok() {
+        state.loader.forget_failure(&dir);
     }
     outcome.map(|_| ())
 }
