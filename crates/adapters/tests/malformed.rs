@@ -282,13 +282,13 @@ fn limits_are_checked_before_tensor_data() {
     std::fs::write(&path, text).unwrap();
     expect(load(&f), &["adapter_config.json", "more than the limit"]);
 
-    // A FIFO would block the loader forever; it is refused without being opened.
+    // A FIFO in place of the weights is refused without being opened (opening one blocks).
     let f = fixture();
-    std::fs::remove_file(f.dir.join("adapter_config.json")).unwrap();
+    std::fs::remove_file(f.dir.join("adapter_model.safetensors")).unwrap();
     let made = std::process::Command::new("mkfifo")
-        .arg(f.dir.join("adapter_config.json"))
+        .arg(f.dir.join("adapter_model.safetensors"))
         .status()
         .unwrap();
     assert!(made.success());
-    expect(load(&f), &["adapter_config.json", "not a regular file"]);
+    expect(load(&f), &["adapter_model.safetensors", "not a regular file"]);
 }
