@@ -62,7 +62,11 @@ fn start_server(base: &PathBuf, adapters: &PathBuf, names: &[String]) -> Result<
     let bin = std::env::var("QUIVER_SOAK_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/quiver"));
-    ensure!(bin.exists(), "{} not found: build it with `cargo build --release -p quiver`", bin.display());
+    ensure!(
+        bin.exists(),
+        "{} not found: build it with `cargo build --release -p quiver`",
+        bin.display()
+    );
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let mut cmd = Command::new(&bin);
     cmd.arg("serve")
@@ -72,7 +76,8 @@ fn start_server(base: &PathBuf, adapters: &PathBuf, names: &[String]) -> Result<
         .arg("--adapter-root")
         .arg(adapters);
     for n in names {
-        cmd.arg("--lora-modules").arg(format!("{n}={}", adapters.join(n).display()));
+        cmd.arg("--lora-modules")
+            .arg(format!("{n}={}", adapters.join(n).display()));
     }
     if let Ok(extra) = std::env::var("QUIVER_SOAK_ARGS") {
         cmd.args(extra.split_whitespace());
@@ -92,9 +97,21 @@ async fn wait_healthy(addr: SocketAddr) -> Result<()> {
     bail!("the server did not become healthy")
 }
 
-fn spawn_mixed(addr: SocketAddr, models: &[String], dirs: &[String], tally: &Shared, stop: &Arc<AtomicBool>) -> Vec<tokio::task::JoinHandle<()>> {
+fn spawn_mixed(
+    addr: SocketAddr,
+    models: &[String],
+    dirs: &[String],
+    tally: &Shared,
+    stop: &Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
     vec![
-        tokio::spawn(traffic::disconnecting(addr, models.to_vec(), 11, tally.clone(), stop.clone())),
+        tokio::spawn(traffic::disconnecting(
+            addr,
+            models.to_vec(),
+            11,
+            tally.clone(),
+            stop.clone(),
+        )),
         tokio::spawn(traffic::churn(addr, dirs.to_vec(), 12, tally.clone(), stop.clone())),
         tokio::spawn(traffic::hostile(addr, 13, tally.clone(), stop.clone())),
     ]
@@ -105,7 +122,15 @@ async fn phase(addr: SocketAddr, models: &[String], dirs: &[String], secs: u64, 
     let tally: Shared = Arc::new(Mutex::new(Tally::default()));
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks: Vec<_> = (0..2)
-        .map(|i| tokio::spawn(traffic::well_behaved(addr, models.to_vec(), i, tally.clone(), stop.clone())))
+        .map(|i| {
+            tokio::spawn(traffic::well_behaved(
+                addr,
+                models.to_vec(),
+                i,
+                tally.clone(),
+                stop.clone(),
+            ))
+        })
         .collect();
     if mixed {
         tasks.extend(spawn_mixed(addr, models, dirs, &tally, &stop));
@@ -177,7 +202,10 @@ async fn main() -> Result<()> {
     let exit_s = term.elapsed().as_secs_f64();
     sampler.abort();
 
-    println!("soak: {minutes} min mixed after {quiet_s} s quiet, {BASE} + {} adapters", dirs.len());
+    println!(
+        "soak: {minutes} min mixed after {quiet_s} s quiet, {BASE} + {} adapters",
+        dirs.len()
+    );
     let (q99, m99) = (report("quiet", &mut quiet), report("mixed", &mut mixed));
     println!("mixed p99 / quiet p99: {:.2} (target ≤ 2)", m99 / q99);
     println!("RSS: {rss_after_quiet:.0} MB after the quiet phase, {rss_end:.0} MB at the end");

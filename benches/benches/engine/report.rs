@@ -27,7 +27,6 @@ fn percentile(v: &[f64], p: f64) -> f64 {
     s[((p / 100.0 * s.len() as f64).ceil() as usize).clamp(1, s.len()) - 1]
 }
 
-
 fn load_font() -> Result<()> {
     let path =
         std::env::var("QUIVER_BENCH_FONT").unwrap_or_else(|_| "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf".into());

@@ -9,7 +9,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// The status and body of one `Connection: close` exchange, within `timeout`.
-pub async fn request(addr: SocketAddr, method: &str, path: &str, body: &[u8], timeout: Duration) -> Result<(u16, String)> {
+pub async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    timeout: Duration,
+) -> Result<(u16, String)> {
     let exchange = async {
         let mut s = TcpStream::connect(addr).await?;
         let head = format!(
@@ -28,12 +34,7 @@ pub async fn request(addr: SocketAddr, method: &str, path: &str, body: &[u8], ti
 fn parse(raw: &[u8]) -> Result<(u16, String)> {
     let text = String::from_utf8_lossy(raw);
     let (head, body) = text.split_once("\r\n\r\n").context("no header end")?;
-    let status = head
-        .split(' ')
-        .nth(1)
-        .context("no status")?
-        .parse()
-        .context("status")?;
+    let status = head.split(' ').nth(1).context("no status")?.parse().context("status")?;
     Ok((status, body.to_string()))
 }
 

@@ -84,7 +84,11 @@ pub async fn disconnecting(addr: SocketAddr, models: Vec<String>, seed: u64, tal
         let model = models[rng.below(models.len())].clone();
         let (path, body) = generation_body(&mut rng, &model, true, None);
         let r = disconnect_after(addr, path, &body, 64 + rng.below(512)).await;
-        record(&tally, "disconnecting", if r.is_ok() { "dropped".into() } else { "io".into() });
+        record(
+            &tally,
+            "disconnecting",
+            if r.is_ok() { "dropped".into() } else { "io".into() },
+        );
     }
 }
 
@@ -117,19 +121,29 @@ pub async fn hostile(addr: SocketAddr, seed: u64, tally: Shared, stop: Arc<Atomi
         match i % 9 {
             0 => {
                 // Partial headers, then silence.
-                let _ = stall(addr, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n", Duration::from_secs(90)).await;
+                let _ = stall(
+                    addr,
+                    b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n",
+                    Duration::from_secs(90),
+                )
+                .await;
                 record(&tally, "hostile: stalled headers", "closed".into());
             }
             1 => {
                 // Idle keep-alive connections, many at once.
-                let idle: Vec<_> = (0..100).map(|_| tokio::spawn(stall(addr, b"", Duration::from_secs(90)))).collect();
+                let idle: Vec<_> = (0..100)
+                    .map(|_| tokio::spawn(stall(addr, b"", Duration::from_secs(90))))
+                    .collect();
                 for h in idle {
                     let _ = h.await;
                 }
                 record(&tally, "hostile: 100 idle connections", "closed".into());
             }
             2 => {
-                let body = format!("{{\"model\":\"base\",\"prompt\":[{}],\"n\":16,\"max_tokens\":1}}", vec!["[5,6,7]"; 50_000].join(","));
+                let body = format!(
+                    "{{\"model\":\"base\",\"prompt\":[{}],\"n\":16,\"max_tokens\":1}}",
+                    vec!["[5,6,7]"; 50_000].join(",")
+                );
                 let r = request(addr, "POST", "/v1/completions", body.as_bytes(), TIMEOUT).await;
                 record(&tally, "hostile: 800k sequences", outcome(&r));
             }
@@ -143,7 +157,14 @@ pub async fn hostile(addr: SocketAddr, seed: u64, tally: Shared, stop: Arc<Atomi
                 record(&tally, "hostile: 16 MB body", outcome(&r));
             }
             5 => {
-                let r = request(addr, "POST", "/v1/chat/completions", b"{\"messages\": [1, null, {}", TIMEOUT).await;
+                let r = request(
+                    addr,
+                    "POST",
+                    "/v1/chat/completions",
+                    b"{\"messages\": [1, null, {}",
+                    TIMEOUT,
+                )
+                .await;
                 record(&tally, "hostile: malformed JSON", outcome(&r));
             }
             6 => {

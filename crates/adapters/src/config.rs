@@ -110,6 +110,14 @@ fn number(field: &str, v: &Value) -> Result<f64, FieldError> {
         .ok_or_else(|| ferr(field, format!("expected a number, got {v}")))
 }
 
+/// The key a [`pattern_regex`] was built from, for error messages.
+fn pattern_key(re: &Regex) -> &str {
+    re.as_str()
+        .strip_prefix(r"^(?:.*\.)?(?:")
+        .and_then(|p| p.strip_suffix(")$"))
+        .unwrap_or(re.as_str())
+}
+
 /// PEFT's `get_pattern_key`: the pattern `p` matches a module name when `(.*\.)?(p)$` matches
 /// from its start.
 fn pattern_regex(field: &str, p: &str) -> Result<Regex, FieldError> {
@@ -287,16 +295,26 @@ impl LoraConfig {
                     .iter()
                     .find(|(re, _)| re.is_match(&name))
                     .map_or(self.r, |(_, r)| *r);
-                let alpha = self
+                let (alpha_field, alpha) = self
                     .alpha_pattern
                     .iter()
                     .find(|(re, _)| re.is_match(&name))
-                    .map_or(self.lora_alpha, |(_, a)| *a);
+                    .map_or(("lora_alpha".to_string(), self.lora_alpha), |(re, a)| {
+                        (format!("alpha_pattern.{}", pattern_key(re)), *a)
+                    });
                 let scale = if self.use_rslora {
                     alpha / (rank as f64).sqrt()
                 } else {
                     alpha / rank as f64
                 };
+                // The kernels scale in f32: alpha 1e300 is a finite f64 but an infinite f32.
+                if !(scale as f32).is_finite() {
+                    let divisor = if self.use_rslora { "sqrt(r)" } else { "r" };
+                    return Err(ferr(
+                        &alpha_field,
+                        format!("the scale of {name} (alpha {alpha:e} / {divisor}, rank {rank}) is {scale:e}, not a finite f32"),
+                    ));
+                }
                 out.push(TargetModule {
                     layer,
                     kind,

@@ -198,3 +198,97 @@ fn errors_are_typed() {
         other => panic!("expected a config error, got {other:?}"),
     }
 }
+
+#[test]
+fn scales_that_are_not_finite_f32_are_refused() {
+    // alpha/r is finite in f64 but not in f32, where the kernels scale.
+    for (edit, parts) in [
+        (json!({"lora_alpha": 1e300}), vec!["`lora_alpha`", "not a finite f32"]),
+        (
+            json!({"lora_alpha": 1e300, "use_rslora": true}),
+            vec!["`lora_alpha`", "sqrt(r)", "not a finite f32"],
+        ),
+        (
+            json!({"alpha_pattern": {"v_proj": 1e300}}),
+            vec!["`alpha_pattern.v_proj`", "v_proj", "not a finite f32"],
+        ),
+    ] {
+        let f = fixture();
+        edit_config(&f, |v| {
+            for (k, x) in edit.as_object().unwrap() {
+                v[k] = x.clone();
+            }
+        });
+        expect(load(&f), &parts);
+    }
+}
+
+/// Sets value `index` of every tensor whose name ends with `suffix` to `value`.
+fn poke(f: &Fixture, suffix: &str, index: usize, value: f32) {
+    edit_tensors(&f.dir, |name, d, s, mut b| {
+        if name.ends_with(suffix) {
+            assert_eq!(d, Dtype::F32);
+            b[4 * index..4 * index + 4].copy_from_slice(&value.to_le_bytes());
+        }
+        Some((d, s, b))
+    });
+}
+
+#[test]
+fn weights_whose_update_overflows_are_refused() {
+    // Finite weights of 3e38: A·B overflows.
+    let f = fixture();
+    poke(&f, "0.self_attn.q_proj.lora_A.weight", 3, 3e38);
+    poke(&f, "0.self_attn.q_proj.lora_B.weight", 5, 3e38);
+    expect(
+        load(&f),
+        &["model.layers.0.self_attn.q_proj`", "overflows f32", "max|A| 3e38"],
+    );
+    // Each factor modest, the product with a large (finite) scale not.
+    let f = fixture();
+    edit_config(&f, |v| v["lora_alpha"] = json!(3e37));
+    poke(&f, "1.mlp.gate_proj.lora_A.weight", 0, 1.0);
+    poke(&f, "1.mlp.gate_proj.lora_B.weight", 0, 1.0);
+    expect(
+        load(&f),
+        &["model.layers.1.mlp.gate_proj`", "overflows f32", "scale 3.75e36"],
+    );
+    // Rounded to infinity in a bf16 page.
+    let f = fixture();
+    poke(&f, "1.mlp.up_proj.lora_B.weight", 0, f32::MAX);
+    expect(load(&f), &["layers.1.mlp.up_proj.lora_B.weight", "bf16"]);
+    // Large but harmless values still load.
+    let f = fixture();
+    poke(&f, "0.self_attn.q_proj.lora_A.weight", 3, 1e4);
+    assert!(load(&f).is_ok());
+}
+
+#[test]
+fn limits_are_checked_before_tensor_data() {
+    use quiver_adapters::{load_peft_adapter_with, LoadLimits, MAX_CONFIG_BYTES};
+    let f = fixture();
+    let limited = LoadLimits { max_rank: Some(4) };
+    let err = load_peft_adapter_with("x", &f.dir, &f.cfg, limited)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("`r`") && err.contains("rank 8") && err.contains("--max-lora-rank 4"),
+        "{err}"
+    );
+
+    let path = f.dir.join("adapter_config.json");
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text.push_str(&" ".repeat(MAX_CONFIG_BYTES as usize));
+    std::fs::write(&path, text).unwrap();
+    expect(load(&f), &["adapter_config.json", "more than the limit"]);
+
+    // A FIFO in place of the weights is refused without being opened (opening one blocks).
+    let f = fixture();
+    std::fs::remove_file(f.dir.join("adapter_model.safetensors")).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(f.dir.join("adapter_model.safetensors"))
+        .status()
+        .unwrap();
+    assert!(made.success());
+    expect(load(&f), &["adapter_model.safetensors", "not a regular file"]);
+}

@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Parser;
 use quiver_engine::{EngineConfig, Policy};
+use quiver_server::models::AdapterLoading;
 use quiver_server::{ConnectionLimits, ServerOptions};
 use quiver_tensor::DType;
 
@@ -94,6 +95,15 @@ pub struct ServeArgs {
     pub max_request_prompt_tokens: Option<usize>,
     #[arg(long, default_value_t = 8 << 20, env = "QUIVER_MAX_BODY_BYTES")]
     pub max_body_bytes: usize,
+    /// Most adapters registered just in time (requests naming a directory under --adapter-root);
+    /// when full, the least recently used one no request is using is unregistered.
+    #[arg(long, default_value_t = 1000, env = "QUIVER_MAX_JIT_ADAPTERS",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_jit_adapters: u64,
+    /// Seconds a failed adapter load is remembered: just-in-time requests for it get the same
+    /// 400 without reading the files again (0: not remembered; the admin load API ignores it).
+    #[arg(long, default_value_t = 30, env = "QUIVER_ADAPTER_FAILURE_TTL")]
+    pub adapter_failure_ttl: u64,
     // Connections and shutdown (crates/server/src/connections.rs).
     /// Seconds a connection may take to send a request's headers, counted from when the server
     /// starts waiting for it: also how long an idle keep-alive connection stays open.
@@ -218,6 +228,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             body_read_timeout: args.http_body_read_timeout,
             max_connections: args.max_connections,
             shutdown_timeout: args.shutdown_timeout,
+        },
+        adapter_loading: AdapterLoading {
+            max_jit_adapters: args.max_jit_adapters as usize,
+            failure_ttl: std::time::Duration::from_secs(args.adapter_failure_ttl),
         },
     };
     let state = quiver_server::build_state(opts)?;

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 
-use quiver_adapters::{load_peft_adapter, HostAdapter};
+use quiver_adapters::{load_peft_adapter_with, HostAdapter, LoadLimits};
 use quiver_model::{BlockAllocator, LoraAdapter, ModelConfig};
 use quiver_tensor::Backend;
 
@@ -112,12 +112,15 @@ impl<B: Backend> AdapterManager<B> {
         let (jobs, job_rx) = channel::<(String, u64, PathBuf)>();
         let (result_tx, results) = channel();
         let loader_cfg = cfg.clone();
+        let limits = LoadLimits {
+            max_rank: Some(max_rank),
+        };
         // File I/O, parsing and validation stay off the scheduler thread.
         std::thread::Builder::new()
             .name("quiver-adapter-loader".into())
             .spawn(move || {
                 for (name, generation, path) in job_rx {
-                    let r = load_peft_adapter(&name, &path, &loader_cfg).map_err(|e| e.to_string());
+                    let r = load_peft_adapter_with(&name, &path, &loader_cfg, limits).map_err(|e| e.to_string());
                     if result_tx.send((name, generation, r)).is_err() {
                         break;
                     }
@@ -194,6 +197,28 @@ impl<B: Backend> AdapterManager<B> {
             self.retire(d, budget);
         }
         Ok(())
+    }
+
+    /// Unregisters the first of `candidates` (in the caller's order, e.g. least recently used
+    /// first) that is registered, unpinned, not in `in_use` (the adapters of running and waiting
+    /// sequences) and leased by nobody; returns its name, or `None` when every one is busy.
+    pub fn unregister_first_idle(
+        &mut self,
+        candidates: &[String],
+        in_use: &HashSet<&str>,
+        budget: &mut MemoryBudget,
+    ) -> Option<String> {
+        let victim = candidates.iter().find(|name| {
+            self.registry.get(name.as_str()).is_some_and(|r| !r.pinned)
+                && !in_use.contains(name.as_str())
+                && self
+                    .device
+                    .get(name.as_str())
+                    .is_none_or(|d| Arc::strong_count(&d.adapter) == 1)
+        })?;
+        let victim = victim.clone();
+        self.unregister(&victim, budget).ok()?;
+        Some(victim)
     }
 
     pub fn set_pinned(&mut self, name: &str, pinned: bool) -> Result<(), EngineError> {

@@ -114,6 +114,17 @@ impl Engine {
         })
     }
 
+    /// Unregisters the first of `candidates` that no running or waiting request uses (see
+    /// [`AdapterManager::unregister_first_idle`](crate::adapters::AdapterManager::unregister_first_idle));
+    /// answers its name, or `None` when all are busy. One command, so no request can start
+    /// using the adapter between the check and the removal.
+    pub fn unregister_idle_adapter(
+        &self,
+        candidates: Vec<String>,
+    ) -> Result<oneshot::Receiver<Option<String>>, EngineError> {
+        self.ask(|reply| Command::UnregisterIdleAdapter { candidates, reply })
+    }
+
     pub fn pin_adapter(
         &self,
         name: &str,

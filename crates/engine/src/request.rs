@@ -143,6 +143,11 @@ pub enum Command {
         name: String,
         reply: oneshot::Sender<Result<(), EngineError>>,
     },
+    /// Unregisters the first idle adapter among `candidates` (LRU eviction of just-in-time ones).
+    UnregisterIdleAdapter {
+        candidates: Vec<String>,
+        reply: oneshot::Sender<Option<String>>,
+    },
     PinAdapter {
         name: String,
         pinned: bool,

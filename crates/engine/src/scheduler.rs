@@ -216,6 +216,16 @@ impl<B: Backend> Scheduler<B> {
             Command::UnregisterAdapter { name, reply } => {
                 let _ = reply.send(self.adapters.unregister(&name, &mut self.budget));
             }
+            Command::UnregisterIdleAdapter { candidates, reply } => {
+                let in_use: std::collections::HashSet<&str> =
+                    (self.running.iter().filter_map(|s| s.adapter.as_deref()))
+                        .chain(self.waiting.iter().filter_map(|(k, _)| k.as_deref()))
+                        .collect();
+                let _ = reply.send(
+                    self.adapters
+                        .unregister_first_idle(&candidates, &in_use, &mut self.budget),
+                );
+            }
             Command::PinAdapter { name, pinned, reply } => {
                 let _ = reply.send(self.adapters.set_pinned(&name, pinned));
             }

@@ -14,7 +14,7 @@ use serde::Deserialize;
 
 use crate::error::ApiError;
 use crate::extract::{check_key, json_body, Access};
-use crate::models::{load, safe_join};
+use crate::models::{load_admin, safe_join, unload};
 use crate::openai::response::{AdapterCard, List, ModelCard};
 use crate::state::AppState;
 
@@ -46,7 +46,7 @@ pub async fn load_lora_adapter(State(state): State<Arc<AppState>>, headers: Head
             ApiError::bad("runtime adapter loading is disabled: start the server with --adapter-root")
         })?;
         let dir = safe_join(root, &path)?;
-        load(&state, &name, dir).await?;
+        load_admin(&state, &name, dir).await?;
         Ok::<_, ApiError>(format!("Success: LoRA adapter '{name}' added successfully."))
     }
     .await;
@@ -69,21 +69,7 @@ pub async fn unload_lora_adapter(State(state): State<Arc<AppState>>, headers: He
             .lora_name
             .filter(|n| !n.is_empty())
             .ok_or_else(|| ApiError::param("lora_name", "lora_name is required"))?;
-        let known = state
-            .adapters
-            .write()
-            .map(|mut a| a.remove(&name).is_some())
-            .unwrap_or(false);
-        if !known {
-            return Err(ApiError::NotFound(format!(
-                "The lora adapter '{name}' cannot be found."
-            )));
-        }
-        state
-            .engine
-            .unregister_adapter(&name)?
-            .await
-            .map_err(|_| ApiError::Unavailable)??;
+        unload(&state, &name).await?;
         Ok::<_, ApiError>(format!("Success: LoRA adapter '{name}' removed successfully."))
     }
     .await;

@@ -12,7 +12,7 @@ use thiserror::Error;
 
 use crate::openai::response::{ErrorBody, ErrorDetail};
 
-#[derive(Debug, Error)]
+#[derive(Debug, Clone, Error)]
 pub enum ApiError {
     #[error("{message}")]
     BadRequest { message: String, param: Option<String> },

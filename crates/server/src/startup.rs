@@ -15,6 +15,7 @@ use tokio::sync::Semaphore;
 
 use crate::connections::ConnectionLimits;
 use crate::device::Device;
+use crate::models::{AdapterLoader, AdapterLoading};
 use crate::openai::limits::InputLimits;
 use crate::state::{AppState, Limits};
 
@@ -42,6 +43,8 @@ pub struct ServerOptions {
     /// weights are resident; `None` keeps `engine.memory_budget`.
     pub gpu_memory_utilization: Option<f64>,
     pub engine: EngineConfig,
+    /// Runtime (admin and just-in-time) adapter loading.
+    pub adapter_loading: AdapterLoading,
     /// HTTP timeouts, open connections, shutdown deadline.
     pub connections: ConnectionLimits,
 }
@@ -237,5 +240,6 @@ fn build_on<B: Backend>(
         draining: AtomicBool::new(false),
         metrics: Default::default(),
         created,
+        loader: AdapterLoader::new(opts.adapter_loading, opts.engine.max_lora_rank),
     }))
 }

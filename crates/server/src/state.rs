@@ -12,6 +12,7 @@ use tokio::sync::Semaphore;
 
 use crate::connections::ConnectionLimits;
 use crate::metrics::Metrics;
+use crate::models::AdapterLoader;
 use crate::openai::limits::InputLimits;
 
 /// The server's own limits; what a request may ask of the model is the engine validator's.
@@ -52,4 +53,6 @@ pub struct AppState {
     pub draining: AtomicBool,
     pub metrics: Metrics,
     pub created: u64,
+    /// Runtime adapter loads: single flight, remembered failures, the just-in-time cap.
+    pub loader: AdapterLoader,
 }

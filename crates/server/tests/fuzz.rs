@@ -202,7 +202,7 @@ fn check(status: u16, body: &str, stream: bool) -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fuzzed_bodies_get_a_clean_answer_and_the_server_keeps_serving() -> Result<()> {
-    let srv = server(None, 8).await?;
+    let srv = server(None, 64).await?;
     let cases: usize = std::env::var("QUIVER_FUZZ_CASES")
         .ok()
         .and_then(|v| v.parse().ok())

@@ -15,6 +15,8 @@ use tokio::net::TcpStream;
 
 /// Slack for `serve` to return after its deadline (tasks to wind down on a busy machine).
 const SLACK: Duration = Duration::from_secs(10);
+/// Admission slots (choices): room for the 16 choices of the long streamed request.
+const ROOM: usize = 32;
 
 async fn stop_and_wait(srv: &mut Server, within: Duration) -> Result<()> {
     srv.stop.take().context("stopped twice")?.send(()).ok();
@@ -58,7 +60,7 @@ async fn start_stream(srv: &Server) -> Result<(TcpStream, String)> {
 
 /// Whether the streamed request still holds its admission permit (its response is not over).
 fn in_progress(srv: &Server) -> bool {
-    srv.state.admission.available_permits() < 8
+    srv.state.admission.available_permits() < ROOM
 }
 
 async fn read_rest(s: &mut TcpStream, mut seen: String) -> Result<String> {
@@ -92,7 +94,7 @@ async fn closed(mut s: TcpStream) -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_stalled_in_its_headers_does_not_hold_shutdown() -> Result<()> {
-    let mut srv = server_with(None, 8, |o| {
+    let mut srv = server_with(None, ROOM, |o| {
         // Both far longer than the test: the stalled connection has no request in progress, so
         // the drain closes it at once.
         o.connections.header_read_timeout = Duration::from_secs(600);
@@ -112,7 +114,7 @@ async fn a_client_stalled_in_its_headers_does_not_hold_shutdown() -> Result<()> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_stalled_in_its_body_is_cut_at_the_deadline() -> Result<()> {
     let deadline = Duration::from_millis(500);
-    let mut srv = server_with(None, 8, |o| {
+    let mut srv = server_with(None, ROOM, |o| {
         // Far longer than the test: only the shutdown deadline can end the stall.
         o.connections.body_read_timeout = Duration::from_secs(600);
         o.connections.shutdown_timeout = deadline;
@@ -130,7 +132,7 @@ async fn a_client_stalled_in_its_body_is_cut_at_the_deadline() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_generation_running_at_shutdown_finishes_within_the_deadline() -> Result<()> {
-    let mut srv = server_with(None, 8, |o| o.connections.shutdown_timeout = Duration::from_secs(60)).await?;
+    let mut srv = server_with(None, ROOM, |o| o.connections.shutdown_timeout = Duration::from_secs(60)).await?;
     let (mut stream, seen) = start_stream(&srv).await?;
     srv.stop.take().context("stop")?.send(()).ok();
     tokio::time::timeout(SLACK, async {
@@ -158,7 +160,7 @@ async fn a_generation_running_at_shutdown_finishes_within_the_deadline() -> Resu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_generation_past_the_deadline_is_cancelled() -> Result<()> {
-    let mut srv = server_with(None, 8, |o| o.connections.shutdown_timeout = Duration::ZERO).await?;
+    let mut srv = server_with(None, ROOM, |o| o.connections.shutdown_timeout = Duration::ZERO).await?;
     let (mut stream, seen) = start_stream(&srv).await?;
     ensure!(in_progress(&srv), "the response was over before the shutdown");
     stop_and_wait(&mut srv, SLACK).await?;
@@ -169,7 +171,7 @@ async fn a_generation_past_the_deadline_is_cancelled() -> Result<()> {
         text.len()
     );
     // Its permit came back with the cancelled response.
-    let permits = tokio::time::timeout(SLACK, srv.state.admission.acquire_many(8)).await;
+    let permits = tokio::time::timeout(SLACK, srv.state.admission.acquire_many(ROOM as u32)).await;
     ensure!(
         permits.is_ok(),
         "the cancelled request still holds its admission permit"
@@ -179,7 +181,7 @@ async fn a_generation_past_the_deadline_is_cancelled() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_arriving_during_the_drain_gets_503() -> Result<()> {
-    let mut srv = server_with(None, 8, |o| o.connections.shutdown_timeout = Duration::from_secs(60)).await?;
+    let mut srv = server_with(None, ROOM, |o| o.connections.shutdown_timeout = Duration::from_secs(60)).await?;
     // A request whose body is still arriving when the drain starts.
     let body = r#"{"model": "base", "prompt": "hi", "max_tokens": 1}"#;
     let (first, last) = body.split_at(10);

@@ -23,7 +23,7 @@ async fn zero_limits_are_refused_naming_their_flag() -> Result<()> {
     let cases: Vec<(&str, Tweak)> = vec![
         ("--max-num-seqs", Box::new(|o| o.engine.max_num_seqs = 0)),
         ("--max-num-batched-tokens", Box::new(|o| o.engine.max_batch_tokens = 0)),
-        ("--max-concurrent-requests", Box::new(|o| o.max_concurrent = 0)),
+        ("--max-concurrent-choices", Box::new(|o| o.max_concurrent = 0)),
         ("--max-body-bytes", Box::new(|o| o.max_body_bytes = 0)),
         ("--max-connections", Box::new(|o| o.connections.max_connections = 0)),
         ("--max-lora-rank", Box::new(|o| o.engine.max_lora_rank = 0)),
