@@ -13,6 +13,9 @@ use serde_json::json;
 use crate::client::{disconnect_after, request, stall};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
+/// Between the rounds of the disconnecting and churning clients: busy, not a flood (the hostile
+/// client is the flood).
+const PAUSE: Duration = Duration::from_millis(20);
 
 #[derive(Default)]
 pub struct Tally {
@@ -109,6 +112,7 @@ pub async fn churn(addr: SocketAddr, adapter_dirs: Vec<String>, seed: u64, tally
         let unload = json!({"lora_name": name}).to_string();
         let r = request(addr, "POST", "/v1/unload_lora_adapter", unload.as_bytes(), TIMEOUT).await;
         record(&tally, "churn: unload", outcome(&r));
+        tokio::time::sleep(PAUSE).await;
     }
 }
 
