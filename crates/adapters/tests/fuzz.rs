@@ -57,9 +57,25 @@ fn odd_value(rng: &mut Rng) -> Value {
 }
 
 const CONFIG_FIELDS: &[&str] = &[
-    "r", "lora_alpha", "target_modules", "use_rslora", "rank_pattern", "alpha_pattern", "fan_in_fan_out",
-    "layers_to_transform", "layers_pattern", "bias", "use_dora", "modules_to_save", "peft_type", "task_type",
-    "lora_dropout", "init_lora_weights", "exclude_modules", "base_model_name_or_path", "unknown_field",
+    "r",
+    "lora_alpha",
+    "target_modules",
+    "use_rslora",
+    "rank_pattern",
+    "alpha_pattern",
+    "fan_in_fan_out",
+    "layers_to_transform",
+    "layers_pattern",
+    "bias",
+    "use_dora",
+    "modules_to_save",
+    "peft_type",
+    "task_type",
+    "lora_dropout",
+    "init_lora_weights",
+    "exclude_modules",
+    "base_model_name_or_path",
+    "unknown_field",
 ];
 
 fn mutate_config(rng: &mut Rng, config: &mut Value) {
@@ -89,7 +105,14 @@ fn mutate_header(rng: &mut Rng, header: &mut Value) {
             obj[&name]["dtype"] = json!(dtypes[rng.below(dtypes.len())]);
         }
         1 => {
-            let shapes = [json!([]), json!([0, 8]), json!([1u64 << 40, 1u64 << 40]), json!([8]), json!([9, 8, 1]), json!([u64::MAX, 2])];
+            let shapes = [
+                json!([]),
+                json!([0, 8]),
+                json!([1u64 << 40, 1u64 << 40]),
+                json!([8]),
+                json!([9, 8, 1]),
+                json!([u64::MAX, 2]),
+            ];
             obj[&name]["shape"] = shapes[rng.below(shapes.len())].clone();
         }
         2 => {
@@ -162,8 +185,14 @@ fn fuzzed_adapter_files_are_loaded_or_refused_never_a_panic() {
         serde_json::from_slice(&std::fs::read(dir.join("adapter_config.json")).expect("config")).expect("JSON");
     let weights = std::fs::read(dir.join("adapter_model.safetensors")).expect("weights");
 
-    let cases: usize = std::env::var("QUIVER_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(600);
-    let seed: u64 = std::env::var("QUIVER_FUZZ_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(0xada);
+    let cases: usize = std::env::var("QUIVER_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(600);
+    let seed: u64 = std::env::var("QUIVER_FUZZ_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0xada);
     let mut rng = Rng(seed);
     let (mut loaded, mut refused) = (0, 0);
     for case in 0..cases {
@@ -188,6 +217,9 @@ fn fuzzed_adapter_files_are_loaded_or_refused_never_a_panic() {
         }
     }
     eprintln!("{loaded} loaded, {refused} refused");
-    assert!(refused > cases / 2, "too few cases refused ({refused} of {cases}): the mutations do not bite");
+    assert!(
+        refused > cases / 2,
+        "too few cases refused ({refused} of {cases}): the mutations do not bite"
+    );
     assert!(loaded > 0, "no case loaded: the mutations never leave a valid adapter");
 }
