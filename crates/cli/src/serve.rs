@@ -62,6 +62,8 @@ pub struct ServeArgs {
     /// memory for a private copy of those weights).
     #[arg(long, env = "QUIVER_CPU_KEEP_WEIGHTS_MAPPED")]
     pub cpu_keep_weights_mapped: bool,
+    #[command(flatten)]
+    pub quantization: crate::quantization::QuantizationArgs,
     #[arg(long, env = "QUIVER_MAX_MODEL_LEN")]
     pub max_model_len: Option<usize>,
     #[arg(long, default_value_t = 64, env = "QUIVER_MAX_NUM_SEQS")]
@@ -148,6 +150,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         device: args.device,
         cpu_matmul_precision: args.matmul_precision,
         cpu_keep_weights_mapped: args.cpu_keep_weights_mapped,
+        quantization: args.quantization.get(),
         gpu_memory_utilization: args.memory_budget_mb.is_none().then_some(args.gpu_memory_utilization),
         engine: EngineConfig {
             max_num_seqs: args.max_num_seqs,

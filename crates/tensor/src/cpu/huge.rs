@@ -70,16 +70,22 @@ impl<T: bytemuck::Pod> AsRef<[T]> for HugeVec<T> {
 ///
 /// Decode streams every weight once per token, so how the weights are mapped shows directly in
 /// its speed: the safetensors file's page-cache mapping (4 KB pages) streams slowest, a private
-/// copy faster, and a copy in 2 MB pages, with far fewer TLB misses, fastest. The file's pages
-/// stay in the page cache only as clean, reclaimable cache.
+/// copy faster, and a copy in 2 MB pages, with far fewer TLB misses, fastest. Once copied, the
+/// file mapping's pages of the matrix are released from this process
+/// ([`Matrix::release_file_pages`]), so RSS counts the weights once; they stay in the page cache
+/// only as clean, reclaimable cache. Quantized matrices already live in memory of their own.
 pub fn into_huge_pages(m: Matrix) -> Matrix {
     let data = match &m.data {
         MatrixData::F32(s) => huge_copy(s).map(MatrixData::F32),
         MatrixData::F16(s) => huge_copy(s).map(MatrixData::F16),
         MatrixData::BF16(s) => huge_copy(s).map(MatrixData::BF16),
+        MatrixData::Quant(_) => None,
     };
     match data.and_then(|d| Matrix::new(m.rows, m.cols, d).ok()) {
-        Some(copy) => copy,
+        Some(copy) => {
+            m.release_file_pages();
+            copy
+        }
         None => m,
     }
 }

@@ -107,6 +107,7 @@ pub fn matmul_with(x: &[f32], m: usize, w: &Matrix, out: &mut [f32], precision: 
             matmul_bf16_activations(x, m, k, n, s, out)
         }
         MatrixData::BF16(s) => matmul_typed(x, m, k, n, s, out),
+        MatrixData::Quant(q) => super::quant_matmul::matmul_quant(x, m, k, n, q, out),
     }
 }
 

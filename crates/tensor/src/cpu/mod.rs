@@ -10,6 +10,14 @@ pub mod huge;
 pub mod lora;
 pub mod matmul;
 pub mod ops;
+#[cfg(target_arch = "x86_64")]
+mod quant_avx2;
+#[cfg(target_arch = "x86_64")]
+mod quant_avx512;
+pub(crate) mod quant_matmul;
+mod quant_scalar;
+#[cfg(test)]
+mod quant_tests;
 mod simd;
 #[cfg(target_arch = "x86_64")]
 mod simd512;

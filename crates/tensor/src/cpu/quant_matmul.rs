@@ -1,0 +1,319 @@
+//! `out[m, n] = x[m, k] · Wᵀ` for block-quantized W ([`crate::quant`]), on the weight-streaming
+//! design of `matmul.rs`: rayon tasks take runs of 16-row panels, and each streams its panels
+//! from memory once for all x rows.
+//!
+//! Two paths, by the number of x rows m:
+//! * **f32** (m < [`QuantPaths::int_min_m`]): each 64-byte load of codes is widened to f32 in
+//!   registers (16 rows × 4 columns), multiplied with x broadcast per column and scaled per block,
+//!   all in f32: x times the dequantized weights, up to summation order.
+//! * **integer** (from `int_min_m` rows on): x is quantized per block of 32 to int8 (scale
+//!   `max|x| / 127` in f32, as llama.cpp's Q8_0 activations) and each block is an exact integer
+//!   dot product (`vpdpbusd` with AVX-512 VNNI, `vpmaddubsw` + `vpmaddwd` with AVX2), scaled by
+//!   both blocks' scales into an f32 sum. Rounding x costs ~0.2% of each block's largest |x|.
+//!
+//! Which kernels run is decided once per process from [`super::features`] ([`paths`]).
+
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+use super::{quant_scalar, SendPtr};
+use crate::quant::{QuantData, QuantFormat, BLOCK, PANEL};
+
+/// An instruction set the kernels are written for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Isa {
+    Scalar,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    /// AVX-512F/BW for the f32 path; AVX-512 VNNI for the integer path.
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+/// The kernels quantized matmuls use on this CPU.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct QuantPaths {
+    pub f32: Isa,
+    pub int: Isa,
+    /// x rows from which the integer path runs (`usize::MAX`: never).
+    pub int_min_m: usize,
+}
+
+/// Measured on Zen 5 (AVX-512 VNNI, 2 threads, Qwen2.5-0.5B shapes): the f32 path streams at the
+/// memory bound through m = 2 and then becomes compute bound, while the integer path costs a third
+/// of the instructions per weight once the activations are quantized.
+const INT_MIN_M_VNNI: usize = 4;
+/// Without VNNI, `vpmaddubsw` + `vpmaddwd` + add per 32 products is no cheaper than the f32
+/// path's FMAs until the conversions dominate (measured with the AVX2 kernels forced on Zen 5).
+const INT_MIN_M_AVX2: usize = 16;
+/// Off x86 the portable kernels run: the integer one from the same size as AVX2.
+const INT_MIN_M_SCALAR: usize = 16;
+
+/// The paths for this CPU, chosen on first use.
+pub(crate) fn paths() -> &'static QuantPaths {
+    static PATHS: OnceLock<QuantPaths> = OnceLock::new();
+    PATHS.get_or_init(|| {
+        let f = super::features();
+        #[cfg(target_arch = "x86_64")]
+        {
+            let f32 = if f.avx512f_bw() {
+                Isa::Avx512
+            } else if f.avx2_fma_f16c() {
+                Isa::Avx2
+            } else {
+                Isa::Scalar
+            };
+            if f.avx512_vnni() {
+                return QuantPaths {
+                    f32,
+                    int: Isa::Avx512,
+                    int_min_m: INT_MIN_M_VNNI,
+                };
+            }
+            if f.avx2_fma_f16c() {
+                return QuantPaths {
+                    f32,
+                    int: Isa::Avx2,
+                    int_min_m: INT_MIN_M_AVX2,
+                };
+            }
+        }
+        let _ = f;
+        QuantPaths {
+            f32: Isa::Scalar,
+            int: Isa::Scalar,
+            int_min_m: INT_MIN_M_SCALAR,
+        }
+    })
+}
+
+/// x for the f32 path: rows of `kp` (whole blocks, zero-padded) and each block's sum (the int4
+/// kernels accumulate unsigned codes and subtract `8 · d · sum` per block).
+pub(crate) struct XF32<'a> {
+    pub x: &'a [f32],
+    pub kp: usize,
+    pub sums: Vec<f32>,
+}
+
+/// x for the integer path, quantized per block: codes (rows of `kp`), f32 scales and code sums
+/// (`m × blocks` each).
+pub(crate) struct XInt {
+    pub q: Vec<i8>,
+    pub kp: usize,
+    pub scale: Vec<f32>,
+    pub sums: Vec<i32>,
+}
+
+/// A run of consecutive panels of a quantized matrix: `rows` valid rows (the last panel may be
+/// partial), `blocks` blocks per row.
+pub(crate) struct Panels<'a> {
+    pub format: QuantFormat,
+    pub blocks: usize,
+    pub rows: usize,
+    pub codes: &'a [u8],
+    /// f16 bits.
+    pub scales: &'a [u16],
+}
+
+impl Panels<'_> {
+    pub(crate) fn panels(&self) -> usize {
+        self.rows.div_ceil(PANEL)
+    }
+
+    /// Scale of row `lane` of panel `p`, block `b`, widened.
+    pub(crate) fn scale(&self, p: usize, b: usize, lane: usize) -> f32 {
+        half::f16::from_bits(self.scales[(p * self.blocks + b) * PANEL + lane]).to_f32()
+    }
+
+    /// Panics unless the buffers hold these panels and `out` has room for `m` rows of `ldo`.
+    pub(crate) fn check_out(&self, m: usize, out_len: usize, ldo: usize) {
+        let np = self.panels();
+        assert!(
+            self.codes.len() >= np * self.blocks * self.format.panel_block_bytes()
+                && self.scales.len() >= np * self.blocks * PANEL,
+            "quantized panels: buffers too short"
+        );
+        assert!(
+            m == 0 || (ldo >= self.rows && out_len >= (m - 1) * ldo + self.rows),
+            "quantized panels: out too short"
+        );
+    }
+}
+
+/// Smallest slice of weights (bytes) given to one rayon task.
+const TASK_MIN_BYTES: usize = 64 << 10;
+
+/// `out = x · Wᵀ` with the paths of this CPU.
+pub(crate) fn matmul_quant(x: &[f32], m: usize, k: usize, n: usize, w: &QuantData, out: &mut [f32]) {
+    matmul_quant_with(x, m, k, n, w, out, paths())
+}
+
+/// `out = x · Wᵀ` with the given paths (tests force each one). `x` is `m × k`, `out` `m × n`.
+pub(crate) fn matmul_quant_with(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    w: &QuantData,
+    out: &mut [f32],
+    paths: &QuantPaths,
+) {
+    assert_eq!(x.len(), m * k, "quantized matmul: x is not m × k");
+    assert_eq!(out.len(), m * n, "quantized matmul: out is not m × n");
+    assert_eq!(
+        (w.blocks, w.panels),
+        (k.div_ceil(BLOCK), n.div_ceil(PANEL)),
+        "quantized matmul: shape"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    let (nb, kp) = (w.blocks, w.blocks * BLOCK);
+    if m >= paths.int_min_m {
+        let mut xi = XInt {
+            q: vec![0; m * kp],
+            kp,
+            scale: vec![0.0; m * nb],
+            sums: vec![0; m * nb],
+        };
+        quant_scalar::quantize_x(x, m, k, &mut xi);
+        let isa = paths.int;
+        stream(w, m, n, out, |p, o, ldo| int_panels(isa, &xi, m, p, o, ldo));
+    } else {
+        let padded;
+        let xs = if kp == k {
+            x
+        } else {
+            padded = pad_rows(x, m, k, kp);
+            &padded
+        };
+        let mut xf = XF32 {
+            x: xs,
+            kp,
+            sums: Vec::new(),
+        };
+        if w.format == QuantFormat::Int4 {
+            xf.sums = xs.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect();
+        }
+        let isa = paths.f32;
+        stream(w, m, n, out, |p, o, ldo| f32_panels(isa, &xf, m, p, o, ldo));
+    }
+}
+
+/// Rows of `k` copied into rows of `kp` ≥ k, zero-padded.
+fn pad_rows(x: &[f32], m: usize, k: usize, kp: usize) -> Vec<f32> {
+    let mut v = vec![0.0; m * kp];
+    for (d, s) in v.chunks_exact_mut(kp).zip(x.chunks_exact(k)) {
+        d[..k].copy_from_slice(s);
+    }
+    v
+}
+
+/// Splits W's panels across rayon tasks; `kernel(panels, out, ldo)` writes the panels' rows of
+/// every x row at `out[i * ldo + r]`.
+fn stream(w: &QuantData, m: usize, n: usize, out: &mut [f32], kernel: impl Fn(&Panels<'_>, &mut [f32], usize) + Sync) {
+    let pbb = w.format.panel_block_bytes() * w.blocks;
+    let sb = PANEL * w.blocks;
+    let scales: &[u16] = bytemuck::cast_slice(w.scales.as_slice());
+    let run = |p0: usize, np: usize| Panels {
+        format: w.format,
+        blocks: w.blocks,
+        rows: (n - p0 * PANEL).min(np * PANEL),
+        codes: &w.codes[p0 * pbb..(p0 + np) * pbb],
+        scales: &scales[p0 * sb..(p0 + np) * sb],
+    };
+    let tasks = 8 * rayon::current_num_threads();
+    let per = w
+        .panels
+        .div_ceil(tasks)
+        .max(TASK_MIN_BYTES.div_ceil(pbb + 2 * sb))
+        .min(w.panels);
+    if per >= w.panels {
+        kernel(&run(0, w.panels), out, n);
+        return;
+    }
+    let chunk = per * PANEL;
+    if m == 1 {
+        out.par_chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(t, o)| kernel(&run(t * per, per.min(w.panels - t * per)), o, o.len()));
+        return;
+    }
+    let dst = SendPtr(out.as_mut_ptr());
+    (0..w.panels.div_ceil(per)).into_par_iter().for_each(|t| {
+        let p = run(t * per, per.min(w.panels - t * per));
+        let (j0, nr) = (t * chunk, p.rows);
+        let mut local = vec![0.0f32; m * nr];
+        kernel(&p, &mut local, nr);
+        for (i, src) in local.chunks_exact(nr).enumerate() {
+            // SAFETY: `out` is exclusively borrowed for this call and has m·n elements; task t
+            // writes only columns j0..j0 + nr (≤ n) of each row i < m, disjoint between tasks.
+            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst.get().add(i * n + j0), nr) };
+        }
+    });
+}
+
+/// The f32 path on one run of panels with the kernels of `isa`.
+pub(crate) fn f32_panels(isa: Isa, x: &XF32<'_>, m: usize, w: &Panels<'_>, out: &mut [f32], ldo: usize) {
+    w.check_out(m, out.len(), ldo);
+    assert!(x.x.len() >= m * x.kp && x.kp == w.blocks * BLOCK, "quantized matmul: x");
+    assert!(
+        w.format == QuantFormat::Int8 || x.sums.len() >= m * w.blocks,
+        "quantized matmul: x sums"
+    );
+    match isa {
+        Isa::Scalar => quant_scalar::f32_panels(x, m, w, out, ldo),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => {
+            assert!(
+                super::features().avx2_fma_f16c(),
+                "AVX2 kernels on a CPU without AVX2/FMA/F16C"
+            );
+            // SAFETY: features checked; the asserts above bound every x, code, scale and out index.
+            unsafe { super::quant_avx2::f32_panels(x, m, w, out.as_mut_ptr(), ldo) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => {
+            assert!(
+                super::features().avx512f_bw(),
+                "AVX-512 kernels on a CPU without AVX-512F/BW"
+            );
+            // SAFETY: as above.
+            unsafe { super::quant_avx512::f32_panels(x, m, w, out.as_mut_ptr(), ldo) }
+        }
+    }
+}
+
+/// The integer path on one run of panels with the kernels of `isa`.
+pub(crate) fn int_panels(isa: Isa, x: &XInt, m: usize, w: &Panels<'_>, out: &mut [f32], ldo: usize) {
+    w.check_out(m, out.len(), ldo);
+    assert!(
+        x.q.len() >= m * x.kp
+            && x.kp == w.blocks * BLOCK
+            && x.scale.len() >= m * w.blocks
+            && x.sums.len() >= m * w.blocks,
+        "quantized matmul: x"
+    );
+    match isa {
+        Isa::Scalar => quant_scalar::int_panels(x, m, w, out, ldo),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => {
+            assert!(
+                super::features().avx2_fma_f16c(),
+                "AVX2 kernels on a CPU without AVX2/FMA/F16C"
+            );
+            // SAFETY: features checked; the asserts above bound every x, code, scale and out index.
+            unsafe { super::quant_avx2::int_panels(x, m, w, out.as_mut_ptr(), ldo) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => {
+            assert!(
+                super::features().avx512_vnni(),
+                "VNNI kernels on a CPU without AVX-512 VNNI"
+            );
+            // SAFETY: as above.
+            unsafe { super::quant_avx512::int_panels(x, m, w, out.as_mut_ptr(), ldo) }
+        }
+    }
+}
