@@ -26,6 +26,8 @@ pub use backend::{CpuBackend, CpuKvPool};
 pub use features::{features, CpuFeatures};
 pub use lora::CpuPagePool;
 pub use matmul::{bf16_activations_supported, matmul, matmul_ref, matmul_with, Precision};
+#[doc(hidden)]
+pub use quant_matmul::{matmul_quant_forced, ForcedPath};
 pub(crate) use simd::Weight;
 
 /// Raw output pointer shared by parallel tasks that each write a disjoint part of it (the

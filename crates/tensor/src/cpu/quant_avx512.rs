@@ -154,8 +154,8 @@ pub(crate) unsafe fn f32_panels(x: &XF32<'_>, m: usize, w: &Panels<'_>, out: *mu
                 };
                 let (xp, sums) = (x.x.as_ptr().add(i * x.kp), x.sums.as_ptr().wrapping_add(i * w.blocks));
                 match (w.format, mr) {
-                    (QuantFormat::Int8, 1) => f32_tile::<Int8, 1, 4>(t, xp, sums),
-                    (QuantFormat::Int8, 2) => f32_tile::<Int8, 2, 4>(t, xp, sums),
+                    (QuantFormat::Int8, 1) => f32_tile_int8::<1>(t, xp),
+                    (QuantFormat::Int8, 2) => f32_tile_int8::<2>(t, xp),
                     (QuantFormat::Int8, 3) => f32_tile::<Int8, 3, 2>(t, xp, sums),
                     (QuantFormat::Int8, _) => f32_tile::<Int8, 4, 2>(t, xp, sums),
                     (QuantFormat::Int4, 1) => f32_tile::<Int4, 1, 4>(t, xp, sums),
@@ -208,6 +208,58 @@ unsafe fn f32_tile<F: Format, const MR: usize, const S: usize>(t: Tile, x: *cons
             }
         }
         t.store(&acc);
+    }
+}
+
+/// The int8 f32 path for 1 or 2 x rows, with a quarter of a load per vector: `vpmovsxbd`
+/// widens 16 bytes (4 rows × 4 columns) straight from memory, x's 4 columns are broadcast
+/// 128 bits at a time, and each block's lanes are scaled by their row's scale; the 4 columns of
+/// a row are summed once, at the end. 3 vector operations per 16 weights instead of 3.75.
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn f32_tile_int8<const MR: usize>(t: Tile, x: *const f32) {
+    // Lane l of quarter q is row 4q + l / 4, column l % 4.
+    let rows: [__m512i; 4] = std::array::from_fn(|q| {
+        let idx: [i32; 16] = std::array::from_fn(|l| (4 * q + l / 4) as i32);
+        // SAFETY: 16 readable i32s.
+        unsafe { _mm512_loadu_si512(idx.as_ptr() as *const __m512i) }
+    });
+    let mut acc = [[_mm512_setzero_ps(); MR]; 4];
+    // SAFETY (whole body): loads stay within the panel's blocks × 512 code bytes and the x rows'
+    // kp floats; see the caller.
+    unsafe {
+        for b in 0..t.blocks {
+            let mut part = [[_mm512_setzero_ps(); MR]; 4];
+            let blk = t.codes.add(b * 512);
+            for g in 0..8 {
+                let xv: [__m512; MR] =
+                    std::array::from_fn(|i| _mm512_broadcast_f32x4(_mm_loadu_ps(x.add(i * t.kp + b * BLOCK + 4 * g))));
+                for (q, pq) in part.iter_mut().enumerate() {
+                    let w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                        blk.add(g * 64 + 16 * q) as *const __m128i
+                    )));
+                    for (p, xi) in pq.iter_mut().zip(&xv) {
+                        *p = _mm512_fmadd_ps(w, *xi, *p);
+                    }
+                }
+            }
+            let d = t.scales(b);
+            for q in 0..4 {
+                let dq = _mm512_permutexvar_ps(rows[q], d);
+                for i in 0..MR {
+                    acc[q][i] = _mm512_fmadd_ps(part[q][i], dq, acc[q][i]);
+                }
+            }
+        }
+        for i in 0..MR {
+            let mut lanes = [0.0f32; 64];
+            for (q, a) in acc.iter().enumerate() {
+                _mm512_storeu_ps(lanes.as_mut_ptr().add(16 * q), a[i]);
+            }
+            let o = t.out.add(i * t.ldo);
+            for r in 0..t.valid {
+                *o.add(r) = lanes[4 * r] + lanes[4 * r + 1] + lanes[4 * r + 2] + lanes[4 * r + 3];
+            }
+        }
     }
 }
 
@@ -312,5 +364,49 @@ unsafe fn int_tile<F: Format, const MR: usize>(t: Tile, x: XRows) {
             }
         }
         t.store(&acc);
+    }
+}
+
+/// `quant_scalar::quantize_x` with AVX-512, to the bit: the same division and the same
+/// round-half-to-even (`vcvtps2dq` under the default rounding mode).
+///
+/// # Safety
+/// AVX-512F/BW present; `x` holds m × k floats; `out.q` m × out.kp codes and `out.scale`,
+/// `out.sums` m × (out.kp / 32) values, with out.kp ≥ k.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(crate) unsafe fn quantize_x(x: &[f32], m: usize, k: usize, out: &mut XInt) {
+    let nb = out.kp / BLOCK;
+    for i in 0..m {
+        for b in 0..nb {
+            let lo = b * BLOCK;
+            let n = (k - lo).min(BLOCK);
+            let mask = |half: usize| -> u16 {
+                let left = n.saturating_sub(16 * half).min(16);
+                ((1u32 << left) - 1) as u16
+            };
+            // SAFETY: masked loads read only x[i·k + lo .. + n]; the stores write the block's 32
+            // codes of row i (kp ≥ lo + 32).
+            unsafe {
+                let p = x.as_ptr().add(i * k + lo);
+                let v0 = _mm512_maskz_loadu_ps(mask(0), p);
+                let v1 = _mm512_maskz_loadu_ps(mask(1), p.wrapping_add(16));
+                let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+                let d = amax / 127.0;
+                let (q0, q1) = if d > 0.0 {
+                    let dv = _mm512_set1_ps(d);
+                    (
+                        _mm512_cvtps_epi32(_mm512_div_ps(v0, dv)),
+                        _mm512_cvtps_epi32(_mm512_div_ps(v1, dv)),
+                    )
+                } else {
+                    (_mm512_setzero_si512(), _mm512_setzero_si512())
+                };
+                let dst = out.q.as_mut_ptr().add(i * out.kp + lo);
+                _mm_storeu_si128(dst as *mut __m128i, _mm512_cvtepi32_epi8(q0));
+                _mm_storeu_si128(dst.add(16) as *mut __m128i, _mm512_cvtepi32_epi8(q1));
+                out.scale[i * nb + b] = d;
+                out.sums[i * nb + b] = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+            }
+        }
     }
 }

@@ -68,7 +68,10 @@ pub(crate) fn paths() -> &'static QuantPaths {
                 return QuantPaths {
                     f32,
                     int: Isa::Avx512,
-                    int_min_m: INT_MIN_M_VNNI,
+                    int_min_m: std::env::var("TMP_INT_MIN_M")
+                        .ok()
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(INT_MIN_M_VNNI),
                 };
             }
             if f.avx2_fma_f16c() {
@@ -177,7 +180,7 @@ pub(crate) fn matmul_quant_with(
             scale: vec![0.0; m * nb],
             sums: vec![0; m * nb],
         };
-        quant_scalar::quantize_x(x, m, k, &mut xi);
+        quantize_x(paths.f32, x, m, k, &mut xi);
         let isa = paths.int;
         stream(w, m, n, out, |p, o, ldo| int_panels(isa, &xi, m, p, o, ldo));
     } else {
@@ -198,6 +201,23 @@ pub(crate) fn matmul_quant_with(
         }
         let isa = paths.f32;
         stream(w, m, n, out, |p, o, ldo| f32_panels(isa, &xf, m, p, o, ldo));
+    }
+}
+
+/// x quantized per block for the integer path (the same codes whatever `isa`).
+pub(crate) fn quantize_x(isa: Isa, x: &[f32], m: usize, k: usize, out: &mut XInt) {
+    assert!(
+        x.len() >= m * k && out.kp >= k && out.q.len() >= m * out.kp && out.scale.len() >= m * (out.kp / BLOCK),
+        "quantize_x: buffers"
+    );
+    assert!(out.sums.len() >= m * (out.kp / BLOCK), "quantize_x: sums");
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 if super::features().avx512f_bw() => {
+            // SAFETY: features checked; the asserts above bound every access.
+            unsafe { super::quant_avx512::quantize_x(x, m, k, out) }
+        }
+        _ => quant_scalar::quantize_x(x, m, k, out),
     }
 }
 
@@ -316,4 +336,43 @@ pub(crate) fn int_panels(isa: Isa, x: &XInt, m: usize, w: &Panels<'_>, out: &mut
             unsafe { super::quant_avx512::int_panels(x, m, w, out.as_mut_ptr(), ldo) }
         }
     }
+}
+
+/// Benchmarks only: a quantized matmul on a chosen path and instruction set, whatever the
+/// batch size (to measure where the integer path starts paying, [`QuantPaths::int_min_m`]).
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForcedPath {
+    /// This CPU's best f32 kernels.
+    F32,
+    /// This CPU's best integer kernels.
+    Int,
+    /// The AVX2 f32 kernels (x86 with AVX2 only).
+    Avx2F32,
+    /// The AVX2 integer kernels (x86 with AVX2 only).
+    Avx2Int,
+}
+
+#[doc(hidden)]
+pub fn matmul_quant_forced(x: &[f32], m: usize, w: &crate::Matrix, out: &mut [f32], path: ForcedPath) {
+    let crate::MatrixData::Quant(q) = &w.data else {
+        panic!("matmul_quant_forced: not a quantized matrix")
+    };
+    let best = *paths();
+    let p = match path {
+        ForcedPath::F32 => QuantPaths {
+            int_min_m: usize::MAX,
+            ..best
+        },
+        ForcedPath::Int => QuantPaths { int_min_m: 1, ..best },
+        #[cfg(target_arch = "x86_64")]
+        ForcedPath::Avx2F32 | ForcedPath::Avx2Int => QuantPaths {
+            f32: Isa::Avx2,
+            int: Isa::Avx2,
+            int_min_m: if path == ForcedPath::Avx2Int { 1 } else { usize::MAX },
+        },
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => panic!("no AVX2 off x86"),
+    };
+    matmul_quant_with(x, m, w.cols, w.rows, q, out, &p)
 }

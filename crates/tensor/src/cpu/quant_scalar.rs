@@ -5,7 +5,7 @@
 //! the bit.
 
 use super::quant_matmul::{Panels, XInt, XF32};
-use crate::quant::{code, QuantFormat, BLOCK, PANEL};
+use crate::quant::{code, rint, QuantFormat, BLOCK, PANEL};
 
 /// f32 path: `out[i * ldo + r] = Σ_b d_rb · Σ_c (q_rbc − offset) · x[i, 32b + c]` for the rows of
 /// `w`, i.e. x times the dequantized weights.
@@ -80,7 +80,7 @@ pub(crate) fn quantize_x(x: &[f32], m: usize, k: usize, out: &mut XInt) {
             let q = &mut out.q[i * out.kp + lo..i * out.kp + lo + BLOCK];
             let mut sum = 0i32;
             for (qv, &v) in q.iter_mut().zip(&block) {
-                *qv = if d > 0.0 { (v / d).round_ties_even() as i8 } else { 0 };
+                *qv = if d > 0.0 { rint(v / d) as i8 } else { 0 };
                 sum += *qv as i32;
             }
             out.scale[i * nb + b] = d;

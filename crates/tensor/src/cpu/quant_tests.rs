@@ -317,3 +317,36 @@ fn requantizing_like_a_matrix_keeps_its_format_and_source_dtype() {
         src.bytes()
     );
 }
+
+/// Every instruction set quantizes x to the same codes, scales and sums, zero blocks and
+/// partial last blocks included.
+#[test]
+fn activation_quantization_is_the_same_on_every_kernel_set() {
+    use super::quant_matmul::quantize_x;
+    let mut rng = Rng(23);
+    for (m, k) in [(1, 1), (2, 31), (3, 64), (5, 100), (7, 896)] {
+        let mut x: Vec<f32> = (0..m * k).map(|_| rng.uniform() * 3.0).collect();
+        x[..k.min(40)].fill(0.0);
+        let nb = k.div_ceil(BLOCK);
+        let fresh = || XInt {
+            q: vec![0; m * nb * BLOCK],
+            kp: nb * BLOCK,
+            scale: vec![0.0; m * nb],
+            sums: vec![0; m * nb],
+        };
+        let mut want = fresh();
+        quant_scalar::quantize_x(&x, m, k, &mut want);
+        for (isa, _) in available() {
+            let mut got = fresh();
+            quantize_x(isa, &x, m, k, &mut got);
+            assert_eq!((&got.q, &got.sums), (&want.q, &want.sums), "{isa:?} m={m} k={k}");
+            assert!(
+                got.scale
+                    .iter()
+                    .zip(&want.scale)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{isa:?}"
+            );
+        }
+    }
+}
