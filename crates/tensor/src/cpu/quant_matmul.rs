@@ -3,13 +3,21 @@
 //! from memory once for all x rows.
 //!
 //! Two paths, by the number of x rows m:
-//! * **f32** (m < [`QuantPaths::int_min_m`]): each 64-byte load of codes is widened to f32 in
-//!   registers (16 rows × 4 columns), multiplied with x broadcast per column and scaled per block,
-//!   all in f32: x times the dequantized weights, up to summation order.
-//! * **integer** (from `int_min_m` rows on): x is quantized per block of 32 to int8 (scale
-//!   `max|x| / 127` in f32, as llama.cpp's Q8_0 activations) and each block is an exact integer
-//!   dot product (`vpdpbusd` with AVX-512 VNNI, `vpmaddubsw` + `vpmaddwd` with AVX2), scaled by
-//!   both blocks' scales into an f32 sum. Rounding x costs ~0.2% of each block's largest |x|.
+//! * **f32** (a single row, [`INT_MIN_M`]): each 64-byte load of codes is widened to f32 in
+//!   registers, multiplied with x and scaled per block, all in f32: x times the dequantized
+//!   weights, up to summation order (logits within ~1e-5 of transformers on those weights).
+//! * **integer** (from `INT_MIN_M` rows on, or always under `Precision::Int8Activations`): x is
+//!   quantized per block of 32 to int8 (scale `max|x| / 127` in f32, as llama.cpp's Q8_0
+//!   activations) and each block is an exact integer dot product (`vpdpbusd` with AVX-512 VNNI,
+//!   `vpmaddubsw` + `vpmaddwd` with AVX2), scaled by both blocks' scales into an f32 sum. Each x
+//!   value moves by up to 1/254 of its block's largest |x|: logits ~1–2% of their largest
+//!   magnitude off on the test models.
+//!
+//! Measured on Zen 5 (2 threads, Qwen2.5-0.5B shapes, `benches/benches/quant.rs`): the integer
+//! path is faster at every batch size, 1.3–1.8× at one row, where the f32 path is bound by its
+//! conversions (~55 GB/s of int8 codes) and the integer one by memory (~95 GB/s). A single row —
+//! one user's decode — keeps f32 activations by default all the same; from two rows on, where
+//! the f32 path falls further behind with every row, the integer path runs.
 //!
 //! Which kernels run is decided once per process from [`super::features`] ([`paths`]).
 
@@ -40,15 +48,9 @@ pub(crate) struct QuantPaths {
     pub int_min_m: usize,
 }
 
-/// Measured on Zen 5 (AVX-512 VNNI, 2 threads, Qwen2.5-0.5B shapes): the f32 path streams at the
-/// memory bound through m = 2 and then becomes compute bound, while the integer path costs a third
-/// of the instructions per weight once the activations are quantized.
-const INT_MIN_M_VNNI: usize = 4;
-/// Without VNNI, `vpmaddubsw` + `vpmaddwd` + add per 32 products is no cheaper than the f32
-/// path's FMAs until the conversions dominate (measured with the AVX2 kernels forced on Zen 5).
-const INT_MIN_M_AVX2: usize = 16;
-/// Off x86 the portable kernels run: the integer one from the same size as AVX2.
-const INT_MIN_M_SCALAR: usize = 16;
+/// x rows from which the integer path runs by default (see the module docs). The AVX2 integer
+/// kernels (forced on Zen 5) beat the AVX2 f32 ones by 1.5–2.5× from one row on as well.
+pub const INT_MIN_M: usize = 2;
 
 /// The paths for this CPU, chosen on first use.
 pub(crate) fn paths() -> &'static QuantPaths {
@@ -64,29 +66,27 @@ pub(crate) fn paths() -> &'static QuantPaths {
             } else {
                 Isa::Scalar
             };
-            if f.avx512_vnni() {
-                return QuantPaths {
-                    f32,
-                    int: Isa::Avx512,
-                    int_min_m: std::env::var("TMP_INT_MIN_M")
-                        .ok()
-                        .and_then(|v| v.parse().ok())
-                        .unwrap_or(INT_MIN_M_VNNI),
-                };
-            }
-            if f.avx2_fma_f16c() {
-                return QuantPaths {
-                    f32,
-                    int: Isa::Avx2,
-                    int_min_m: INT_MIN_M_AVX2,
-                };
+            let int = if f.avx512_vnni() {
+                Isa::Avx512
+            } else if f.avx2_fma_f16c() {
+                Isa::Avx2
+            } else {
+                Isa::Scalar
+            };
+            QuantPaths {
+                f32,
+                int,
+                int_min_m: INT_MIN_M,
             }
         }
-        let _ = f;
-        QuantPaths {
-            f32: Isa::Scalar,
-            int: Isa::Scalar,
-            int_min_m: INT_MIN_M_SCALAR,
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = f;
+            QuantPaths {
+                f32: Isa::Scalar,
+                int: Isa::Scalar,
+                int_min_m: INT_MIN_M,
+            }
         }
     })
 }
@@ -147,9 +147,14 @@ impl Panels<'_> {
 /// Smallest slice of weights (bytes) given to one rayon task.
 const TASK_MIN_BYTES: usize = 64 << 10;
 
-/// `out = x · Wᵀ` with the paths of this CPU.
-pub(crate) fn matmul_quant(x: &[f32], m: usize, k: usize, n: usize, w: &QuantData, out: &mut [f32]) {
-    matmul_quant_with(x, m, k, n, w, out, paths())
+/// `out = x · Wᵀ` with the paths of this CPU; `int8_always`: the integer path at every m.
+pub(crate) fn matmul_quant(x: &[f32], m: usize, k: usize, n: usize, w: &QuantData, out: &mut [f32], int8_always: bool) {
+    let p = paths();
+    if int8_always {
+        matmul_quant_with(x, m, k, n, w, out, &QuantPaths { int_min_m: 1, ..*p })
+    } else {
+        matmul_quant_with(x, m, k, n, w, out, p)
+    }
 }
 
 /// `out = x · Wᵀ` with the given paths (tests force each one). `x` is `m × k`, `out` `m × n`.
