@@ -168,14 +168,30 @@ fn quant_table(dir: &std::path::Path) -> anyhow::Result<()> {
         ("int4", load(Some(QuantFormat::Int4))?),
     ];
     println!("model: {}, {}\n", dir.display(), models[0].1.model.backend_name());
+    // The same quantized bases with int8 activations at batch 1 too (`--matmul-precision int8`).
+    let int8a = |format| {
+        let q = Quantization {
+            format: Some(format),
+            keep_lm_head: false,
+        };
+        ModelBundle::load_with(CpuBackend::with_precision(Precision::Int8Activations), dir, Some(2048), q)
+    };
+    let int8_acts = [int8a(QuantFormat::Int8)?, int8a(QuantFormat::Int4)?];
     let bytes: Vec<f64> = models.iter().map(|(_, b)| b.model.weight_bytes() as f64).collect();
     let (mut best, mut ratios) = ([0.0f64; 3], [0.0f64; 3]);
+    let (mut best_a, mut ratios_a) = ([0.0f64; 2], [0.0f64; 2]);
     for _ in 0..3 {
         for (i, (_, b)) in models.iter().enumerate() {
             let bound = measure_read_bandwidth_gbps(2) * 1e9 / bytes[i];
             let d = decode_tps(&b.model, 1, 32, 24)?;
             best[i] = best[i].max(d);
             ratios[i] = ratios[i].max(d / bound);
+        }
+        for (i, b) in int8_acts.iter().enumerate() {
+            let bound = measure_read_bandwidth_gbps(2) * 1e9 / bytes[i + 1];
+            let d = decode_tps(&b.model, 1, 32, 24)?;
+            best_a[i] = best_a[i].max(d);
+            ratios_a[i] = ratios_a[i].max(d / bound);
         }
     }
     let row = |label: &str, f: &dyn Fn(usize) -> String| {
@@ -191,6 +207,20 @@ fn quant_table(dir: &std::path::Path) -> anyhow::Result<()> {
     row("decode, batch 1 (tokens/s)", &|i| format!("{:.1}", best[i]));
     row("batch 1, best round vs its own bound", &|i| {
         format!("{:.0}%", 100.0 * ratios[i])
+    });
+    // bf16 weights have no int8-activation path.
+    let quant_only = |v: &[f64; 2], i: usize, f: &dyn Fn(f64) -> String| {
+        if i == 0 {
+            "–".to_string()
+        } else {
+            f(v[i - 1])
+        }
+    };
+    row("decode, batch 1, int8 activations (tokens/s)", &|i| {
+        quant_only(&best_a, i, &|v| format!("{v:.1}"))
+    });
+    row("batch 1, int8 activations, vs its own bound", &|i| {
+        quant_only(&ratios_a, i, &|v| format!("{:.0}%", 100.0 * v))
     });
     for batch in [8, 32] {
         let t: Vec<f64> = models
