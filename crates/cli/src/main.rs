@@ -67,7 +67,7 @@ struct GenerateArgs {
     /// Wrap the prompt as a user message in the model's chat template.
     #[arg(long)]
     chat: bool,
-    /// Matmul inputs: f32 (the reference) or bf16 (see `quiver serve --help`).
+    /// Matmul inputs: f32 (the reference), bf16 or int8 (see `quiver serve --help`).
     #[arg(long, default_value = "f32", env = "QUIVER_MATMUL_PRECISION")]
     matmul_precision: quiver_tensor::cpu::Precision,
     #[command(flatten)]

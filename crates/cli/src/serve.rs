@@ -54,7 +54,8 @@ pub struct ServeArgs {
     pub lora_dtype: String,
     /// CPU matmul inputs: f32 (the reference: matches transformers in f32) or bf16 (bf16 weights
     /// only, on CPUs with AVX512_BF16: activations rounded to bf16 as llama.cpp and PyTorch-in-bf16
-    /// do; prefill and large batches ~1.5x faster, logits differ by ~1e-2).
+    /// do; prefill and large batches ~1.5x faster, logits differ by ~1e-2) or int8 (with
+    /// --quantization: activations quantized to int8 at batch 1 too, not only from 2 rows on).
     #[arg(long, default_value = "f32", env = "QUIVER_MATMUL_PRECISION")]
     pub matmul_precision: quiver_tensor::cpu::Precision,
     /// On the CPU, read the weights from the safetensors mapping instead of copying matrices of

@@ -37,8 +37,11 @@ impl<T: bytemuck::Pod> HugeVec<T> {
                 let offset = map.as_ptr().align_offset(HUGE_PAGE);
                 #[cfg(target_os = "linux")]
                 {
-                    // Best effort: without THP the mapping simply keeps 4 KB pages.
-                    let _ = map.advise_range(memmap2::Advice::HugePage, offset, whole);
+                    // Best effort: without THP the mapping simply keeps 4 KB pages. Only whole
+                    // 2 MB pages of the buffer are advised: a huge page over the partial tail
+                    // would make RSS count up to 2 MB of zeros per matrix (measured: 118 MB over
+                    // an int8 0.5B model's 72 MLP matrices of 4.4 MB).
+                    let _ = map.advise_range(memmap2::Advice::HugePage, offset, bytes / HUGE_PAGE * HUGE_PAGE);
                 }
                 return HugeVec {
                     store: Store::Map(map, offset, PhantomData),
