@@ -18,10 +18,11 @@ use crate::quant::{QuantFormat, BLOCK, PANEL};
 trait Format {
     /// 64-byte loads per block.
     const LOADS: usize;
-    /// The int4 codes are stored as q + 8 and accumulated so; the f32 path subtracts 8·Σx.
+    /// What the f32 path's `column` values exceed q by, to be taken off per block as
+    /// `OFFSET · Σx` (0: `column` gives q itself).
     const OFFSET: f32;
-    /// Widened column `J` of a load: the 16 rows' codes of that column, as f32 (int8: q; int4:
-    /// q + 8).
+    /// Widened column `J` of a load: the 16 rows' values q of that column, as f32 (minus
+    /// `OFFSET`).
     ///
     /// # Safety
     /// Only called from AVX-512F/BW kernels (inlined into them).
@@ -64,16 +65,18 @@ impl Format for Int8 {
 
 impl Format for Int4 {
     const LOADS: usize = 4;
-    const OFFSET: f32 = 8.0;
+    const OFFSET: f32 = 0.0;
     const BIAS: i32 = 8;
     #[inline(always)]
     unsafe fn column<const J: usize>(v: __m512i) -> __m512 {
-        // Columns 0..4: low nibbles of bytes 0..4; columns 4..8: their high nibbles.
+        // Columns 0..4: low nibbles of bytes 0..4; columns 4..8: their high nibbles. `vpermps`
+        // reads only the low 4 bits of each index, so shifting the nibble down is enough to
+        // look its value q − 8 up in a 16-entry table: no mask, no conversion, no offset.
         let shift = 8 * (J % 4) + 4 * (J / 4);
-        _mm512_cvtepi32_ps(_mm512_and_si512(
-            _mm512_srlv_epi32(v, _mm512_set1_epi32(shift as i32)),
-            _mm512_set1_epi32(0x0F),
-        ))
+        let values = _mm512_setr_ps(
+            -8.0, -7.0, -6.0, -5.0, -4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0,
+        );
+        _mm512_permutexvar_ps(_mm512_srlv_epi32(v, _mm512_set1_epi32(shift as i32)), values)
     }
     #[inline(always)]
     unsafe fn dot<const MR: usize>(v: __m512i, x: *const i8, kp: usize, acc: &mut [__m512i; MR]) {
