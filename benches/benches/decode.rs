@@ -174,7 +174,12 @@ fn quant_table(dir: &std::path::Path) -> anyhow::Result<()> {
             format: Some(format),
             keep_lm_head: false,
         };
-        ModelBundle::load_with(CpuBackend::with_precision(Precision::Int8Activations), dir, Some(2048), q)
+        ModelBundle::load_with(
+            CpuBackend::with_precision(Precision::Int8Activations),
+            dir,
+            Some(2048),
+            q,
+        )
     };
     let int8_acts = [int8a(QuantFormat::Int8)?, int8a(QuantFormat::Int4)?];
     let bytes: Vec<f64> = models.iter().map(|(_, b)| b.model.weight_bytes() as f64).collect();

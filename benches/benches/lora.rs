@@ -228,7 +228,9 @@ fn quant_tax(dir: &std::path::Path, bf16_model: &Llama<CpuBackend>, set: &Adapte
             adapted[i] = adapted[i].max(decode_tps(m, &set.pool, &set.distinct, 8)?);
         }
     }
-    println!("\n| decode, batch {BATCH}, bf16 pages | base only, tokens/s | 32 rank-16 adapters, tokens/s | LoRA tax |");
+    println!(
+        "\n| decode, batch {BATCH}, bf16 pages | base only, tokens/s | 32 rank-16 adapters, tokens/s | LoRA tax |"
+    );
     println!("|---|---:|---:|---:|");
     for (i, (name, _)) in models.iter().enumerate() {
         println!(

@@ -84,6 +84,7 @@ fn mode_name(dtype: DType, precision: Precision) -> String {
     match precision {
         Precision::F32 => dtype.to_string(),
         Precision::Bf16Activations => format!("{dtype}a"),
+        Precision::Int8Activations => format!("{dtype}i8a"),
     }
 }
 

@@ -26,7 +26,7 @@ impl Rng {
         (0..len)
             .map(|_| {
                 let g = (0..4).map(|_| self.uniform()).sum::<f32>() * 0.017;
-                if self.next() % 100 == 0 {
+                if self.next().is_multiple_of(100) {
                     g * 10.0
                 } else {
                     g
