@@ -189,3 +189,37 @@ fn keeping_the_lm_head_stores_it_in_the_checkpoint_dtype() -> Result<()> {
     );
     Ok(())
 }
+
+/// Merged mode on a quantized base: the adapter folded into the dequantized weights and
+/// quantized again gives the adapter's logits within the golden tolerance plus one more
+/// rounding of the weights (int8: twice the tolerance), and unmerging restores the quantized
+/// base exactly (the same logits to the bit).
+#[test]
+fn merging_into_a_quantized_base_requantizes_and_unmerging_restores_it() -> Result<()> {
+    let (dir, _) = materialize_lora("qwen2-f32-tied")?;
+    let golden = load_quant_golden("qwen2-f32-tied", QuantFormat::Int8)?;
+    let q = Quantization {
+        format: Some(QuantFormat::Int8),
+        keep_lm_head: false,
+    };
+    let mut bundle = ModelBundle::load_with(CpuBackend::default(), &dir.path().join("base"), None, q)?;
+    let s = &golden.adapters[0];
+    let before = prefill(&bundle.model, &s.ids, None)?;
+    let cfg = bundle.model.cfg.clone();
+    let host = load_peft_adapter(&s.adapter, &dir.path().join("adapters").join(&s.adapter), &cfg)?;
+    bundle.model.merge(&s.adapter, &host.modules)?;
+    let merged = prefill(&bundle.model, &s.ids, None)?;
+    let (d, tol) = (max_abs_diff(&merged, &s.last_logits), 2.0 * tolerance(&s.last_logits));
+    eprintln!("merged {}: logits off by {d} (tolerance {tol})", s.adapter);
+    ensure!(d <= tol, "merged {}: logits differ by {d} > {tol}", s.adapter);
+    ensure!(
+        bundle.model.unmerge().as_deref() == Some(s.adapter.as_str()),
+        "unmerge named another adapter"
+    );
+    let after = prefill(&bundle.model, &s.ids, None)?;
+    ensure!(
+        after.iter().zip(&before).all(|(a, b)| a.to_bits() == b.to_bits()),
+        "unmerging did not restore the quantized base"
+    );
+    Ok(())
+}
