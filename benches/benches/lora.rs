@@ -221,23 +221,25 @@ fn quant_tax(dir: &std::path::Path, bf16_model: &Llama<CpuBackend>, set: &Adapte
     };
     let (int8, int4) = (load(QuantFormat::Int8)?, load(QuantFormat::Int4)?);
     let models = [("bf16", bf16_model), ("int8", &int8.model), ("int4", &int4.model)];
-    let (mut base, mut adapted) = ([0.0f64; 3], [0.0f64; 3]);
+    let (mut base, mut one, mut adapted) = ([0.0f64; 3], [0.0f64; 3], [0.0f64; 3]);
     for _ in 0..3 {
         for (i, (_, m)) in models.iter().enumerate() {
             base[i] = base[i].max(decode_tps(m, &set.pool, &vec![None; BATCH], 8)?);
+            one[i] = one[i].max(decode_tps(m, &set.pool, &vec![Some(set.one.clone()); BATCH], 8)?);
             adapted[i] = adapted[i].max(decode_tps(m, &set.pool, &set.distinct, 8)?);
         }
     }
-    println!(
-        "\n| decode, batch {BATCH}, bf16 pages | base only, tokens/s | 32 rank-16 adapters, tokens/s | LoRA tax |"
-    );
-    println!("|---|---:|---:|---:|");
+    println!("\n| decode, batch {BATCH}, bf16 pages | (a) base only | (b) one rank-16 adapter | tax | (c) 32 rank-16 adapters | tax |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    let tax = |v: f64, b: f64| format!("{:.0}%", 100.0 * (1.0 - v / b));
     for (i, (name, _)) in models.iter().enumerate() {
         println!(
-            "| {name} base | {:.1} | {:.1} | {:.0}% |",
+            "| {name} base | {:.1} | {:.1} | {} | {:.1} | {} |",
             base[i],
+            one[i],
+            tax(one[i], base[i]),
             adapted[i],
-            100.0 * (1.0 - adapted[i] / base[i])
+            tax(adapted[i], base[i])
         );
     }
     Ok(())

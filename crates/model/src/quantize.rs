@@ -77,11 +77,15 @@ impl Quantizer {
                 lm_head = if self.q.keep_lm_head { "kept" } else { "int8" },
                 matrices = self.matrices,
                 seconds = format!("{:.2}", self.seconds),
-                from_mb = self.before >> 20,
-                to_mb = self.after >> 20,
-                saved_mb = (self.before - self.after) >> 20,
+                from_mib = format!("{:.1}", mib(self.before)),
+                to_mib = format!("{:.1}", mib(self.after)),
+                saved_mib = format!("{:.1}", mib(self.before - self.after)),
                 "quantized the base weights"
             );
         }
     }
+}
+
+fn mib(bytes: usize) -> f64 {
+    bytes as f64 / (1u64 << 20) as f64
 }

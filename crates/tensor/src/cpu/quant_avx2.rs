@@ -182,8 +182,8 @@ pub(crate) unsafe fn f32_panels(x: &XF32<'_>, m: usize, w: &Panels<'_>, out: *mu
         halves(w, m, x.kp, out, ldo, 4, |t, i, mr| {
             let (xp, s) = (x.x.as_ptr().add(i * x.kp), x.sums.as_ptr().wrapping_add(i * w.blocks));
             match (w.format, mr) {
-                (QuantFormat::Int8, 1) => f32_tile::<Int8, 1, 4>(t, xp, s),
-                (QuantFormat::Int8, 2) => f32_tile::<Int8, 2, 2>(t, xp, s),
+                (QuantFormat::Int8, 1) => f32_tile_int8::<1>(t, xp),
+                (QuantFormat::Int8, 2) => f32_tile_int8::<2>(t, xp),
                 (QuantFormat::Int8, 3) => f32_tile::<Int8, 3, 2>(t, xp, s),
                 (QuantFormat::Int8, _) => f32_tile::<Int8, 4, 1>(t, xp, s),
                 (QuantFormat::Int4, 1) => f32_tile::<Int4, 1, 4>(t, xp, s),
@@ -231,6 +231,59 @@ unsafe fn f32_tile<F: Format, const MR: usize, const S: usize>(t: Tile, x: *cons
             }
         }
         t.store(&acc);
+    }
+}
+
+/// The int8 f32 path for 1 or 2 x rows (`quant_avx512::f32_tile_int8` on ymm): `vpmovsxbd`
+/// widens 8 bytes (2 rows × 4 columns) straight from memory against x's 4 columns broadcast
+/// twice; each block's lanes are scaled by their row's scale and a row's 4 columns summed at the
+/// end.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f32_tile_int8<const MR: usize>(t: Tile, x: *const f32) {
+    // Lane l of quarter q is row 2q + l / 4 of the half, column l % 4.
+    let rows: [__m256i; 4] = std::array::from_fn(|q| {
+        let idx: [i32; 8] = std::array::from_fn(|l| (2 * q + l / 4) as i32);
+        // SAFETY: 8 readable i32s.
+        unsafe { _mm256_loadu_si256(idx.as_ptr() as *const __m256i) }
+    });
+    let mut acc = [[_mm256_setzero_ps(); MR]; 4];
+    // SAFETY (whole body): loads stay within the half's 32 bytes of each 64-byte group of the
+    // panel's blocks and the x rows' kp floats; see the caller.
+    unsafe {
+        for b in 0..t.blocks {
+            let mut part = [[_mm256_setzero_ps(); MR]; 4];
+            let blk = t.codes.add(b * 512);
+            for g in 0..8 {
+                let xv: [__m256; MR] = std::array::from_fn(|i| {
+                    _mm256_broadcast_ps(&*(x.add(i * t.kp + b * BLOCK + 4 * g) as *const __m128))
+                });
+                for (q, pq) in part.iter_mut().enumerate() {
+                    let w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                        blk.add(g * 64 + 8 * q) as *const __m128i
+                    )));
+                    for (p, xi) in pq.iter_mut().zip(&xv) {
+                        *p = _mm256_fmadd_ps(w, *xi, *p);
+                    }
+                }
+            }
+            let d = t.scales(b);
+            for q in 0..4 {
+                let dq = _mm256_permutevar8x32_ps(d, rows[q]);
+                for i in 0..MR {
+                    acc[q][i] = _mm256_fmadd_ps(part[q][i], dq, acc[q][i]);
+                }
+            }
+        }
+        for i in 0..MR {
+            let mut lanes = [0.0f32; 32];
+            for (q, a) in acc.iter().enumerate() {
+                _mm256_storeu_ps(lanes.as_mut_ptr().add(8 * q), a[i]);
+            }
+            let o = t.out.add(i * t.ldo);
+            for r in 0..t.valid {
+                *o.add(r) = lanes[4 * r] + lanes[4 * r + 1] + lanes[4 * r + 2] + lanes[4 * r + 3];
+            }
+        }
     }
 }
 
