@@ -101,6 +101,7 @@ pub(crate) struct XF32<'a> {
 
 /// x for the integer path, quantized per block: codes (rows of `kp`), f32 scales and code sums
 /// (`m × blocks` each).
+#[derive(Default)]
 pub(crate) struct XInt {
     pub q: Vec<i8>,
     pub kp: usize,
@@ -144,6 +145,20 @@ impl Panels<'_> {
     }
 }
 
+thread_local! {
+    /// Quantized x of the integer path; taken out while in use (a nested call makes its own).
+    static X_INT: std::cell::Cell<XInt> = const {
+        std::cell::Cell::new(XInt {
+            q: Vec::new(),
+            kp: 0,
+            scale: Vec::new(),
+            sums: Vec::new(),
+        })
+    };
+    /// A task's block of the output before it is copied into place.
+    static LOCAL: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
 /// Smallest slice of weights (bytes) given to one rayon task.
 const TASK_MIN_BYTES: usize = 64 << 10;
 
@@ -179,15 +194,16 @@ pub(crate) fn matmul_quant_with(
     }
     let (nb, kp) = (w.blocks, w.blocks * BLOCK);
     if m >= paths.int_min_m {
-        let mut xi = XInt {
-            q: vec![0; m * kp],
-            kp,
-            scale: vec![0.0; m * nb],
-            sums: vec![0; m * nb],
-        };
+        // Buffers reused across calls: fresh ones would cost a page fault every 4 KB per call.
+        let mut xi = X_INT.take();
+        xi.q.resize(m * kp, 0);
+        xi.kp = kp;
+        xi.scale.resize(m * nb, 0.0);
+        xi.sums.resize(m * nb, 0);
         quantize_x(paths.f32, x, m, k, &mut xi);
         let isa = paths.int;
         stream(w, m, n, out, |p, o, ldo| int_panels(isa, &xi, m, p, o, ldo));
+        X_INT.set(xi);
     } else {
         let padded;
         let xs = if kp == k {
@@ -269,13 +285,16 @@ fn stream(w: &QuantData, m: usize, n: usize, out: &mut [f32], kernel: impl Fn(&P
     (0..w.panels.div_ceil(per)).into_par_iter().for_each(|t| {
         let p = run(t * per, per.min(w.panels - t * per));
         let (j0, nr) = (t * chunk, p.rows);
-        let mut local = vec![0.0f32; m * nr];
-        kernel(&p, &mut local, nr);
-        for (i, src) in local.chunks_exact(nr).enumerate() {
+        // The kernel writes every element of its m × nr block.
+        let mut local = LOCAL.take();
+        local.resize(m * nr, 0.0);
+        kernel(&p, &mut local[..m * nr], nr);
+        for (i, src) in local[..m * nr].chunks_exact(nr).enumerate() {
             // SAFETY: `out` is exclusively borrowed for this call and has m·n elements; task t
             // writes only columns j0..j0 + nr (≤ n) of each row i < m, disjoint between tasks.
             unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst.get().add(i * n + j0), nr) };
         }
+        LOCAL.set(local);
     });
 }
 
