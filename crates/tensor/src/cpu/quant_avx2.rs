@@ -80,7 +80,7 @@ impl Format for Int4 {
         let lo = _mm256_and_si256(v, mask);
         let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), mask);
         for (i, a) in acc.iter_mut().enumerate() {
-            // SAFETY: see the trait. Each pair sum is at most 2·15·128, two of them fit i16.
+            // SAFETY: see the trait. Each pair sum is at most 2·15·127, two of them fit i16.
             let p = unsafe {
                 _mm256_add_epi16(
                     _mm256_maddubs_epi16(lo, x4(x, i, kp, 0)),
