@@ -10,13 +10,18 @@
 //! QUIVER_BENCH_MODEL=DIR uses an existing model directory instead of writing one. A filter
 //! argument (`-- decode` or `-- prefill`) runs only the rows whose label contains it, e.g. to
 //! profile one workload under `perf record`.
+//!
+//! `-- quant` runs the quantized bases instead (`--quantization int8|int4`, LM head int8) side by
+//! side with bf16, each batch-1 figure against the bound at that model's own bytes per token
+//! (see `quant_table`).
 
 use std::time::Instant;
 
 use quiver_benches::{bench_model_dir, measure_read_bandwidth_gbps};
 use quiver_model::generate::BLOCK_SIZE;
-use quiver_model::{BatchBuilder, BlockAllocator, Llama, ModelBundle, SequenceCache};
+use quiver_model::{BatchBuilder, BlockAllocator, Llama, ModelBundle, Quantization, SequenceCache};
 use quiver_tensor::cpu::{bf16_activations_supported, CpuBackend, Precision};
+use quiver_tensor::QuantFormat;
 
 /// Deterministic prompt ids spread over the small tokenizer's range.
 fn prompt(len: usize, salt: u32) -> Vec<u32> {
@@ -73,6 +78,9 @@ fn best_of(n: usize, mut f: impl FnMut() -> anyhow::Result<f64>) -> anyhow::Resu
 
 fn main() -> anyhow::Result<()> {
     let dir = bench_model_dir()?;
+    if std::env::args().skip(1).any(|a| a == "quant") {
+        return quant_table(&dir);
+    }
     let bundle = ModelBundle::load(CpuBackend::default(), &dir, Some(2048))?;
     let model = &bundle.model;
     let gbps = measure_read_bandwidth_gbps(2);
@@ -140,5 +148,98 @@ fn main() -> anyhow::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// bf16, int8 and int4 bases of the same checkpoint in one run: batch-1 decode in interleaved
+/// rounds (each round's bound from a bandwidth probe just before it, at the model's own bytes
+/// per token), batched decode and prefill.
+fn quant_table(dir: &std::path::Path) -> anyhow::Result<()> {
+    let load = |format: Option<QuantFormat>| {
+        let q = Quantization {
+            format,
+            keep_lm_head: false,
+        };
+        ModelBundle::load_with(CpuBackend::default(), dir, Some(2048), q)
+    };
+    let models = [
+        ("bf16", load(None)?),
+        ("int8", load(Some(QuantFormat::Int8))?),
+        ("int4", load(Some(QuantFormat::Int4))?),
+    ];
+    println!("model: {}, {}\n", dir.display(), models[0].1.model.backend_name());
+    // The same quantized bases with int8 activations at batch 1 too (`--matmul-precision int8`).
+    let int8a = |format| {
+        let q = Quantization {
+            format: Some(format),
+            keep_lm_head: false,
+        };
+        ModelBundle::load_with(
+            CpuBackend::with_precision(Precision::Int8Activations),
+            dir,
+            Some(2048),
+            q,
+        )
+    };
+    let int8_acts = [int8a(QuantFormat::Int8)?, int8a(QuantFormat::Int4)?];
+    let bytes: Vec<f64> = models.iter().map(|(_, b)| b.model.weight_bytes() as f64).collect();
+    let (mut best, mut ratios) = ([0.0f64; 3], [0.0f64; 3]);
+    let (mut best_a, mut ratios_a) = ([0.0f64; 2], [0.0f64; 2]);
+    for _ in 0..3 {
+        for (i, (_, b)) in models.iter().enumerate() {
+            let bound = measure_read_bandwidth_gbps(2) * 1e9 / bytes[i];
+            let d = decode_tps(&b.model, 1, 32, 24)?;
+            best[i] = best[i].max(d);
+            ratios[i] = ratios[i].max(d / bound);
+        }
+        for (i, b) in int8_acts.iter().enumerate() {
+            let bound = measure_read_bandwidth_gbps(2) * 1e9 / bytes[i + 1];
+            let d = decode_tps(&b.model, 1, 32, 24)?;
+            best_a[i] = best_a[i].max(d);
+            ratios_a[i] = ratios_a[i].max(d / bound);
+        }
+    }
+    let row = |label: &str, f: &dyn Fn(usize) -> String| {
+        let cells: Vec<String> = (0..3).map(f).collect();
+        println!("| {label} | {} |", cells.join(" | "));
+    };
+    println!(
+        "| workload | {} |",
+        models.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(" | ")
+    );
+    println!("|---|---:|---:|---:|");
+    row("weights read per decode step", &|i| format!("{:.3} GB", bytes[i] / 1e9));
+    row("decode, batch 1 (tokens/s)", &|i| format!("{:.1}", best[i]));
+    row("batch 1, best round vs its own bound", &|i| {
+        format!("{:.0}%", 100.0 * ratios[i])
+    });
+    // bf16 weights have no int8-activation path.
+    let quant_only = |v: &[f64; 2], i: usize, f: &dyn Fn(f64) -> String| {
+        if i == 0 {
+            "–".to_string()
+        } else {
+            f(v[i - 1])
+        }
+    };
+    row("decode, batch 1, int8 activations (tokens/s)", &|i| {
+        quant_only(&best_a, i, &|v| format!("{v:.1}"))
+    });
+    row("batch 1, int8 activations, vs its own bound", &|i| {
+        quant_only(&ratios_a, i, &|v| format!("{:.0}%", 100.0 * v))
+    });
+    for batch in [8, 32] {
+        let t: Vec<f64> = models
+            .iter()
+            .map(|(_, b)| best_of(2, || decode_tps(&b.model, batch, 32, 12)))
+            .collect::<anyhow::Result<_>>()?;
+        row(&format!("decode, batch {batch} (tokens/s)"), &|i| {
+            format!("{:.1}", t[i])
+        });
+    }
+    let p: Vec<f64> = models
+        .iter()
+        .map(|(_, b)| best_of(2, || prefill_tps(&b.model, 512)))
+        .collect::<anyhow::Result<_>>()?;
+    row("prefill, 512-token prompt (tokens/s)", &|i| format!("{:.1}", p[i]));
     Ok(())
 }

@@ -5,6 +5,7 @@
 //!
 //!     cargo bench -p quiver-benches --bench lora            (everything)
 //!     cargo bench -p quiver-benches --bench lora -- kernel  (the kernel micro-benchmark only)
+//!     cargo bench -p quiver-benches --bench lora -- quant   (the tax on int8/int4 bases only)
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -15,11 +16,11 @@ use quiver_benches::{bench_model_dir, measure_read_bandwidth_gbps};
 use quiver_model::generate::BLOCK_SIZE;
 use quiver_model::{
     lora_page_size, BatchBuilder, BlockAllocator, HostLoraModule, Llama, LoraAdapter, ModelBundle, ModelConfig,
-    ModuleKind, SequenceCache,
+    ModuleKind, Quantization, SequenceCache,
 };
 use quiver_tensor::cpu::lora::PageData;
 use quiver_tensor::cpu::{CpuBackend, CpuPagePool};
-use quiver_tensor::{Backend, DType, LoraSegment};
+use quiver_tensor::{Backend, DType, LoraSegment, QuantFormat};
 
 const BATCH: usize = 32;
 
@@ -153,6 +154,9 @@ fn main() -> anyhow::Result<()> {
     if std::env::args().any(|a| a == "kernel") {
         return kernel_step(&bundle.model, &bf16);
     }
+    if std::env::args().any(|a| a == "quant") {
+        return quant_tax(&dir, &bundle.model, &bf16);
+    }
     let f32s = AdapterSet::build(&bundle.model, page, DType::F32, &[])?;
     // Rounds interleave the configurations so that machine noise hits them alike; best of 3.
     let m = &bundle.model;
@@ -201,6 +205,43 @@ fn main() -> anyhow::Result<()> {
     );
 
     kernel_step(&bundle.model, &bf16)?;
+    Ok(())
+}
+
+/// Case (c) against (a) on quantized bases (`--quantization`, LM head int8) next to bf16: the
+/// adapters' cost is the same bytes and flops whatever the base, so the tax grows as the base
+/// gets cheaper. Interleaved rounds, best of 3.
+fn quant_tax(dir: &std::path::Path, bf16_model: &Llama<CpuBackend>, set: &AdapterSet) -> anyhow::Result<()> {
+    let load = |format| {
+        let q = Quantization {
+            format: Some(format),
+            keep_lm_head: false,
+        };
+        ModelBundle::load_with(CpuBackend::default(), dir, Some(2048), q)
+    };
+    let (int8, int4) = (load(QuantFormat::Int8)?, load(QuantFormat::Int4)?);
+    let models = [("bf16", bf16_model), ("int8", &int8.model), ("int4", &int4.model)];
+    let (mut base, mut one, mut adapted) = ([0.0f64; 3], [0.0f64; 3], [0.0f64; 3]);
+    for _ in 0..3 {
+        for (i, (_, m)) in models.iter().enumerate() {
+            base[i] = base[i].max(decode_tps(m, &set.pool, &vec![None; BATCH], 8)?);
+            one[i] = one[i].max(decode_tps(m, &set.pool, &vec![Some(set.one.clone()); BATCH], 8)?);
+            adapted[i] = adapted[i].max(decode_tps(m, &set.pool, &set.distinct, 8)?);
+        }
+    }
+    println!("\n| decode, batch {BATCH}, bf16 pages | (a) base only | (b) one rank-16 adapter | tax | (c) 32 rank-16 adapters | tax |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    let tax = |v: f64, b: f64| format!("{:.0}%", 100.0 * (1.0 - v / b));
+    for (i, (name, _)) in models.iter().enumerate() {
+        println!(
+            "| {name} base | {:.1} | {:.1} | {} | {:.1} | {} |",
+            base[i],
+            one[i],
+            tax(one[i], base[i]),
+            adapted[i],
+            tax(adapted[i], base[i])
+        );
+    }
     Ok(())
 }
 

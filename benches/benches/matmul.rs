@@ -84,6 +84,7 @@ fn mode_name(dtype: DType, precision: Precision) -> String {
     match precision {
         Precision::F32 => dtype.to_string(),
         Precision::Bf16Activations => format!("{dtype}a"),
+        Precision::Int8Activations => format!("{dtype}i8a"),
     }
 }
 
@@ -201,6 +202,7 @@ fn deep_copy(w: &Matrix) -> Matrix {
         MatrixData::F32(s) => MatrixData::F32(TypedSlice::from_vec(s.to_vec())),
         MatrixData::F16(s) => MatrixData::F16(TypedSlice::from_vec(s.to_vec())),
         MatrixData::BF16(s) => MatrixData::BF16(TypedSlice::from_vec(s.to_vec())),
+        MatrixData::Quant(_) => unreachable!("this benchmark makes float matrices only"),
     };
     Matrix::new(w.rows, w.cols, data).unwrap()
 }

@@ -11,6 +11,7 @@ use quiver_model::{IncrementalDecoder, ModelBundle};
 use quiver_tensor::cpu::CpuBackend;
 
 mod demo;
+mod quantization;
 mod serve;
 
 #[derive(Parser)]
@@ -66,9 +67,11 @@ struct GenerateArgs {
     /// Wrap the prompt as a user message in the model's chat template.
     #[arg(long)]
     chat: bool,
-    /// Matmul inputs: f32 (the reference) or bf16 (see `quiver serve --help`).
+    /// Matmul inputs: f32 (the reference), bf16 or int8 (see `quiver serve --help`).
     #[arg(long, default_value = "f32", env = "QUIVER_MATMUL_PRECISION")]
     matmul_precision: quiver_tensor::cpu::Precision,
+    #[command(flatten)]
+    quantization: quantization::QuantizationArgs,
 }
 
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {
@@ -77,7 +80,8 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         Some(dir) => dir,
         None => demo::write_demo()?.0,
     };
-    let bundle = ModelBundle::load(CpuBackend::with_precision(args.matmul_precision), &dir, None)
+    let backend = CpuBackend::with_precision(args.matmul_precision);
+    let bundle = ModelBundle::load_with(backend, &dir, None, args.quantization.get())
         .with_context(|| format!("loading {}", dir.display()))?;
     let load_s = t0.elapsed().as_secs_f64();
     let prompt_ids = if args.chat {

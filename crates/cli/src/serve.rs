@@ -56,7 +56,8 @@ pub struct ServeArgs {
     pub lora_dtype: String,
     /// CPU matmul inputs: f32 (the reference: matches transformers in f32) or bf16 (bf16 weights
     /// only, on CPUs with AVX512_BF16: activations rounded to bf16 as llama.cpp and PyTorch-in-bf16
-    /// do; prefill and large batches ~1.5x faster, logits differ by ~1e-2).
+    /// do; prefill and large batches ~1.5x faster, logits differ by ~1e-2) or int8 (with
+    /// --quantization: activations quantized to int8 at batch 1 too, not only from 2 rows on).
     #[arg(long, default_value = "f32", env = "QUIVER_MATMUL_PRECISION")]
     pub matmul_precision: quiver_tensor::cpu::Precision,
     /// On the CPU, read the weights from the safetensors mapping instead of copying matrices of
@@ -64,6 +65,8 @@ pub struct ServeArgs {
     /// memory for a private copy of those weights).
     #[arg(long, env = "QUIVER_CPU_KEEP_WEIGHTS_MAPPED")]
     pub cpu_keep_weights_mapped: bool,
+    #[command(flatten)]
+    pub quantization: crate::quantization::QuantizationArgs,
     #[arg(long, env = "QUIVER_MAX_MODEL_LEN")]
     pub max_model_len: Option<usize>,
     #[arg(long, default_value_t = 64, env = "QUIVER_MAX_NUM_SEQS")]
@@ -211,6 +214,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         device: args.device,
         cpu_matmul_precision: args.matmul_precision,
         cpu_keep_weights_mapped: args.cpu_keep_weights_mapped,
+        quantization: args.quantization.get(),
         gpu_memory_utilization: args.memory_budget_mb.is_none().then_some(args.gpu_memory_utilization),
         engine: EngineConfig {
             max_num_seqs: args.max_num_seqs,

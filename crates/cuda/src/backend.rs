@@ -75,13 +75,19 @@ pub(crate) fn grid(x: usize, y: usize, threads: u32) -> LaunchConfig {
     }
 }
 
-fn bytes_of(m: &Matrix) -> Vec<u8> {
+fn bytes_of(m: &Matrix) -> Result<Vec<u8>, TensorError> {
     use quiver_tensor::MatrixData;
-    match &m.data {
+    Ok(match &m.data {
         MatrixData::F32(s) => bytemuck::cast_slice(s.as_slice()).to_vec(),
         MatrixData::F16(s) => bytemuck::cast_slice(s.as_slice()).to_vec(),
         MatrixData::BF16(s) => bytemuck::cast_slice(s.as_slice()).to_vec(),
-    }
+        MatrixData::Quant(q) => {
+            return Err(TensorError::DType {
+                dtype: q.format.to_string(),
+                what: "CUDA weights (quantized bases run on the CPU backend only, for now)".into(),
+            })
+        }
+    })
 }
 
 impl CudaBackend {
@@ -168,7 +174,7 @@ impl Backend for CudaBackend {
 
     fn upload_weight(&self, m: Matrix) -> Result<CudaWeight, TensorError> {
         let dtype = m.dtype();
-        let data = self.htod(&bytes_of(&m))?;
+        let data = self.htod(&bytes_of(&m)?)?;
         Ok(CudaWeight {
             rows: m.rows,
             cols: m.cols,

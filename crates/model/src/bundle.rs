@@ -8,7 +8,7 @@ use serde_json::Value;
 use crate::chat::ChatTemplate;
 use crate::config::ModelConfig;
 use crate::error::{read_json, Result};
-use crate::llama::Llama;
+use crate::llama::{Llama, Quantization};
 use crate::tokenizer::Tokenizer;
 
 pub struct ModelBundle<B: Backend> {
@@ -22,6 +22,11 @@ pub struct ModelBundle<B: Backend> {
 impl<B: Backend> ModelBundle<B> {
     /// Loads `dir`; `max_model_len` caps the context (and the rope table) below the model's own.
     pub fn load(backend: B, dir: &Path, max_model_len: Option<usize>) -> Result<Self> {
+        Self::load_with(backend, dir, max_model_len, Quantization::default())
+    }
+
+    /// [`load`](Self::load) with the base weights stored as `quant` says.
+    pub fn load_with(backend: B, dir: &Path, max_model_len: Option<usize>, quant: Quantization) -> Result<Self> {
         let cfg = ModelConfig::from_dir(dir)?;
         let tokenizer = Tokenizer::from_dir(dir)?;
         let chat_template = ChatTemplate::from_dir(dir)?;
@@ -41,7 +46,7 @@ impl<B: Backend> ModelBundle<B> {
         let max_len = max_model_len
             .unwrap_or(cfg.max_position_embeddings)
             .min(cfg.max_position_embeddings);
-        let model = Llama::load(backend, cfg, dir, max_len)?;
+        let model = Llama::load_with(backend, cfg, dir, max_len, quant)?;
         Ok(ModelBundle {
             model,
             tokenizer,

@@ -144,6 +144,18 @@ impl ModelConfig {
                 return Err(unsupported("hidden_act", format!("`{act}` (only silu)")));
             }
         }
+        if let Some(q) = map.get("quantization_config") {
+            // vLLM reads GPTQ, AWQ and others from here; their packed tensors are not read yet.
+            let method = q.get("quant_method").and_then(Value::as_str).unwrap_or("unnamed");
+            return Err(unsupported(
+                "quantization_config",
+                format!(
+                    "a pre-quantized checkpoint (quant_method `{method}`): its packed weights cannot be \
+                     read yet; serve the bf16/f16/f32 checkpoint with `--quantization int8` or `int4` \
+                     instead"
+                ),
+            ));
+        }
         if f.opt_bool("mlp_bias")? == Some(true) {
             return Err(unsupported("mlp_bias", "MLP biases are not supported"));
         }

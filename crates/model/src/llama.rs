@@ -3,11 +3,13 @@
 
 use std::path::Path;
 
-use quiver_tensor::{AttentionBatch, Backend, KvLayout, Matrix, RopeTable};
+use quiver_tensor::{AttentionBatch, Backend, KvLayout, RopeTable};
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::lora::{lora_slot, AdapterRun, HostLoraModule, LoraBatch, ModuleKind};
+pub use crate::quantize::Quantization;
+use crate::quantize::Quantizer;
 use crate::rope::rope_table;
 use crate::weights::WeightStore;
 
@@ -20,8 +22,13 @@ pub struct Linear<B: Backend> {
 }
 
 impl<B: Backend> Linear<B> {
-    fn load(b: &B, w: &WeightStore, name: &str, out_f: usize, in_f: usize, bias: bool) -> Result<Self> {
-        let weight = b.upload_weight(w.matrix(&format!("{name}.weight"), out_f, in_f)?)?;
+    fn load(b: &B, w: &WeightStore, name: &str, dims: (usize, usize), bias: bool, q: &mut Quantizer) -> Result<Self> {
+        let (out_f, in_f) = dims;
+        let m = q.linear(
+            w.matrix(&format!("{name}.weight"), out_f, in_f)?,
+            &format!("{name}.weight"),
+        )?;
+        let weight = b.upload_weight(m)?;
         let bias = if bias {
             Some(b.upload(&w.vector(&format!("{name}.bias"), out_f)?)?)
         } else {
@@ -127,45 +134,86 @@ pub struct ForwardInput {
 impl<B: Backend> Llama<B> {
     /// Loads weights from `dir` (config already parsed). `max_positions` bounds the rope table.
     pub fn load(backend: B, cfg: ModelConfig, dir: &Path, max_positions: usize) -> Result<Self> {
+        Self::load_with(backend, cfg, dir, max_positions, Quantization::default())
+    }
+
+    /// [`load`](Self::load), storing the weights as `quant` says.
+    pub fn load_with(
+        backend: B,
+        cfg: ModelConfig,
+        dir: &Path,
+        max_positions: usize,
+        quant: Quantization,
+    ) -> Result<Self> {
         let w = WeightStore::open_dir(dir)?;
-        Self::from_store(backend, cfg, &w, max_positions)
+        Self::from_store_with(backend, cfg, &w, max_positions, quant)
     }
 
     pub fn from_store(backend: B, cfg: ModelConfig, w: &WeightStore, max_positions: usize) -> Result<Self> {
+        Self::from_store_with(backend, cfg, w, max_positions, Quantization::default())
+    }
+
+    /// [`from_store`](Self::from_store), storing the weights as `quant` says.
+    pub fn from_store_with(
+        backend: B,
+        cfg: ModelConfig,
+        w: &WeightStore,
+        max_positions: usize,
+        quant: Quantization,
+    ) -> Result<Self> {
         let (h, hd, inter) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
         let (qd, kvd) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
         let b = &backend;
-        let embed_m = w.matrix("model.embed_tokens.weight", cfg.vocab_size, h)?;
-        let mut weight_bytes = embed_m.bytes();
+        let mut qz = Quantizer::new(quant);
+        let tied = cfg.tie_word_embeddings && !w.contains("lm_head.weight");
+        let embed_name = "model.embed_tokens.weight";
+        let embed_m = w.matrix(embed_name, cfg.vocab_size, h)?;
+        // A tied embedding is the LM head too, so it is stored as the LM head is.
+        let embed_m = if tied {
+            qz.lm_head(embed_m, embed_name)?
+        } else {
+            qz.stored += embed_m.bytes();
+            embed_m
+        };
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let p = format!("model.layers.{i}");
-            let lin =
-                |name: &str, o: usize, n: usize, bias: bool| Linear::load(b, w, &format!("{p}.{name}"), o, n, bias);
-            let layer = Layer {
-                input_norm: b.upload(&w.vector(&format!("{p}.input_layernorm.weight"), h)?)?,
-                q: lin("self_attn.q_proj", qd, h, cfg.qkv_bias)?,
-                k: lin("self_attn.k_proj", kvd, h, cfg.qkv_bias)?,
-                v: lin("self_attn.v_proj", kvd, h, cfg.qkv_bias)?,
-                o: lin("self_attn.o_proj", h, qd, cfg.o_bias)?,
-                post_norm: b.upload(&w.vector(&format!("{p}.post_attention_layernorm.weight"), h)?)?,
-                gate: lin("mlp.gate_proj", inter, h, false)?,
-                up: lin("mlp.up_proj", inter, h, false)?,
-                down: lin("mlp.down_proj", h, inter, false)?,
+            let mut lin = |name: &str, o: usize, n: usize, bias: bool| {
+                Linear::load(b, w, &format!("{p}.{name}"), (o, n), bias, &mut qz)
             };
-            weight_bytes += (h * (qd + 2 * kvd) + qd * h + 3 * h * inter)
-                * w.dtype(&format!("{p}.mlp.up_proj.weight")).map_or(4, |d| d.size());
-            layers.push(layer);
+            let (q, k, v) = (
+                lin("self_attn.q_proj", qd, h, cfg.qkv_bias)?,
+                lin("self_attn.k_proj", kvd, h, cfg.qkv_bias)?,
+                lin("self_attn.v_proj", kvd, h, cfg.qkv_bias)?,
+            );
+            let o = lin("self_attn.o_proj", h, qd, cfg.o_bias)?;
+            let (gate, up, down) = (
+                lin("mlp.gate_proj", inter, h, false)?,
+                lin("mlp.up_proj", inter, h, false)?,
+                lin("mlp.down_proj", h, inter, false)?,
+            );
+            layers.push(Layer {
+                input_norm: b.upload(&w.vector(&format!("{p}.input_layernorm.weight"), h)?)?,
+                q,
+                k,
+                v,
+                o,
+                post_norm: b.upload(&w.vector(&format!("{p}.post_attention_layernorm.weight"), h)?)?,
+                gate,
+                up,
+                down,
+            });
         }
         let norm = b.upload(&w.vector("model.norm.weight", h)?)?;
-        let lm_head = if cfg.tie_word_embeddings && !w.contains("lm_head.weight") {
+        let lm_head = if tied {
             None
         } else {
-            let m = w.matrix("lm_head.weight", cfg.vocab_size, h)?;
-            weight_bytes += m.bytes();
+            let m = qz.lm_head(w.matrix("lm_head.weight", cfg.vocab_size, h)?, "lm_head.weight")?;
             Some(b.upload_weight(m)?)
         };
         let embed = b.upload_weight(embed_m)?;
+        qz.log();
+        let weight_bytes = qz.stored;
         let rope = rope_table(&cfg, max_positions.min(cfg.max_position_embeddings));
         Ok(Llama {
             cfg,
@@ -180,13 +228,14 @@ impl<B: Backend> Llama<B> {
         })
     }
 
-    /// Bytes of weights one decode step streams (embedding matrix once, as the LM head).
+    /// Bytes of the weight matrices as stored (after any quantization); with tied embeddings
+    /// the embedding matrix counts once, as the LM head: what one decode step streams.
     pub fn weight_bytes(&self) -> usize {
         self.weight_bytes
     }
 
     /// Folds an adapter into the base weights (`W += scale · B · A`, stored back in the weight's
-    /// dtype) so that it costs nothing per token; [`unmerge`](Self::unmerge) restores the exact
+    /// dtype, or quantized again in its format) so that it costs nothing per token; [`unmerge`](Self::unmerge) restores the exact
     /// originals. One adapter at a time.
     pub fn merge(&mut self, name: &str, modules: &[HostLoraModule]) -> Result<()> {
         if let Some(m) = &self.merged {
@@ -215,9 +264,7 @@ impl<B: Backend> Llama<B> {
                     }
                 }
             }
-            let merged = self
-                .backend
-                .upload_weight(Matrix::from_f32_as(base.dtype(), out_f, in_f, w)?)?;
+            let merged = self.backend.upload_weight(base.from_f32_like(out_f, in_f, w)?)?;
             let old = std::mem::replace(&mut self.layers[m.layer].linear_mut(m.kind).weight, merged);
             originals.push((m.layer, m.kind, old));
         }

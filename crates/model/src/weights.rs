@@ -141,9 +141,9 @@ impl WeightStore {
         let e = self.entry(name, shape)?;
         let (bytes, len) = (self.files[e.file].clone(), shape.iter().product());
         Ok(match e.dtype {
-            DType::F32 => MatrixData::F32(TypedSlice::<f32>::from_bytes(bytes, e.offset, len)?),
-            DType::F16 => MatrixData::F16(TypedSlice::<f16>::from_bytes(bytes, e.offset, len)?),
-            DType::BF16 => MatrixData::BF16(TypedSlice::<bf16>::from_bytes(bytes, e.offset, len)?),
+            DType::F32 => MatrixData::F32(TypedSlice::<f32>::from_file_bytes(bytes, e.offset, len)?),
+            DType::F16 => MatrixData::F16(TypedSlice::<f16>::from_file_bytes(bytes, e.offset, len)?),
+            DType::BF16 => MatrixData::BF16(TypedSlice::<bf16>::from_file_bytes(bytes, e.offset, len)?),
         })
     }
 

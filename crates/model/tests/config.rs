@@ -112,3 +112,21 @@ fn sliding_window_caps_context_instead_of_changing_attention() {
     let q = with(q, "use_sliding_window", json!(true));
     assert_eq!(ModelConfig::from_json(&q).unwrap().max_position_embeddings, 256);
 }
+
+#[test]
+fn pre_quantized_checkpoints_are_refused_naming_the_method() {
+    for method in ["gptq", "awq", "bitsandbytes"] {
+        let v = with(
+            base("llama"),
+            "quantization_config",
+            json!({"quant_method": method, "bits": 4, "group_size": 128}),
+        );
+        match ModelConfig::from_json(&v) {
+            Err(ModelError::Unsupported { field, reason }) => {
+                assert_eq!(field, "quantization_config");
+                assert!(reason.contains(method) && reason.contains("--quantization"), "{reason}");
+            }
+            other => panic!("{method}: expected a refusal, got {other:?}"),
+        }
+    }
+}

@@ -8,7 +8,7 @@ use std::sync::{Arc, RwLock};
 
 use quiver_adapters::load_peft_adapter;
 use quiver_engine::{Engine, EngineConfig};
-use quiver_model::ModelBundle;
+use quiver_model::{ModelBundle, Quantization};
 use quiver_tensor::cpu::{CpuBackend, Precision};
 use quiver_tensor::Backend;
 use tokio::sync::Semaphore;
@@ -39,6 +39,8 @@ pub struct ServerOptions {
     pub cpu_matmul_precision: Precision,
     /// Leave the weights in the file mapping instead of copying them into huge pages (CPU).
     pub cpu_keep_weights_mapped: bool,
+    /// Base weights quantized at load (`--quantization`; CPU backend).
+    pub quantization: Quantization,
     /// On a GPU, size the KV + adapter budget as this fraction of the memory left free once the
     /// weights are resident; `None` keeps `engine.memory_budget`.
     pub gpu_memory_utilization: Option<f64>,
@@ -180,7 +182,7 @@ fn build_on<B: Backend>(
     device_budget: Option<DeviceBudget>,
 ) -> anyhow::Result<Arc<AppState>> {
     tracing::info!(backend = %backend.name(), "loading {}", opts.model.display());
-    let bundle = ModelBundle::load(backend, &opts.model, opts.max_model_len)?;
+    let bundle = ModelBundle::load_with(backend, &opts.model, opts.max_model_len, opts.quantization)?;
     let cfg = bundle.model.cfg.clone();
     let max_model_len = bundle.model.max_positions();
     let served_name = opts

@@ -8,6 +8,9 @@ pub enum TensorError {
     DType { dtype: String, what: String },
     #[error("out of range: {0}")]
     Range(String),
+    /// A weight that the chosen quantization format cannot represent.
+    #[error("cannot quantize: {0}")]
+    Quantize(String),
     /// A device (driver, compiler, library or memory) failure, with its context.
     #[error("device error: {0}")]
     Device(String),

@@ -4,8 +4,10 @@
 pub mod backend;
 pub mod cpu;
 pub mod error;
+pub mod quant;
 pub mod storage;
 
 pub use backend::{AttentionBatch, Backend, KvLayout, LoraModule, LoraPlan, LoraSegment, LoraSlot, RopeTable};
 pub use error::TensorError;
+pub use quant::QuantFormat;
 pub use storage::{DType, Matrix, MatrixData, TypedSlice};

@@ -198,10 +198,14 @@ fn bf16_activations_round_x_and_nothing_else() {
 #[test]
 fn precision_parses_and_prints() {
     use quiver_tensor::cpu::Precision;
-    for (s, p) in [("f32", Precision::F32), ("bf16", Precision::Bf16Activations)] {
+    for (s, p) in [
+        ("f32", Precision::F32),
+        ("bf16", Precision::Bf16Activations),
+        ("int8", Precision::Int8Activations),
+    ] {
         assert_eq!(s.parse::<Precision>(), Ok(p));
         assert_eq!(p.to_string(), s);
     }
     let err = "fp8".parse::<Precision>().expect_err("not a precision");
-    assert!(err.contains("f32 or bf16"), "{err}");
+    assert!(err.contains("f32, bf16 or int8"), "{err}");
 }

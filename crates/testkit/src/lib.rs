@@ -4,7 +4,8 @@
 //!
 //! It also writes deterministic PEFT LoRA adapters for those models ([`write_adapter`]) and
 //! reads the transformers + PEFT goldens computed on them by
-//! `tests/oracle/make_lora_goldens.py` ([`materialize_lora`]).
+//! `tests/oracle/make_lora_goldens.py` ([`materialize_lora`]), and writes the dequantized
+//! weights of quantized bases for `tests/oracle/make_quant_goldens.py` ([`write_dequantized`]).
 //!
 //! Every file is byte-identical on every run and machine; goldens record the sha256 of each
 //! file, so a change here is caught by [`materialize`] instead of silently drifting.
@@ -14,6 +15,7 @@ mod config;
 mod corpus;
 mod golden;
 mod lora_golden;
+mod quant_golden;
 mod spec;
 mod tokenizer;
 mod weights;
@@ -34,6 +36,10 @@ pub use golden::{
 };
 pub use lora_golden::{
     load_lora_golden, materialize_lora, GoldenAdapter, LoraGenerator, LoraGolden, LoraMixed, LoraSingle, MixedRow,
+};
+pub use quant_golden::{
+    dequantized_sha256, load_quant_golden, quant_golden_name, quantized_as, write_dequantized, write_quant_goldens,
+    QuantGolden, QUANT_GOLDENS,
 };
 pub use spec::{
     golden_specs, qwen25_05b_spec, spec_by_name, Arch, ConfigForm, DType, ModelSpec, Rope, TokenizerFlavor,

@@ -1,5 +1,6 @@
 //! `quiver-testkit write-goldens ROOT` | `quiver-testkit write-model NAME DIR` |
-//! `quiver-testkit write-adapter NAME DIR` | `quiver-testkit write-lora-goldens ROOT`
+//! `quiver-testkit write-adapter NAME DIR` | `quiver-testkit write-lora-goldens ROOT` |
+//! `quiver-testkit write-quant-goldens ROOT`
 
 use std::path::Path;
 use std::time::Instant;
@@ -9,7 +10,8 @@ use anyhow::{bail, Context, Result};
 const USAGE: &str = "usage: quiver-testkit write-goldens ROOT\n       \
                      quiver-testkit write-model NAME DIR   (NAME: a golden model or qwen2.5-0.5b)\n       \
                      quiver-testkit write-adapter NAME DIR   (NAME: a golden adapter)\n       \
-                     quiver-testkit write-lora-goldens ROOT   (bases in ROOT/<base>, adapters in ROOT/adapters/<name>)";
+                     quiver-testkit write-lora-goldens ROOT   (bases in ROOT/<base>, adapters in ROOT/adapters/<name>)\n       \
+                     quiver-testkit write-quant-goldens ROOT   (bases in ROOT/<base>, dequantized in ROOT/<base>-<format>)";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -52,6 +54,12 @@ fn main() -> Result<()> {
             }
             for (name, base, dir) in adapters {
                 println!("adapter\t{name}\t{base}\t{}", dir.display());
+            }
+        }
+        ["write-quant-goldens", root] => {
+            // Tab-separated, for tests/oracle/make_quant_goldens.py.
+            for (model, format, base, deq) in quiver_testkit::write_quant_goldens(Path::new(root))? {
+                println!("{model}\t{format}\t{}\t{}", base.display(), deq.display());
             }
         }
         _ => bail!("{USAGE}"),

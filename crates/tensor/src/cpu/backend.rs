@@ -84,6 +84,7 @@ impl Backend for CpuBackend {
         match self.precision {
             Precision::F32 => format!("cpu ({threads} threads)"),
             Precision::Bf16Activations => format!("cpu ({threads} threads, bf16-activation matmuls)"),
+            Precision::Int8Activations => format!("cpu ({threads} threads, int8 activations for quantized weights)"),
         }
     }
 

@@ -14,6 +14,7 @@ pub struct CpuFeatures {
     pub avx512f: bool,
     pub avx512bw: bool,
     pub avx512bf16: bool,
+    pub avx512vnni: bool,
 }
 
 /// The features of this CPU, probed on first use.
@@ -32,6 +33,7 @@ impl CpuFeatures {
             avx512f: is_x86_feature_detected!("avx512f"),
             avx512bw: is_x86_feature_detected!("avx512bw"),
             avx512bf16: is_x86_feature_detected!("avx512bf16"),
+            avx512vnni: is_x86_feature_detected!("avx512vnni"),
         }
     }
 
@@ -72,8 +74,15 @@ impl CpuFeatures {
         self.avx512f_bw() && self.avx512bf16
     }
 
+    /// `vpdpbusd` on zmm registers, for the integer kernels of quantized weights
+    /// (`quant_avx512.rs`, compiled with `avx512f,avx512bw,avx512vnni`).
+    #[inline]
+    pub(crate) fn avx512_vnni(&self) -> bool {
+        self.avx512f_bw() && self.avx512vnni
+    }
+
     /// Each feature's name with whether this CPU has it.
-    fn flags(&self) -> [(&'static str, bool); 6] {
+    fn flags(&self) -> [(&'static str, bool); 7] {
         [
             ("avx2", self.avx2),
             ("fma", self.fma),
@@ -81,6 +90,7 @@ impl CpuFeatures {
             ("avx512f", self.avx512f),
             ("avx512bw", self.avx512bw),
             ("avx512bf16", self.avx512bf16),
+            ("avx512vnni", self.avx512vnni),
         ]
     }
 }
@@ -118,6 +128,7 @@ mod tests {
             is_x86_feature_detected!("avx512f"),
             is_x86_feature_detected!("avx512bw"),
             is_x86_feature_detected!("avx512bf16"),
+            is_x86_feature_detected!("avx512vnni"),
         ];
         for ((name, has), want) in f.flags().into_iter().zip(std) {
             assert_eq!(has, want, "{name}");
@@ -126,8 +137,8 @@ mod tests {
     }
 
     /// Features set from flags in the order of `flags`.
-    fn with(f: [bool; 6]) -> CpuFeatures {
-        let [avx2, fma, f16c, avx512f, avx512bw, avx512bf16] = f;
+    fn with(f: [bool; 7]) -> CpuFeatures {
+        let [avx2, fma, f16c, avx512f, avx512bw, avx512bf16, avx512vnni] = f;
         CpuFeatures {
             avx2,
             fma,
@@ -135,6 +146,7 @@ mod tests {
             avx512f,
             avx512bw,
             avx512bf16,
+            avx512vnni,
         }
     }
 
@@ -144,17 +156,18 @@ mod tests {
     /// kernels' `target_feature` sets), and only those.
     #[test]
     fn combined_checks_need_exactly_their_features() {
-        let checks: [(Check, &[usize]); 5] = [
+        let checks: [(Check, &[usize]); 6] = [
             (CpuFeatures::avx2_fma_f16c, &[0, 1, 2]),
             (CpuFeatures::avx2_fma, &[0, 1]),
             (CpuFeatures::avx512f_bw, &[3, 4]),
             (CpuFeatures::avx512f_avx2, &[0, 1, 2, 3]),
             (CpuFeatures::avx512_bf16, &[3, 4, 5]),
+            (CpuFeatures::avx512_vnni, &[3, 4, 6]),
         ];
         for (i, (check, needs)) in checks.iter().enumerate() {
-            assert!(check(&with([true; 6])), "check {i} with everything");
-            for drop in 0..6 {
-                let mut f = [true; 6];
+            assert!(check(&with([true; 7])), "check {i} with everything");
+            for drop in 0..7 {
+                let mut f = [true; 7];
                 f[drop] = false;
                 assert_eq!(check(&with(f)), !needs.contains(&drop), "check {i} without {drop}");
             }

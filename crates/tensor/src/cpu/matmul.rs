@@ -43,6 +43,12 @@ pub enum Precision {
     /// reference.
     /// Elsewhere it is [`Precision::F32`].
     Bf16Activations,
+    /// For block-quantized weights (`--quantization`), x is quantized per block to int8 at every
+    /// batch size, single rows included (llama.cpp's way): the fastest batch-1 decode where the
+    /// f32 path cannot keep up with memory, logits ~1–2% of their largest magnitude off. Under
+    /// [`Precision::F32`] a single row stays f32 and only larger batches go int8.
+    /// Elsewhere it is [`Precision::F32`].
+    Int8Activations,
 }
 
 impl std::str::FromStr for Precision {
@@ -52,7 +58,8 @@ impl std::str::FromStr for Precision {
         match s.trim() {
             "f32" => Ok(Precision::F32),
             "bf16" => Ok(Precision::Bf16Activations),
-            other => Err(format!("matmul precision {other:?}: expected f32 or bf16")),
+            "int8" => Ok(Precision::Int8Activations),
+            other => Err(format!("matmul precision {other:?}: expected f32, bf16 or int8")),
         }
     }
 }
@@ -62,6 +69,7 @@ impl std::fmt::Display for Precision {
         f.write_str(match self {
             Precision::F32 => "f32",
             Precision::Bf16Activations => "bf16",
+            Precision::Int8Activations => "int8",
         })
     }
 }
@@ -107,6 +115,9 @@ pub fn matmul_with(x: &[f32], m: usize, w: &Matrix, out: &mut [f32], precision: 
             matmul_bf16_activations(x, m, k, n, s, out)
         }
         MatrixData::BF16(s) => matmul_typed(x, m, k, n, s, out),
+        MatrixData::Quant(q) => {
+            super::quant_matmul::matmul_quant(x, m, k, n, q, out, precision == Precision::Int8Activations)
+        }
     }
 }
 

@@ -10,6 +10,14 @@ pub mod huge;
 pub mod lora;
 pub mod matmul;
 pub mod ops;
+#[cfg(target_arch = "x86_64")]
+mod quant_avx2;
+#[cfg(target_arch = "x86_64")]
+mod quant_avx512;
+pub(crate) mod quant_matmul;
+mod quant_scalar;
+#[cfg(test)]
+mod quant_tests;
 mod simd;
 #[cfg(target_arch = "x86_64")]
 mod simd512;
@@ -18,6 +26,8 @@ pub use backend::{CpuBackend, CpuKvPool};
 pub use features::{features, CpuFeatures};
 pub use lora::CpuPagePool;
 pub use matmul::{bf16_activations_supported, matmul, matmul_ref, matmul_with, Precision};
+#[doc(hidden)]
+pub use quant_matmul::{matmul_quant_forced, ForcedPath};
 pub(crate) use simd::Weight;
 
 /// Raw output pointer shared by parallel tasks that each write a disjoint part of it (the

@@ -1,0 +1,91 @@
+//! `--quantization`: which base weights are block-quantized at load, and the log of it.
+
+use quiver_tensor::quant::quantize;
+use quiver_tensor::{Matrix, QuantFormat};
+
+use crate::error::{ModelError, Result};
+
+/// How the base weights are stored once loaded (`--quantization`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Quantization {
+    /// Every linear of the layers in this format; `None`: the checkpoint's dtype.
+    pub format: Option<QuantFormat>,
+    /// With a format: keep the LM head (and so a tied embedding) in the checkpoint's dtype
+    /// rather than int8.
+    pub keep_lm_head: bool,
+}
+
+/// Quantizes matrices as they load (each in parallel over its rows) and totals what it did.
+pub(crate) struct Quantizer {
+    q: Quantization,
+    matrices: usize,
+    before: usize,
+    after: usize,
+    seconds: f64,
+    /// Bytes of all weight matrices as stored (after any quantization).
+    pub(crate) stored: usize,
+}
+
+impl Quantizer {
+    pub(crate) fn new(q: Quantization) -> Self {
+        Quantizer {
+            q,
+            matrices: 0,
+            before: 0,
+            after: 0,
+            seconds: 0.0,
+            stored: 0,
+        }
+    }
+
+    /// A layer's linear weight, in the chosen format.
+    pub(crate) fn linear(&mut self, m: Matrix, name: &str) -> Result<Matrix> {
+        self.store(m, self.q.format, name)
+    }
+
+    /// The LM head (or the tied embedding): int8 under any quantization unless kept.
+    pub(crate) fn lm_head(&mut self, m: Matrix, name: &str) -> Result<Matrix> {
+        let format = self
+            .q
+            .format
+            .filter(|_| !self.q.keep_lm_head)
+            .map(|_| QuantFormat::Int8);
+        self.store(m, format, name)
+    }
+
+    fn store(&mut self, m: Matrix, format: Option<QuantFormat>, name: &str) -> Result<Matrix> {
+        let Some(format) = format else {
+            self.stored += m.bytes();
+            return Ok(m);
+        };
+        let start = std::time::Instant::now();
+        let q = quantize(&m, format).map_err(|e| ModelError::Weights(format!("{name}: {e}")))?;
+        // The file's pages of this matrix are no longer read; drop them from RSS.
+        m.release_file_pages();
+        self.seconds += start.elapsed().as_secs_f64();
+        self.matrices += 1;
+        self.before += m.bytes();
+        self.after += q.bytes();
+        self.stored += q.bytes();
+        Ok(q)
+    }
+
+    pub(crate) fn log(&self) {
+        if let Some(format) = self.q.format {
+            tracing::info!(
+                %format,
+                lm_head = if self.q.keep_lm_head { "kept" } else { "int8" },
+                matrices = self.matrices,
+                seconds = format!("{:.2}", self.seconds),
+                from_mib = format!("{:.1}", mib(self.before)),
+                to_mib = format!("{:.1}", mib(self.after)),
+                saved_mib = format!("{:.1}", mib(self.before - self.after)),
+                "quantized the base weights"
+            );
+        }
+    }
+}
+
+fn mib(bytes: usize) -> f64 {
+    bytes as f64 / (1u64 << 20) as f64
+}
