@@ -13,8 +13,8 @@ use serde_json::json;
 use crate::client::{disconnect_after, request, stall};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
-/// Between the rounds of the disconnecting and churning clients: busy, not a flood (the hostile
-/// client is the flood).
+/// Between the churning client's rounds: busy, not a flood. The disconnecting client has no pause
+/// (thousands of dropped streams a second are part of the test).
 const PAUSE: Duration = Duration::from_millis(20);
 
 #[derive(Default)]
