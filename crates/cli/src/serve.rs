@@ -22,6 +22,11 @@ pub struct ServeArgs {
     /// Adapters to serve from the start: `NAME=PATH` or vLLM's JSON `{"name": .., "path": ..}`.
     #[arg(long, num_args = 1.., env = "QUIVER_LORA_MODULES", value_delimiter = ' ')]
     pub lora_modules: Vec<String>,
+    /// Adapters to serve from the start, pinned: uploaded to device memory at start and never
+    /// evicted (their bytes stay in the memory budget). Same forms as --lora-modules; the JSON
+    /// form of --lora-modules also takes `"pinned": true`.
+    #[arg(long, num_args = 1.., env = "QUIVER_PINNED_LORA_MODULES", value_delimiter = ' ')]
+    pub pinned_lora_modules: Vec<String>,
     #[arg(long, default_value = "127.0.0.1", env = "QUIVER_HOST")]
     pub host: String,
     #[arg(long, default_value_t = 8000, env = "QUIVER_PORT")]
@@ -141,28 +146,40 @@ fn positive_u32(s: &str) -> Result<usize, String> {
     }
 }
 
-fn parse_module(s: &str) -> anyhow::Result<(String, PathBuf)> {
+/// One `--lora-modules` entry: name, path, and whether its JSON form asks for pinning.
+fn parse_module(s: &str) -> anyhow::Result<(String, PathBuf, bool)> {
     if s.trim_start().starts_with('{') {
         let v: serde_json::Value = serde_json::from_str(s).with_context(|| format!("--lora-modules {s}"))?;
         let field = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
+        let pinned = match v.get("pinned") {
+            None => false,
+            Some(p) => p
+                .as_bool()
+                .with_context(|| format!("--lora-modules {s}: \"pinned\" must be true or false"))?,
+        };
         match (field("name"), field("path")) {
-            (Some(n), Some(p)) => Ok((n, p.into())),
+            (Some(n), Some(p)) => Ok((n, p.into(), pinned)),
             _ => bail!("--lora-modules {s}: JSON form needs \"name\" and \"path\""),
         }
     } else {
         let (n, p) = s
             .split_once('=')
             .with_context(|| format!("--lora-modules {s}: expected NAME=PATH"))?;
-        Ok((n.to_string(), p.into()))
+        Ok((n.to_string(), p.into(), false))
     }
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let mut lora_modules: Vec<(String, PathBuf)> = args
-        .lora_modules
-        .iter()
-        .map(|s| parse_module(s))
-        .collect::<Result<_, _>>()?;
+    let mut lora_modules: Vec<(String, PathBuf)> = Vec::new();
+    let mut pinned_adapters: Vec<String> = Vec::new();
+    let pinned_flag = args.pinned_lora_modules.iter().map(|s| (s, true));
+    for (s, pin) in args.lora_modules.iter().map(|s| (s, false)).chain(pinned_flag) {
+        let (name, path, pinned) = parse_module(s)?;
+        if pin || pinned {
+            pinned_adapters.push(name.clone());
+        }
+        lora_modules.push((name, path));
+    }
     let (model, served) = match &args.model {
         Some(m) => (m.clone(), args.served_model_name.clone()),
         None => {
@@ -201,6 +218,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         model,
         served_model_name: served,
         lora_modules,
+        pinned_adapters,
         adapter_root: args.adapter_root.clone(),
         api_key: args.api_key.clone(),
         admin_key: args.admin_api_key.clone(),
@@ -277,4 +295,20 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     let term = std::future::pending::<()>();
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_module;
+
+    #[test]
+    fn lora_modules_take_both_forms_and_json_pinning() -> anyhow::Result<()> {
+        assert_eq!(parse_module("a=/x")?, ("a".into(), "/x".into(), false));
+        let json = r#"{"name": "b", "path": "/y", "pinned": true}"#;
+        assert_eq!(parse_module(json)?, ("b".into(), "/y".into(), true));
+        let bad = parse_module(r#"{"name": "b", "path": "/y", "pinned": "yes"}"#);
+        assert!(format!("{:#}", bad.err().ok_or_else(|| anyhow::anyhow!("accepted"))?).contains("pinned"));
+        assert!(parse_module("no-equals").is_err());
+        Ok(())
+    }
 }

@@ -92,6 +92,8 @@ pub struct AdapterManager<B: Backend> {
     max_rank: usize,
     clock: u64,
     generation: u64,
+    /// Budget bytes pinned adapters must leave to KV blocks: one sequence of `max_model_len`.
+    kv_floor: usize,
     jobs: Sender<(String, u64, PathBuf)>,
     results: Receiver<LoadResult>,
     pub stats: AdapterStats,
@@ -143,23 +145,40 @@ impl<B: Backend> AdapterManager<B> {
             max_rank,
             clock: 0,
             generation: 0,
+            kv_floor: 0,
             jobs,
             results,
             stats: AdapterStats::default(),
         }
     }
 
+    /// Pinning never takes the budget below `bytes` for KV blocks (one full-length sequence).
+    pub fn keep_for_kv(&mut self, bytes: usize) {
+        self.kv_floor = bytes;
+    }
+
+    fn pinned_bytes(&self) -> usize {
+        let pinned = |n: &String| self.registry.get(n).is_some_and(|r| r.pinned);
+        self.device
+            .iter()
+            .filter(|(n, _)| pinned(n))
+            .map(|(_, d)| d.bytes)
+            .sum()
+    }
+
     pub fn pool(&self) -> &B::PagePool {
         &self.pool
     }
 
-    /// Makes `name` known; `preloaded` (already validated) goes straight into the host tier.
+    /// Makes `name` known; `preloaded` (already validated) goes straight into the host tier. A
+    /// pinned adapter is uploaded at once; one that does not fit is not registered.
     pub fn register(
         &mut self,
         name: &str,
         path: PathBuf,
         pinned: bool,
         preloaded: Option<Arc<HostAdapter>>,
+        budget: &mut MemoryBudget,
     ) -> Result<(), EngineError> {
         if self.registry.contains_key(name) {
             return Err(EngineError::AdapterExists(name.into()));
@@ -182,6 +201,12 @@ impl<B: Backend> AdapterManager<B> {
         );
         if let Some(host) = preloaded {
             self.insert_host(name.to_string(), host);
+        }
+        if pinned {
+            if let Err(e) = self.make_resident(name, budget) {
+                let _ = self.unregister(name, budget);
+                return Err(e);
+            }
         }
         Ok(())
     }
@@ -221,12 +246,21 @@ impl<B: Backend> AdapterManager<B> {
         Some(victim)
     }
 
-    pub fn set_pinned(&mut self, name: &str, pinned: bool) -> Result<(), EngineError> {
+    /// Pins (uploading now if loaded; refused, and left unpinned, if it does not fit) or unpins.
+    pub fn set_pinned(&mut self, name: &str, pinned: bool, budget: &mut MemoryBudget) -> Result<(), EngineError> {
         let r = self
             .registry
             .get_mut(name)
             .ok_or_else(|| EngineError::UnknownAdapter(name.into()))?;
         r.pinned = pinned;
+        if pinned {
+            if let Err(e) = self.make_resident(name, budget) {
+                if let Some(r) = self.registry.get_mut(name) {
+                    r.pinned = false;
+                }
+                return Err(e);
+            }
+        }
         Ok(())
     }
 
@@ -300,11 +334,50 @@ impl<B: Backend> AdapterManager<B> {
         self.largest_host = self.largest_host.max(host.bytes());
         self.host.retain(|(n, _)| *n != name);
         self.host.push((name, host));
-        // Evict least recently used host copies over budget (never the one just loaded).
-        while self.host.len() > 1 && self.host.iter().map(|(_, h)| h.bytes()).sum::<usize>() > self.host_budget {
-            self.host.remove(0);
+        // Evict least recently used host copies over budget: never the one just loaded, never a
+        // pinned one (pinned adapters may hold the host tier above its budget).
+        while self.host.iter().map(|(_, h)| h.bytes()).sum::<usize>() > self.host_budget {
+            let registry = &self.registry;
+            let unpinned = |(n, _): &(String, Arc<HostAdapter>)| registry.get(n).is_none_or(|r| !r.pinned);
+            let Some(victim) = self.host[..self.host.len() - 1].iter().position(unpinned) else {
+                break;
+            };
+            self.host.remove(victim);
             self.stats.host_evictions += 1;
         }
+    }
+
+    /// Uploads a pinned adapter now, so that its pages are charged to the budget from the start
+    /// and are never evicted.
+    fn make_resident(&mut self, name: &str, budget: &mut MemoryBudget) -> Result<(), EngineError> {
+        if !self.host.iter().any(|(n, _)| n == name) {
+            // Not loaded yet: it becomes resident on first use and stays.
+            self.prefetch(name);
+            return Ok(());
+        }
+        let refused = |reason: String| EngineError::AdapterLoad {
+            name: name.into(),
+            reason,
+        };
+        let err = match self.acquire(name, budget) {
+            Acquire::Ready(_) if self.pinned_bytes() + self.kv_floor <= budget.total() => return Ok(()),
+            Acquire::Ready(_) => refused(format!(
+                "pinned adapters would hold {} B of the {} B memory budget, leaving less than one \
+                 sequence of max_model_len needs for its KV cache ({} B): raise --memory-budget-mb or \
+                 pin fewer adapters",
+                self.pinned_bytes(),
+                budget.total(),
+                self.kv_floor
+            )),
+            Acquire::Pending => refused(format!(
+                "pinned, it must stay in device memory, but the memory budget ({} B, {} B free) is held by \
+                 other pinned adapters and running requests: raise --memory-budget-mb or pin fewer adapters",
+                budget.total(),
+                budget.free()
+            )),
+            Acquire::Failed(e) => e,
+        };
+        Err(err)
     }
 
     /// Starts loading `name` into the host tier if it is registered and not yet there.

@@ -110,7 +110,7 @@ impl<B: Backend> Scheduler<B> {
             .backend
             .new_page_pool(page, num_pages, cfg.adapter_dtype)
             .map_err(|e| EngineError::Model(e.to_string()))?;
-        let adapters = AdapterManager::new(
+        let mut adapters = AdapterManager::new(
             model.backend.clone(),
             model.cfg.clone(),
             pool,
@@ -119,6 +119,7 @@ impl<B: Backend> Scheduler<B> {
             cfg.host_adapter_budget,
             cfg.max_lora_rank,
         );
+        adapters.keep_for_kv(cfg.max_model_len.div_ceil(cfg.block_size) * block_bytes);
         let blocks = BlockAllocator::new(num_blocks, cfg.block_size);
         Ok(Self::new(model, tokenizer, eos, cfg, adapters, kv, blocks, block_bytes))
     }
@@ -211,7 +212,7 @@ impl<B: Backend> Scheduler<B> {
                 preloaded,
                 reply,
             } => {
-                let _ = reply.send(self.adapters.register(&name, path, pinned, preloaded));
+                let _ = reply.send(self.adapters.register(&name, path, pinned, preloaded, &mut self.budget));
             }
             Command::UnregisterAdapter { name, reply } => {
                 let _ = reply.send(self.adapters.unregister(&name, &mut self.budget));
@@ -227,7 +228,7 @@ impl<B: Backend> Scheduler<B> {
                 );
             }
             Command::PinAdapter { name, pinned, reply } => {
-                let _ = reply.send(self.adapters.set_pinned(&name, pinned));
+                let _ = reply.send(self.adapters.set_pinned(&name, pinned, &mut self.budget));
             }
             Command::Adapters { reply } => {
                 let _ = reply.send(self.adapters.info());

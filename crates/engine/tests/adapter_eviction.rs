@@ -22,10 +22,16 @@ fn only_idle_unpinned_adapters_are_unregistered_in_the_given_order() -> Result<(
     let mut m = AdapterManager::new(CpuBackend::default(), cfg.clone(), pool, pages, page * 4, 1 << 30, 64);
     let path = dir.path().join("adapters").join("llama-r1-qv");
     let host = Arc::new(load_peft_adapter("x", &path, &cfg)?);
-    for n in ["queued", "leased", "pinned", "idle-1", "idle-2"] {
-        m.register(n, path.clone(), n == "pinned", Some(host.clone()))?;
-    }
     let mut budget = MemoryBudget::new(64 << 20);
+    for n in ["queued", "leased", "pinned", "idle-1", "idle-2"] {
+        m.register(n, path.clone(), n == "pinned", Some(host.clone()), &mut budget)?;
+    }
+    // The pinned adapter was uploaded when it was registered.
+    let pinned_pages = m.pages_in_use();
+    ensure!(
+        pinned_pages > 0 && budget.adapter_bytes() > 0,
+        "pinned adapter not resident"
+    );
     let Acquire::Ready(lease) = m.acquire("leased", &mut budget) else {
         anyhow::bail!("upload failed")
     };
@@ -43,6 +49,10 @@ fn only_idle_unpinned_adapters_are_unregistered_in_the_given_order() -> Result<(
     drop(lease);
     let gone = m.unregister_first_idle(&busy, &in_use, &mut budget);
     ensure!(gone.as_deref() == Some("leased"), "{gone:?}");
-    ensure!(m.pages_in_use() == 0, "{} pages still in use", m.pages_in_use());
+    ensure!(
+        m.pages_in_use() == pinned_pages,
+        "{} pages in use, the pinned adapter's {pinned_pages} expected",
+        m.pages_in_use()
+    );
     Ok(())
 }

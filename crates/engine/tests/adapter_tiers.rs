@@ -41,10 +41,10 @@ fn host_tier_evicts_device_backed_then_least_recently_used() -> Result<()> {
         "llama-rank-alpha-pattern",
         "llama-r16-rslora-qkvo",
     ];
-    for n in names {
-        m.register(n, dir.path().join("adapters").join(n), false, None)?;
-    }
     let mut budget = MemoryBudget::new(10 << 20);
+    for n in names {
+        m.register(n, dir.path().join("adapters").join(n), false, None, &mut budget)?;
+    }
     let load = |m: &mut AdapterManager<CpuBackend>, name: &str| -> Result<()> {
         m.prefetch(name);
         wait_loaded(m, name)

@@ -375,3 +375,56 @@ fn impossible_requests_are_rejected_up_front() -> Result<()> {
     }
     Ok(())
 }
+
+/// A pinned adapter keeps its host copy when the host tier is over budget: the others go.
+#[test]
+fn the_host_tier_never_evicts_a_pinned_adapter() -> Result<()> {
+    let (dir, base) = fixture()?;
+    let adapters = dir.path().join("adapters");
+    let bundle = ModelBundle::load(CpuBackend::default(), &base, None)?;
+    let cfg = EngineConfig {
+        host_adapter_budget: 1,
+        ..small()
+    };
+    let mut s = Scheduler::build(bundle.model, None, vec![], cfg)?;
+    register(&mut s, &adapters, "llama-r64-mlp", true)?;
+    for name in ["llama-r8-all-linear", "llama-r1-qv"] {
+        register(&mut s, &adapters, name, false)?;
+    }
+    let tiers = |s: &mut Scheduler<CpuBackend>| -> Result<Vec<(String, quiver_engine::adapters::Tier)>> {
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        s.handle(Command::Adapters { reply: tx });
+        Ok(rx.try_recv()?.into_iter().map(|a| (a.name, a.tier)).collect())
+    };
+    use quiver_engine::adapters::Tier;
+    // Each unpinned adapter in turn: run one request on it, which loads it into the host tier.
+    for name in ["llama-r8-all-linear", "llama-r1-qv"] {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut r = request(1, 1);
+        r.adapter = Some(name.into());
+        s.handle(Command::Submit {
+            request: valid(&s, r),
+            events: tx,
+        });
+        let t = Instant::now();
+        while !matches!(rx.try_recv(), Ok(Event::Finished { .. })) {
+            ensure!(t.elapsed() < Duration::from_secs(30), "{name} did not finish");
+            s.step()?;
+        }
+    }
+    let t = Instant::now();
+    while !tiers(&mut s)?.contains(&("llama-r64-mlp".into(), Tier::Host)) {
+        ensure!(
+            t.elapsed() < Duration::from_secs(30),
+            "the pinned adapter never reached the host tier"
+        );
+        s.step()?;
+    }
+    let got = tiers(&mut s)?;
+    ensure!(
+        got.contains(&("llama-r8-all-linear".into(), Tier::Device))
+            && got.contains(&("llama-r1-qv".into(), Tier::Device)),
+        "{got:?}"
+    );
+    Ok(())
+}

@@ -22,6 +22,9 @@ use crate::state::AppState;
 struct LoadBody {
     lora_name: Option<String>,
     lora_path: Option<String>,
+    /// SGLang's field: keep the adapter in device memory, never evicted.
+    #[serde(default)]
+    pinned: bool,
 }
 
 pub async fn load_lora_adapter(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
@@ -46,7 +49,7 @@ pub async fn load_lora_adapter(State(state): State<Arc<AppState>>, headers: Head
             ApiError::bad("runtime adapter loading is disabled: start the server with --adapter-root")
         })?;
         let dir = safe_join(root, &path)?;
-        load_admin(&state, &name, dir).await?;
+        load_admin(&state, &name, dir, b.pinned).await?;
         Ok::<_, ApiError>(format!("Success: LoRA adapter '{name}' added successfully."))
     }
     .await;

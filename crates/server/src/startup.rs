@@ -25,6 +25,9 @@ pub struct ServerOptions {
     pub model: PathBuf,
     pub served_model_name: Option<String>,
     pub lora_modules: Vec<(String, PathBuf)>,
+    /// Names among `lora_modules` that are pinned: uploaded at start, never evicted, their bytes
+    /// held in the memory budget (`--pinned-lora-modules`).
+    pub pinned_adapters: Vec<String>,
     pub adapter_root: Option<PathBuf>,
     pub api_key: Option<String>,
     pub admin_key: Option<String>,
@@ -101,16 +104,28 @@ impl ServerOptions {
     }
 }
 
-/// The KV cache must hold one sequence of the longest length requests may ask for.
-fn check_kv_capacity(kv_tokens: usize, max_model_len: usize, budget: usize) -> anyhow::Result<()> {
+/// The longest sequence served: the model's own (or `--max-model-len`), and no longer than the KV
+/// share of the budget holds. A `--max-model-len` that does not fit is refused, naming the
+/// largest that does; the model's own maximum is capped to it instead, with a log line.
+fn fit_model_len(given: Option<usize>, model_len: usize, kv_tokens: usize, budget: usize) -> anyhow::Result<usize> {
+    if model_len <= kv_tokens {
+        return Ok(model_len);
+    }
+    let mib = budget as f64 / (1 << 20) as f64;
     anyhow::ensure!(
-        kv_tokens >= max_model_len,
-        "the memory budget ({:.1} MiB) holds a KV cache of {kv_tokens} tokens, fewer than one sequence of \
-         max_model_len {max_model_len} needs: raise --memory-budget-mb (on a GPU: \
-         --gpu-memory-utilization) or lower --max-model-len",
-        budget as f64 / (1 << 20) as f64
+        given.is_none() && kv_tokens > 1,
+        "--max-model-len {model_len} does not fit: the memory budget ({mib:.1} MiB) holds a KV cache of \
+         {kv_tokens} tokens, so the largest --max-model-len that fits is {kv_tokens}; raise \
+         --memory-budget-mb (on a GPU: --gpu-memory-utilization), use a smaller --kv-cache-dtype, or \
+         lower --max-model-len"
     );
-    Ok(())
+    tracing::info!(
+        model_len,
+        max_model_len = kv_tokens,
+        "the memory budget ({mib:.1} MiB) holds {kv_tokens} tokens of KV cache: max_model_len capped to \
+         {kv_tokens} (raise --memory-budget-mb for more)"
+    );
+    Ok(kv_tokens)
 }
 
 /// Loads the model, starts the engine and registers the start-up adapters (each validated fully:
@@ -184,17 +199,20 @@ fn build_on<B: Backend>(
     tracing::info!(backend = %backend.name(), "loading {}", opts.model.display());
     let bundle = ModelBundle::load_with(backend, &opts.model, opts.max_model_len, opts.quantization)?;
     let cfg = bundle.model.cfg.clone();
-    let max_model_len = bundle.model.max_positions();
+    let model_len = bundle.model.max_positions();
     let served_name = opts
         .served_model_name
         .clone()
         .unwrap_or_else(|| opts.model.display().to_string());
     let mut engine_cfg = opts.engine.clone();
-    engine_cfg.max_model_len = max_model_len;
     if let Some(budget) = device_budget.map(|f| f()).transpose()?.flatten() {
         tracing::info!(bytes = budget, "KV + adapter budget sized from free device memory");
         engine_cfg.memory_budget = budget;
     }
+    let block_bytes = bundle.model.kv_layout(1, engine_cfg.block_size).bytes_per_block();
+    let kv_tokens = engine_cfg.memory_budget / block_bytes * engine_cfg.block_size;
+    let max_model_len = fit_model_len(opts.max_model_len, model_len, kv_tokens, engine_cfg.memory_budget)?;
+    engine_cfg.max_model_len = max_model_len;
     let limits = Limits {
         max_body_bytes: opts.max_body_bytes,
         max_concurrent: opts.max_concurrent,
@@ -202,7 +220,6 @@ fn build_on<B: Backend>(
         max_loras: engine_cfg.max_num_seqs,
         connections: opts.connections.clone(),
     };
-    let budget = engine_cfg.memory_budget;
     let tokenizer = Arc::new(bundle.tokenizer);
     let engine = Engine::start(
         bundle.model,
@@ -210,12 +227,12 @@ fn build_on<B: Backend>(
         bundle.eos_token_ids.clone(),
         engine_cfg,
     )?;
-    check_kv_capacity(engine.validator().limits().max_kv_tokens, max_model_len, budget)?;
     let mut adapters = BTreeMap::new();
     for (name, path) in &opts.lora_modules {
         let host = load_peft_adapter(name, path, &cfg)?;
+        let pinned = opts.pinned_adapters.contains(name);
         engine
-            .register_loaded_adapter(name, path.clone(), false, Arc::new(host))?
+            .register_loaded_adapter(name, path.clone(), pinned, Arc::new(host))?
             .blocking_recv()??;
         adapters.insert(name.clone(), path.clone());
     }

@@ -51,7 +51,10 @@ type Flight = Shared<BoxFuture<'static, Outcome>>;
 /// Who asked for a registration: only just-in-time ones count against the cap and are evicted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Origin {
-    Admin,
+    /// The admin endpoint; `pinned` is its body's field (SGLang's).
+    Admin {
+        pinned: bool,
+    },
     JustInTime,
 }
 
@@ -221,12 +224,12 @@ async fn read(state: &Arc<AppState>, name: &str, dir: &Path) -> Result<HostAdapt
 
 /// The admin load endpoint: loads `dir` under `name`, ignoring (and on success clearing) a
 /// remembered just-in-time failure. Its own failures are answered, not remembered.
-pub async fn load_admin(state: &Arc<AppState>, name: &str, dir: PathBuf) -> Result<(), ApiError> {
+pub async fn load_admin(state: &Arc<AppState>, name: &str, dir: PathBuf, pinned: bool) -> Result<(), ApiError> {
     if is_registered(state, name) {
         return Err(already_loaded(name));
     }
     let outcome = match read(state, name, &dir).await {
-        Ok(host) => register(state, name, &dir, host, Origin::Admin).await,
+        Ok(host) => register(state, name, &dir, host, Origin::Admin { pinned }).await,
         Err(e) => Err(e),
     };
     if outcome.is_ok() {
@@ -254,7 +257,7 @@ async fn register(state: &Arc<AppState>, name: &str, dir: &Path, host: HostAdapt
         // A just-in-time request names the model: whoever registered the name first serves it.
         return match origin {
             Origin::JustInTime => Ok(name.to_string()),
-            Origin::Admin => Err(already_loaded(name)),
+            Origin::Admin { .. } => Err(already_loaded(name)),
         };
     }
     if origin == Origin::JustInTime {
@@ -262,7 +265,12 @@ async fn register(state: &Arc<AppState>, name: &str, dir: &Path, host: HostAdapt
     }
     state
         .engine
-        .register_loaded_adapter(name, dir.to_path_buf(), false, Arc::new(host))?
+        .register_loaded_adapter(
+            name,
+            dir.to_path_buf(),
+            origin == Origin::Admin { pinned: true },
+            Arc::new(host),
+        )?
         .await
         .map_err(|_| ApiError::Unavailable)??;
     if let Ok(mut a) = state.adapters.write() {

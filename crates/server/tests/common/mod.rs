@@ -51,6 +51,7 @@ pub async fn server_with(
         model: dir.path().join("base"),
         served_model_name: Some("base".into()),
         lora_modules: vec![(preloaded.into(), adapters.join(preloaded))],
+        pinned_adapters: vec![],
         adapter_root: Some(adapters.clone()),
         api_key: api_key.map(str::to_string),
         admin_key: None,
