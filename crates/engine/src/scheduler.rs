@@ -234,6 +234,9 @@ impl<B: Backend> Scheduler<B> {
                 let _ = reply.send(self.adapters.info());
             }
             Command::Stats { reply } => {
+                // Counters of unregistered adapters go: adapter churn must not grow them forever.
+                let adapters = &self.adapters;
+                (self.stats.requests.per_adapter).retain(|name, _| name.is_empty() || adapters.is_registered(name));
                 let _ = reply.send(self.stats());
             }
         }

@@ -428,3 +428,52 @@ fn the_host_tier_never_evicts_a_pinned_adapter() -> Result<()> {
     );
     Ok(())
 }
+
+/// Per-adapter request counters end with their adapter: churn through many names must not grow
+/// the metrics forever.
+#[test]
+fn counters_of_unregistered_adapters_are_dropped() -> Result<()> {
+    let (dir, base) = fixture()?;
+    let adapters = dir.path().join("adapters");
+    let bundle = ModelBundle::load(CpuBackend::default(), &base, None)?;
+    let mut s = Scheduler::build(bundle.model, None, vec![], small())?;
+    let stats = |s: &mut Scheduler<CpuBackend>| -> Result<quiver_engine::EngineStats> {
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        s.handle(Command::Stats { reply: tx });
+        Ok(rx.try_recv()?)
+    };
+    for k in 0..3 {
+        let name = format!("churn-{k}");
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        s.handle(Command::RegisterAdapter {
+            name: name.clone(),
+            path: adapters.join("llama-r1-qv"),
+            pinned: false,
+            preloaded: None,
+            reply: tx,
+        });
+        rx.try_recv()??;
+        let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+        let mut r = request(1, 1);
+        r.adapter = Some(name.clone());
+        s.handle(Command::Submit {
+            request: valid(&s, r),
+            events: tx,
+        });
+        let t = Instant::now();
+        while !matches!(events.try_recv(), Ok(Event::Finished { .. })) {
+            ensure!(t.elapsed() < Duration::from_secs(30), "{name} did not finish");
+            s.step()?;
+        }
+        ensure!(stats(&mut s)?.requests.per_adapter.contains_key(&name));
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        s.handle(Command::UnregisterAdapter {
+            name: name.clone(),
+            reply: tx,
+        });
+        rx.try_recv()??;
+    }
+    let names: Vec<String> = stats(&mut s)?.requests.per_adapter.into_keys().collect();
+    ensure!(names.is_empty(), "{names:?}");
+    Ok(())
+}
