@@ -11,8 +11,11 @@ use crate::lora::{AdapterRun, LoraAdapter};
 /// millions of pages, and a free list of all of them would cost gigabytes of host memory.
 #[derive(Debug)]
 pub struct BlockAllocator {
-    /// Released ids, reused last-released first.
+    /// Released ids, reused last-released first. Their memory is still touched (resident).
     released: Vec<u32>,
+    /// Released ids whose memory went back to the OS ([`Self::trim`]): reused after `released`,
+    /// before never-used ids.
+    cold: Vec<u32>,
     /// Ids `fresh..total` have never been handed out.
     fresh: usize,
     total: usize,
@@ -23,6 +26,7 @@ impl BlockAllocator {
     pub fn new(total: usize, block_size: usize) -> Self {
         BlockAllocator {
             released: Vec::new(),
+            cold: Vec::new(),
             fresh: 0,
             total: total.min(u32::MAX as usize),
             block_size,
@@ -35,7 +39,24 @@ impl BlockAllocator {
         self.total
     }
     pub fn num_free(&self) -> usize {
-        self.released.len() + (self.total - self.fresh)
+        self.released.len() + self.cold.len() + (self.total - self.fresh)
+    }
+    /// Ids whose memory may be resident: handed out at some time and not trimmed since.
+    pub fn touched(&self) -> usize {
+        self.fresh - self.cold.len()
+    }
+    /// Of `n` ids about to be allocated, how many would touch memory not resident now.
+    pub fn untouched_needed(&self, n: usize) -> usize {
+        n.saturating_sub(self.released.len())
+    }
+    /// Moves up to `n` released ids to the cold list and returns them: the caller gives their
+    /// memory back to the OS (they read as zeros when next used).
+    pub fn trim(&mut self, n: usize) -> Vec<u32> {
+        // The longest released first: the last released are the next reused.
+        let take = n.min(self.released.len());
+        let ids: Vec<u32> = self.released.drain(..take).collect();
+        self.cold.extend_from_slice(&ids);
+        ids
     }
     pub fn blocks_for(&self, tokens: usize) -> usize {
         tokens.div_ceil(self.block_size)
@@ -48,7 +69,9 @@ impl BlockAllocator {
             let reused = n.min(self.released.len());
             let mut blocks = self.released.split_off(self.released.len() - reused);
             blocks.reverse();
-            let more = n - reused;
+            let cold = (n - reused).min(self.cold.len());
+            blocks.extend(self.cold.drain(self.cold.len() - cold..).rev());
+            let more = n - reused - cold;
             blocks.extend((self.fresh..self.fresh + more).map(|b| b as u32));
             self.fresh += more;
             blocks
@@ -63,6 +86,20 @@ impl BlockAllocator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn trimmed_ids_are_untouched_and_reused_after_warm_ones() {
+        let mut a = BlockAllocator::new(8, 16);
+        assert_eq!(a.alloc_many(4), Some(vec![0, 1, 2, 3]));
+        assert_eq!(a.touched(), 4);
+        a.release([0, 1, 2]);
+        assert_eq!(a.trim(2), vec![0, 1], "the longest released go cold first");
+        assert_eq!((a.touched(), a.num_free()), (2, 7));
+        assert_eq!(a.untouched_needed(3), 2, "one warm id left");
+        assert_eq!(a.alloc_many(4), Some(vec![2, 1, 0, 4]), "warm, then cold, then fresh");
+        assert_eq!(a.touched(), 5);
+        assert_eq!(a.trim(1), Vec::<u32>::new(), "nothing released to trim");
+    }
 
     #[test]
     fn allocator_hands_out_ascending_then_reuses_last_released_first() {
