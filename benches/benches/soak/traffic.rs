@@ -13,8 +13,8 @@ use serde_json::json;
 use crate::client::{disconnect_after, request, stall};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
-/// Between the churning client's rounds: busy, not a flood. The disconnecting client has no pause
-/// (thousands of dropped streams a second are part of the test).
+/// Between the rounds of the disconnecting and churning clients: busy, not a flood (the hostile
+/// client is the flood).
 const PAUSE: Duration = Duration::from_millis(20);
 
 #[derive(Default)]
@@ -92,6 +92,7 @@ pub async fn disconnecting(addr: SocketAddr, models: Vec<String>, seed: u64, tal
             "disconnecting",
             if r.is_ok() { "dropped".into() } else { "io".into() },
         );
+        tokio::time::sleep(PAUSE).await;
     }
 }
 
