@@ -44,8 +44,7 @@ async fn a_repeated_prompt_reports_cached_tokens_and_the_counters_move() -> Resu
         let (status, text) = http(srv.addr, "POST", "/v1/chat/completions", Some(&body.to_string()), None).await?;
         ensure!(status == 200, "{status}: {text}");
         let last = (text.lines().filter_map(|l| l.strip_prefix("data: ")))
-            .filter(|f| *f != "[DONE]")
-            .last()
+            .rfind(|f| *f != "[DONE]")
             .context("no chunk")?;
         let usage: Value = json_of(last)?["usage"].clone();
         cached.push(
