@@ -353,3 +353,56 @@ fn permutations(n: usize) -> Vec<Vec<usize>> {
     }
     out
 }
+
+/// With the budget full of idle cached blocks, an adapter upload makes room by evicting them
+/// (no request waits forever); once that adapter is idle, a request that needs memory evicts
+/// it before any cached block (the documented ranking).
+#[test]
+fn idle_cached_blocks_yield_to_uploads_and_idle_adapters_go_first() -> Result<()> {
+    let f = fixture()?;
+    let budget = 100 << 10;
+    let engine = start(
+        &f,
+        true,
+        EngineConfig {
+            memory_budget: budget,
+            ..Default::default()
+        },
+    )?;
+    // Distinct 40-token base prompts until the cache holds nearly the whole budget.
+    let mut i = 0u32;
+    while stats(&engine)?.prefix_cache_bytes + (8 << 10) < budget {
+        let prompt: Vec<u32> = (0..40).map(|t| (t * 13 + i * 31) % 250 + 3).collect();
+        run(&engine, request(prompt, None, 1, 1))?;
+        i += 1;
+        ensure!(i < 100, "the cache does not fill: {:?}", stats(&engine)?);
+    }
+    let full = stats(&engine)?;
+    ensure!(
+        full.adapter_bytes == 0 && full.kv_bytes == full.prefix_cache_idle_bytes,
+        "{full:?}"
+    );
+    // The upload needs memory only idle cached blocks hold.
+    let c = run(&engine, request(vec![7; 5], Some("kv"), 1, 2))?;
+    ensure!(c[0].0.len() == 2, "{c:?}");
+    let uploaded = stats(&engine)?;
+    ensure!(
+        uploaded.adapters.uploads == 1 && uploaded.adapter_bytes > 0,
+        "{uploaded:?}"
+    );
+    ensure!(
+        uploaded.prefix_cache_bytes < full.prefix_cache_bytes,
+        "cached blocks made room"
+    );
+    // A small base request needs a block or two, fewer bytes than the idle adapter holds: the
+    // adapter goes, the cached blocks stay.
+    ensure!(uploaded.memory_budget - uploaded.kv_bytes - uploaded.adapter_bytes < 4 << 10);
+    run(&engine, request(vec![9; 5], None, 1, 2))?;
+    let after = stats(&engine)?;
+    ensure!(after.adapters.device_evictions == 1, "{after:?}");
+    ensure!(
+        after.prefix_cache_bytes >= uploaded.prefix_cache_bytes,
+        "a cached block went before the idle adapter: {uploaded:?} then {after:?}"
+    );
+    Ok(())
+}
