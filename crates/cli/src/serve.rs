@@ -79,6 +79,16 @@ pub struct ServeArgs {
     /// Tokens per engine step (decode tokens plus prefill chunks).
     #[arg(long, default_value_t = 512, env = "QUIVER_MAX_NUM_BATCHED_TOKENS")]
     pub max_num_batched_tokens: usize,
+    /// Automatic prefix caching (on by default): full KV blocks are kept, keyed by their tokens,
+    /// the tokens before them and the adapter (and its load), and reused by requests that start
+    /// the same way; idle ones are evicted when memory is needed. `--no-enable-prefix-caching`
+    /// turns it off; of the two flags the last given wins.
+    #[arg(long, env = "QUIVER_ENABLE_PREFIX_CACHING", default_value_t = true, num_args = 0..=1,
+          default_missing_value = "true", action = clap::ArgAction::Set,
+          overrides_with = "no_enable_prefix_caching")]
+    pub enable_prefix_caching: bool,
+    #[arg(long, overrides_with = "enable_prefix_caching")]
+    pub no_enable_prefix_caching: bool,
     /// `adapter-rr` (per-adapter queues in rotation) or `fcfs`.
     #[arg(long, default_value = "adapter-rr", env = "QUIVER_SCHEDULING_POLICY")]
     pub scheduling_policy: String,
@@ -132,6 +142,13 @@ pub struct ServeArgs {
 }
 
 /// A duration flag in seconds (fractions allowed).
+impl ServeArgs {
+    /// `--enable-prefix-caching` unless `--no-enable-prefix-caching` came last.
+    fn prefix_caching(&self) -> bool {
+        self.enable_prefix_caching && !self.no_enable_prefix_caching
+    }
+}
+
 fn seconds(s: &str) -> Result<Duration, String> {
     let secs: f64 = s.trim().parse().map_err(|e| format!("{s:?}: {e}"))?;
     Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?} seconds: {e}"))
@@ -243,6 +260,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             policy,
             adapter_dtype: lora_dtype,
             max_request_prompt_tokens: args.max_request_prompt_tokens,
+            enable_prefix_caching: args.prefix_caching(),
             ..EngineConfig::default()
         },
         connections: ConnectionLimits {
@@ -299,7 +317,24 @@ async fn shutdown_signal() {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_module;
+    use clap::Parser;
+
+    use super::{parse_module, ServeArgs};
+
+    #[test]
+    fn prefix_caching_is_on_unless_turned_off_last() -> anyhow::Result<()> {
+        let on = |args: &[&str]| -> anyhow::Result<bool> {
+            let argv = std::iter::once("quiver serve").chain(args.iter().copied());
+            Ok(ServeArgs::try_parse_from(argv)?.prefix_caching())
+        };
+        assert!(on(&[])?);
+        assert!(!on(&["--no-enable-prefix-caching"])?);
+        assert!(on(&["--enable-prefix-caching"])?);
+        assert!(!on(&["--enable-prefix-caching", "--no-enable-prefix-caching"])?);
+        assert!(on(&["--no-enable-prefix-caching", "--enable-prefix-caching"])?);
+        assert!(!on(&["--enable-prefix-caching", "false"])?);
+        Ok(())
+    }
 
     #[test]
     fn lora_modules_take_both_forms_and_json_pinning() -> anyhow::Result<()> {

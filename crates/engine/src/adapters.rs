@@ -50,8 +50,18 @@ pub struct AdapterStats {
     pub host_evictions: u64,
 }
 
+/// A running request's hold on a device adapter, with the identity of the weights it holds.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    pub adapter: Arc<LoraAdapter>,
+    /// The registration these weights were loaded under: unique across the manager's life and
+    /// bumped by every (re-)registration, so a reloaded adapter has a new one. Never 0 (the
+    /// prefix cache's identity of the base model).
+    pub generation: u64,
+}
+
 pub enum Acquire {
-    Ready(Arc<LoraAdapter>),
+    Ready(Lease),
     /// Being loaded or waiting for device memory; ask again next step.
     Pending,
     Failed(EngineError),
@@ -69,6 +79,7 @@ struct Device {
     adapter: Arc<LoraAdapter>,
     bytes: usize,
     last_used: u64,
+    generation: u64,
 }
 
 type LoadResult = (String, u64, Result<HostAdapter, String>);
@@ -409,10 +420,14 @@ impl<B: Backend> AdapterManager<B> {
                 reason,
             });
         }
+        let generation = reg.generation;
         if let Some(d) = self.device.get_mut(name) {
             d.last_used = self.clock;
             self.stats.device_hits += 1;
-            return Acquire::Ready(d.adapter.clone());
+            return Acquire::Ready(Lease {
+                adapter: d.adapter.clone(),
+                generation: d.generation,
+            });
         }
         let Some(pos) = self.host.iter().position(|(n, _)| n == name) else {
             // No load from here: admission asks for every waiting request's adapter, and loading
@@ -424,15 +439,7 @@ impl<B: Backend> AdapterManager<B> {
         let entry = self.host.remove(pos);
         let host = entry.1.clone();
         self.host.push(entry);
-        let need_pages: usize = host
-            .modules
-            .iter()
-            .map(|m| {
-                let (i, o) = m.kind.dims(&self.cfg);
-                m.rank * (i + o) / self.pages.block_size()
-            })
-            .sum();
-        let bytes = need_pages * self.page_bytes;
+        let bytes = self.device_bytes(&host);
         if bytes > budget.total() {
             return Acquire::Failed(EngineError::AdapterLoad {
                 name: name.into(),
@@ -470,9 +477,10 @@ impl<B: Backend> AdapterManager<B> {
                         adapter: adapter.clone(),
                         bytes,
                         last_used: self.clock,
+                        generation,
                     },
                 );
-                Acquire::Ready(adapter)
+                Acquire::Ready(Lease { adapter, generation })
             }
             Err(e) => Acquire::Failed(EngineError::AdapterLoad {
                 name: name.into(),
@@ -498,6 +506,27 @@ impl<B: Backend> AdapterManager<B> {
             }
         }
         true
+    }
+
+    /// Bytes an upload of `name` needs: `Some` when its host copy is ready and no device copy
+    /// exists (an acquire that returned `Pending` then waits for memory, not for a load).
+    pub fn upload_bytes(&self, name: &str) -> Option<usize> {
+        if self.device.contains_key(name) {
+            return None;
+        }
+        let (_, host) = self.host.iter().find(|(n, _)| n == name)?;
+        Some(self.device_bytes(host))
+    }
+
+    /// Budget bytes of `host`'s pages once uploaded.
+    fn device_bytes(&self, host: &HostAdapter) -> usize {
+        let pages: usize = (host.modules.iter())
+            .map(|m| {
+                let (i, o) = m.kind.dims(&self.cfg);
+                m.rank * (i + o) / self.pages.block_size()
+            })
+            .sum();
+        pages * self.page_bytes
     }
 
     /// Frees device memory for KV blocks by evicting idle adapters; true if `bytes` now fit.

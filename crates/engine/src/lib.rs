@@ -4,9 +4,11 @@
 pub mod adapters;
 pub mod engine;
 pub mod error;
+mod kv_memory;
 pub mod memory;
 pub mod metrics;
 pub mod output;
+pub mod prefix;
 pub mod queue;
 pub mod request;
 pub mod sampling;
@@ -47,6 +49,9 @@ pub struct EngineConfig {
     /// Most prompt tokens per request, counted per choice (prompts × `n`); `None`: `MAX_N` ×
     /// `max_model_len`, so any single prompt at any `n` fits.
     pub max_request_prompt_tokens: Option<usize>,
+    /// Automatic prefix caching: full KV blocks are kept, keyed by their tokens, the tokens
+    /// before them and the adapter's identity, and reused by later requests (see `prefix`).
+    pub enable_prefix_caching: bool,
 }
 
 impl Default for EngineConfig {
@@ -63,6 +68,7 @@ impl Default for EngineConfig {
             adapter_dtype: DType::F32,
             prefetch: 8,
             max_request_prompt_tokens: None,
+            enable_prefix_caching: true,
         }
     }
 }

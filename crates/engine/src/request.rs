@@ -96,6 +96,9 @@ pub enum Event {
         reason: FinishReason,
         prompt_tokens: usize,
         completion_tokens: usize,
+        /// Prompt tokens served from the prefix cache (OpenAI's
+        /// `usage.prompt_tokens_details.cached_tokens`).
+        cached_tokens: usize,
         /// From submission until the choice first ran (adapter loading and queueing included).
         queue_time: Duration,
     },
@@ -114,6 +117,13 @@ pub struct EngineStats {
     pub kv_bytes: usize,
     pub adapter_bytes: usize,
     pub adapter_pages_used: usize,
+    /// Tokens looked up in the prefix cache and tokens found (vLLM v1's counters).
+    pub prefix_cache_queries: u64,
+    pub prefix_cache_hits: u64,
+    /// Bytes of KV blocks in the prefix cache (part of `kv_bytes`), and of those nobody holds
+    /// (evicted when memory is needed).
+    pub prefix_cache_bytes: usize,
+    pub prefix_cache_idle_bytes: usize,
     pub preemptions: u64,
     pub steps: u64,
     /// Choices that ended (any reason but cancellation).

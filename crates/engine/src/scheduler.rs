@@ -4,16 +4,18 @@
 //! budget (chunked prefill). When KV memory runs out the newest sequence is preempted and later
 //! recomputed; every block and lease comes back when a sequence ends, however it ends.
 
+use std::collections::HashSet;
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
 use std::time::Instant;
 
-use quiver_model::{lora_page_size, BatchBuilder, BlockAllocator, Llama, SequenceCache, Tokenizer};
+use quiver_model::{lora_page_size, BatchBuilder, BlockAllocator, Llama, Tokenizer};
 use quiver_tensor::Backend;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::adapters::{Acquire, AdapterManager};
 use crate::error::EngineError;
+use crate::kv_memory::KvMemory;
 use crate::memory::MemoryBudget;
 use crate::queue::FairQueue;
 use crate::request::{Command, EngineStats, Event};
@@ -22,47 +24,7 @@ use crate::sequence::{Outcome, Sequence};
 use crate::validation::{Limits, ValidRequest, MAX_N};
 use crate::EngineConfig;
 
-/// KV memory: block free list plus the share of the memory budget it has taken.
-struct KvMemory {
-    blocks: BlockAllocator,
-    block_bytes: usize,
-}
-
-impl KvMemory {
-    /// Grows `cache` by `tokens` slots, charging the shared budget (evicting idle adapters if
-    /// that makes room). On failure nothing changes.
-    fn reserve<B: Backend>(
-        &mut self,
-        budget: &mut MemoryBudget,
-        adapters: &mut AdapterManager<B>,
-        cache: &mut SequenceCache,
-        tokens: usize,
-    ) -> bool {
-        let need = self
-            .blocks
-            .blocks_for(cache.len + tokens)
-            .saturating_sub(cache.block_table.len());
-        let bytes = need * self.block_bytes;
-        if need > self.blocks.num_free() {
-            return false;
-        }
-        // Take the bytes, or evict idle adapters to make room and take them then.
-        let taken = budget.take_kv(bytes) || (adapters.yield_memory(bytes, budget) && budget.take_kv(bytes));
-        if !taken {
-            return false;
-        }
-        if cache.reserve(&mut self.blocks, tokens).is_err() {
-            budget.give_kv(bytes);
-            return false;
-        }
-        true
-    }
-
-    fn release(&mut self, budget: &mut MemoryBudget, cache: &mut SequenceCache) {
-        budget.give_kv(cache.block_table.len() * self.block_bytes);
-        cache.release(&mut self.blocks);
-    }
-}
+mod commands;
 
 pub struct Scheduler<B: Backend> {
     model: Llama<B>,
@@ -127,7 +89,10 @@ impl<B: Backend> Scheduler<B> {
     /// What requests are validated against: the model, and the longest sequence the KV budget
     /// holds.
     pub fn limits(&self) -> Limits {
-        let blocks = self.mem.blocks.total().min(self.budget.total() / self.mem.block_bytes);
+        let blocks = self
+            .mem
+            .total_blocks()
+            .min(self.budget.total() / self.mem.block_bytes());
         Limits {
             max_model_len: self.cfg.max_model_len,
             vocab_size: self.model.cfg.vocab_size,
@@ -161,10 +126,10 @@ impl<B: Backend> Scheduler<B> {
             model,
             tokenizer,
             waiting: FairQueue::new(cfg.policy),
+            mem: KvMemory::new(blocks, block_bytes, cfg.enable_prefix_caching),
             cfg,
             eos,
             kv,
-            mem: KvMemory { blocks, block_bytes },
             budget,
             adapters,
             running: Vec::new(),
@@ -198,46 +163,6 @@ impl<B: Backend> Scheduler<B> {
             }
             if let Err(e) = self.step() {
                 self.fail_running(e);
-            }
-        }
-    }
-
-    pub fn handle(&mut self, cmd: Command) {
-        match cmd {
-            Command::Submit { request, events } => self.submit(request, events),
-            Command::RegisterAdapter {
-                name,
-                path,
-                pinned,
-                preloaded,
-                reply,
-            } => {
-                let _ = reply.send(self.adapters.register(&name, path, pinned, preloaded, &mut self.budget));
-            }
-            Command::UnregisterAdapter { name, reply } => {
-                let _ = reply.send(self.adapters.unregister(&name, &mut self.budget));
-            }
-            Command::UnregisterIdleAdapter { candidates, reply } => {
-                let in_use: std::collections::HashSet<&str> =
-                    (self.running.iter().filter_map(|s| s.adapter.as_deref()))
-                        .chain(self.waiting.iter().filter_map(|(k, _)| k.as_deref()))
-                        .collect();
-                let _ = reply.send(
-                    self.adapters
-                        .unregister_first_idle(&candidates, &in_use, &mut self.budget),
-                );
-            }
-            Command::PinAdapter { name, pinned, reply } => {
-                let _ = reply.send(self.adapters.set_pinned(&name, pinned, &mut self.budget));
-            }
-            Command::Adapters { reply } => {
-                let _ = reply.send(self.adapters.info());
-            }
-            Command::Stats { reply } => {
-                // Counters of unregistered adapters go: adapter churn must not grow them forever.
-                let adapters = &self.adapters;
-                (self.stats.requests.per_adapter).retain(|name, _| name.is_empty() || adapters.is_registered(name));
-                let _ = reply.send(self.stats());
             }
         }
     }
@@ -304,8 +229,7 @@ impl<B: Backend> Scheduler<B> {
         };
         let mut seq = self.running.swap_remove(i);
         self.mem.release(&mut self.budget, &mut seq.cache);
-        seq.computed = 0;
-        seq.lease = None;
+        seq.forget_kv();
         self.stats.preemptions += 1;
         self.waiting.push_front(seq.adapter.clone(), seq);
         true
@@ -362,24 +286,36 @@ impl<B: Backend> Scheduler<B> {
                 break;
             }
         }
-        // Admit new sequences while budget remains, skipping any whose adapter is not ready.
+        // Admit new sequences while budget remains, skipping any whose adapter is not ready, and
+        // later choices of a prompt an earlier choice is still prefilling: they start once its
+        // blocks are cached, so the prompt is computed once.
+        let bs = self.cfg.block_size;
+        let mut prefilling: HashSet<(u64, usize)> = (self.running.iter())
+            .filter(|s| s.computed < s.prompt_len)
+            .map(Sequence::prompt_key)
+            .collect();
         while token_budget > 0 && self.running.len() < self.cfg.max_num_seqs {
-            let (adapters, budget) = (&mut self.adapters, &mut self.budget);
+            let (adapters, budget, mem) = (&mut self.adapters, &mut self.budget, &mut self.mem);
             let mut failed: Vec<(u64, EngineError)> = Vec::new();
-            let next = self.waiting.pop_ready(|key, seq| match key {
-                None => true,
-                Some(_) if seq.lease.is_some() => true,
-                Some(name) => match adapters.acquire(name, budget) {
-                    Acquire::Ready(a) => {
-                        seq.lease = Some(a);
-                        true
-                    }
-                    Acquire::Pending => false,
-                    Acquire::Failed(e) => {
-                        failed.push((seq.id, e));
-                        true
-                    }
-                },
+            let next = self.waiting.pop_ready(|key, seq| {
+                if mem.caching() && seq.computed == 0 && seq.prompt_len > bs && prefilling.contains(&seq.prompt_key()) {
+                    return false;
+                }
+                match key {
+                    None => true,
+                    Some(_) if seq.lease.is_some() => true,
+                    Some(name) => match acquire(adapters, mem, name, budget) {
+                        Acquire::Ready(a) => {
+                            seq.lease = Some(a);
+                            true
+                        }
+                        Acquire::Pending => false,
+                        Acquire::Failed(e) => {
+                            failed.push((seq.id, e));
+                            true
+                        }
+                    },
+                }
             });
             let Some((_, mut seq)) = next else { break };
             if let Some((_, e)) = failed.into_iter().find(|(id, _)| *id == seq.id) {
@@ -387,15 +323,27 @@ impl<B: Backend> Scheduler<B> {
                 self.release(seq);
                 continue;
             }
+            let looked_up = seq.computed == 0;
+            if looked_up {
+                seq.weights = seq.lease.as_ref().map_or(0, |l| l.generation);
+                seq.chain = self.mem.lookup(seq.weights, &seq.tokens, &mut seq.cache);
+                seq.computed = seq.cache.len;
+            }
             let chunk = (seq.tokens.len() - seq.computed).min(token_budget);
             if !self
                 .mem
                 .reserve(&mut self.budget, &mut self.adapters, &mut seq.cache, chunk)
             {
-                seq.lease = None;
+                self.mem.release(&mut self.budget, &mut seq.cache);
+                seq.forget_kv();
                 self.waiting.push_front(seq.adapter.clone(), seq);
                 break;
             }
+            if looked_up {
+                self.mem.count_lookup(seq.tokens.len(), seq.cache.len);
+                seq.cached_tokens.get_or_insert(seq.cache.len);
+            }
+            prefilling.insert(seq.prompt_key());
             plan.push((self.running.len(), chunk));
             token_budget -= chunk;
             if seq.queue_time.is_none() {
@@ -428,7 +376,7 @@ impl<B: Backend> Scheduler<B> {
                 bs,
                 &seq.tokens[start..start + chunk],
                 wants_logits,
-                seq.lease.as_ref(),
+                seq.lease.as_ref().map(|l| &l.adapter),
             );
             seq.computed += chunk;
             if wants_logits {
@@ -442,6 +390,10 @@ impl<B: Backend> Scheduler<B> {
             .and_then(|t| Ok(self.model.backend.download(&t)?))
             .map_err(|e| EngineError::Model(e.to_string()))?;
         self.stats.steps += 1;
+        for &(i, _) in plan {
+            let seq = &mut self.running[i];
+            (self.mem).register(seq.weights, &seq.tokens, &seq.cache, seq.computed, &mut seq.chain);
+        }
         let vocab = self.model.cfg.vocab_size;
         let tokenizer = self.tokenizer.as_deref();
         let mut finished = Vec::new();
@@ -481,27 +433,21 @@ impl<B: Backend> Scheduler<B> {
             self.release(seq);
         }
     }
+}
 
-    pub fn stats(&self) -> EngineStats {
-        let mut running: Vec<String> = self.running.iter().filter_map(|s| s.adapter.clone()).collect();
-        running.sort();
-        running.dedup();
-        let mut waiting: Vec<String> = self.waiting.iter().filter_map(|(k, _)| k.clone()).collect();
-        waiting.sort();
-        waiting.dedup();
-        EngineStats {
-            running: self.running.len(),
-            waiting: self.waiting.len(),
-            kv_blocks_used: self.mem.blocks.total() - self.mem.blocks.num_free(),
-            kv_blocks_total: self.mem.blocks.total(),
-            memory_budget: self.budget.total(),
-            kv_bytes: self.budget.kv_bytes(),
-            adapter_bytes: self.budget.adapter_bytes(),
-            adapter_pages_used: self.adapters.pages_in_use(),
-            running_adapters: running,
-            waiting_adapters: waiting,
-            adapters: self.adapters.stats,
-            ..self.stats.clone()
-        }
+/// A lease on `name`; when its upload waits for memory that only idle cached blocks hold (idle
+/// adapters were evicted first), those blocks make room.
+fn acquire<B: Backend>(
+    adapters: &mut AdapterManager<B>,
+    mem: &mut KvMemory,
+    name: &str,
+    budget: &mut MemoryBudget,
+) -> Acquire {
+    match adapters.acquire(name, budget) {
+        Acquire::Pending => match adapters.upload_bytes(name) {
+            Some(bytes) if mem.make_room(bytes, budget) => adapters.acquire(name, budget),
+            _ => Acquire::Pending,
+        },
+        done => done,
     }
 }

@@ -5,12 +5,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use quiver_model::{LoraAdapter, SequenceCache, Tokenizer};
+use quiver_model::{SequenceCache, Tokenizer};
 use tokio::sync::mpsc::UnboundedSender;
 
+use crate::adapters::Lease;
 use crate::error::EngineError;
 use crate::metrics::RequestMetrics;
 use crate::output::TextStream;
+use crate::prefix::{Chain, WeightsId};
 use crate::queue::Key;
 use crate::request::{Delta, Event, FinishReason, StopCause};
 use crate::sampling::{Sampled, Sampler};
@@ -30,7 +32,13 @@ pub(crate) struct Sequence {
     /// Tokens whose K/V are in the cache.
     pub computed: usize,
     pub cache: SequenceCache,
-    pub lease: Option<Arc<LoraAdapter>>,
+    /// How far `cache`'s full blocks are in the prefix cache.
+    pub chain: Chain,
+    /// The weights computing this sequence's K/V (set at admission, with the lease).
+    pub weights: WeightsId,
+    /// Prompt tokens found in the prefix cache at first admission (OpenAI's `cached_tokens`).
+    pub cached_tokens: Option<usize>,
+    pub lease: Option<Lease>,
     pub sampler: Sampler,
     pub request: Arc<ValidRequest>,
     /// `None` when the engine has no tokenizer: deltas then carry tokens only.
@@ -78,6 +86,9 @@ impl Sequence {
             max_tokens: request.max_tokens(prompt_index),
             computed: 0,
             cache: SequenceCache::default(),
+            chain: Chain::default(),
+            weights: 0,
+            cached_tokens: None,
             lease: None,
             sampler,
             text,
@@ -87,6 +98,20 @@ impl Sequence {
             queue_time: None,
             last_token: None,
         }
+    }
+
+    /// The request and prompt this choice samples from: choices sharing it share the prompt's
+    /// blocks.
+    pub fn prompt_key(&self) -> (u64, usize) {
+        (self.request_id, self.index / self.request.request().n.max(1))
+    }
+
+    /// After its blocks went back (preemption, or admission that found no room): the cache is
+    /// recomputed, and the lease retaken, on admission.
+    pub fn forget_kv(&mut self) {
+        self.computed = 0;
+        self.chain = Chain::default();
+        self.lease = None;
     }
 
     pub fn generated(&self) -> usize {
@@ -152,6 +177,7 @@ impl Sequence {
             reason,
             prompt_tokens: self.prompt_len,
             completion_tokens: self.generated(),
+            cached_tokens: self.cached_tokens.unwrap_or(0),
             queue_time: self.queue_time.unwrap_or_default(),
         });
         Outcome::Finished

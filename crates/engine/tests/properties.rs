@@ -1,6 +1,9 @@
-//! Property tests of the scheduler: random arrivals, prompt and output lengths, adapters and
-//! cancellations under a small memory budget never lose a request, never leak a KV block, a
-//! budget byte or an adapter lease, never exceed the budget, and every request ends.
+//! Property tests of the scheduler: random arrivals, prompt and output lengths, `n`, adapters,
+//! adapter reloads and cancellations under a small memory budget (every prompt shares a prefix
+//! with the others, so the prefix cache is busy) never lose a request, never leak a KV block, a
+//! budget byte or an adapter lease, never exceed the budget, and every request ends. After every
+//! step the KV bookkeeping is checked: no block is freed while a sequence holds it, each cached
+//! block has as many references as holders, and at the end no reference is left.
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -30,15 +33,20 @@ enum Op {
         prompt_len: usize,
         max_tokens: usize,
         adapter: usize,
+        n: usize,
     },
     Cancel(usize),
+    /// Unregisters and registers an adapter again: a new generation, so no cached block of the
+    /// old one may be found.
+    Reload(usize),
     Step(usize),
 }
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        4 => (1usize..30, 1usize..10, 0usize..3).prop_map(|(prompt_len, max_tokens, adapter)| Op::Submit { prompt_len, max_tokens, adapter }),
+        4 => (1usize..30, 1usize..10, 0usize..3, 1usize..4).prop_map(|(prompt_len, max_tokens, adapter, n)| Op::Submit { prompt_len, max_tokens, adapter, n }),
         1 => (0usize..20).prop_map(Op::Cancel),
+        1 => (0usize..2).prop_map(Op::Reload),
         3 => (1usize..4).prop_map(Op::Step),
     ]
 }
@@ -52,7 +60,9 @@ fn stats(s: &mut Scheduler<CpuBackend>) -> EngineStats {
 struct Tracked {
     rx: Option<UnboundedReceiver<Event>>,
     max_tokens: usize,
-    tokens: usize,
+    /// Per choice.
+    tokens: Vec<usize>,
+    finished: usize,
     ended: bool,
 }
 
@@ -61,11 +71,16 @@ fn drain(t: &mut Tracked) -> Result<(), TestCaseError> {
     while let Ok(e) = rx.try_recv() {
         prop_assert!(!t.ended, "event after the end: {e:?}");
         match e {
-            Event::Delta(d) => t.tokens += d.tokens.len(),
-            Event::Finished { completion_tokens, .. } => {
-                prop_assert_eq!(completion_tokens, t.tokens);
-                prop_assert_eq!(t.tokens, t.max_tokens, "ignore_eos requests run to max_tokens");
-                t.ended = true;
+            Event::Delta(d) => t.tokens[d.index] += d.tokens.len(),
+            Event::Finished {
+                index,
+                completion_tokens,
+                ..
+            } => {
+                prop_assert_eq!(completion_tokens, t.tokens[index]);
+                prop_assert_eq!(t.tokens[index], t.max_tokens, "ignore_eos requests run to max_tokens");
+                t.finished += 1;
+                t.ended = t.finished == t.tokens.len();
             }
             Event::Error(e) => return Err(TestCaseError::fail(format!("unexpected error {e}"))),
         }
@@ -102,6 +117,7 @@ fn run(ops: Vec<Op>, policy: Policy) -> Result<(), TestCaseError> {
     let check_budget = |s: &mut Scheduler<CpuBackend>| -> Result<(), TestCaseError> {
         let st = stats(s);
         prop_assert!(st.kv_bytes + st.adapter_bytes <= budget, "budget exceeded: {st:?}");
+        s.check_kv().map_err(TestCaseError::fail)?;
         Ok(())
     };
     for op in ops {
@@ -110,9 +126,11 @@ fn run(ops: Vec<Op>, policy: Policy) -> Result<(), TestCaseError> {
                 prompt_len,
                 max_tokens,
                 adapter,
+                n,
             } => {
                 let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
                 let request = GenerateRequest {
+                    n,
                     adapter: (adapter > 0).then(|| ADAPTERS[adapter - 1].to_string()),
                     max_tokens: Some(max_tokens),
                     ignore_eos: true,
@@ -128,8 +146,25 @@ fn run(ops: Vec<Op>, policy: Policy) -> Result<(), TestCaseError> {
                 tracked.push(Tracked {
                     rx: Some(rx),
                     max_tokens,
-                    tokens: 0,
+                    tokens: vec![0; n],
+                    finished: 0,
                     ended: false,
+                });
+            }
+            Op::Reload(a) => {
+                let name = ADAPTERS[a];
+                let (tx, _rx) = tokio::sync::oneshot::channel();
+                s.handle(Command::UnregisterAdapter {
+                    name: name.into(),
+                    reply: tx,
+                });
+                let (tx, _rx) = tokio::sync::oneshot::channel();
+                s.handle(Command::RegisterAdapter {
+                    name: name.into(),
+                    path: dir.path().join("adapters").join(name),
+                    pinned: false,
+                    preloaded: None,
+                    reply: tx,
                 });
             }
             Op::Cancel(k) => {
@@ -163,8 +198,9 @@ fn run(ops: Vec<Op>, policy: Policy) -> Result<(), TestCaseError> {
     }
     let st = stats(&mut s);
     prop_assert_eq!(st.kv_blocks_used, 0, "KV blocks leaked");
-    prop_assert_eq!(st.kv_bytes, 0);
+    prop_assert_eq!(st.kv_bytes, st.prefix_cache_idle_bytes, "only idle cached blocks stay");
     prop_assert_eq!((st.running, st.waiting), (0, 0));
+    s.check_kv().map_err(TestCaseError::fail)?;
     let (tx, mut rx) = tokio::sync::oneshot::channel();
     s.handle(Command::Adapters { reply: tx });
     for a in rx.try_recv().map_err(|e| TestCaseError::fail(e.to_string()))? {

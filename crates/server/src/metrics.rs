@@ -107,6 +107,36 @@ impl Metrics {
             "Bytes of the budget held by adapter pages.",
             stats.adapter_bytes as f64,
         );
+        gauge(
+            &mut out,
+            "quiver_prefix_cache_bytes",
+            "Bytes of KV blocks in the prefix cache (part of quiver_kv_cache_bytes).",
+            stats.prefix_cache_bytes as f64,
+        );
+        gauge(
+            &mut out,
+            "quiver_prefix_cache_idle_bytes",
+            "Bytes of cached KV blocks no request holds, evicted when memory is needed.",
+            stats.prefix_cache_idle_bytes as f64,
+        );
+        // vLLM v1's prefix-cache counters, in tokens.
+        for (name, help, v) in [
+            (
+                "vllm:prefix_cache_queries_total",
+                "Prefix cache queries, in terms of number of queried tokens.",
+                stats.prefix_cache_queries,
+            ),
+            (
+                "vllm:prefix_cache_hits_total",
+                "Prefix cache hits, in terms of number of cached tokens.",
+                stats.prefix_cache_hits,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{model_name=\"{model}\"}} {v}"
+            );
+        }
         let a = &stats.adapters;
         let counters = [
             (

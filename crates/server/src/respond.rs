@@ -113,21 +113,24 @@ fn stop_reason(job: &Job, reason: &FinishReason) -> Option<StopReason> {
 #[derive(Default)]
 struct Tally {
     prompt: usize,
+    cached: usize,
     completion: usize,
     done: usize,
 }
 
 impl Tally {
-    fn add(&mut self, job: &Job, index: usize, prompt: usize, completion: usize) {
+    /// Prompt tokens (and their cached part) count once per prompt, from its first choice.
+    fn add(&mut self, job: &Job, index: usize, prompt: usize, cached: usize, completion: usize) {
         if index.is_multiple_of(job.request.request().n) {
             self.prompt += prompt;
+            self.cached += cached;
         }
         self.completion += completion;
         self.done += 1;
     }
 
     fn usage(&self) -> Usage {
-        Usage::new(self.prompt, self.completion)
+        Usage::new(self.prompt, self.completion, self.cached)
     }
 }
 
@@ -152,10 +155,11 @@ async fn collect(state: &AppState, mut job: Job) -> Result<HttpResponse, ApiErro
                 reason,
                 prompt_tokens,
                 completion_tokens,
+                cached_tokens,
                 ..
             } => {
                 acc[index].finish = Some(reason);
-                tally.add(&job, index, prompt_tokens, completion_tokens);
+                tally.add(&job, index, prompt_tokens, cached_tokens, completion_tokens);
             }
             Event::Error(e) => return Err(e.into()),
         }
@@ -301,9 +305,11 @@ impl Streaming {
                 reason,
                 prompt_tokens,
                 completion_tokens,
+                cached_tokens,
                 ..
             }) => {
-                self.tally.add(&self.job, index, prompt_tokens, completion_tokens);
+                self.tally
+                    .add(&self.job, index, prompt_tokens, cached_tokens, completion_tokens);
                 let stop_reason = stop_reason(&self.job, &reason);
                 match self.job.kind {
                     Kind::Chat => self.chunk(
