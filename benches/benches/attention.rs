@@ -74,7 +74,9 @@ fn setup(seqs: usize, ctx: usize, new: usize) -> (Case, KvLayout) {
         }
     }
     let mut seed = 7;
-    let q = (0..batch.num_tokens() * HEADS * HEAD_DIM).map(|_| rng(&mut seed)).collect();
+    let q = (0..batch.num_tokens() * HEADS * HEAD_DIM)
+        .map(|_| rng(&mut seed))
+        .collect();
     (Case { layers, batch, q }, layout)
 }
 
@@ -85,7 +87,9 @@ fn fill(cpu: &CpuBackend, layout: KvLayout, case: &Case, ctx: usize) -> quiver_t
     let w = KV_HEADS * HEAD_DIM;
     let mut seed = 11;
     for (s, table) in case.batch.block_tables.iter().enumerate() {
-        let slots: Vec<u32> = (0..ctx).map(|p| table[p / BLOCK] * BLOCK as u32 + (p % BLOCK) as u32).collect();
+        let slots: Vec<u32> = (0..ctx)
+            .map(|p| table[p / BLOCK] * BLOCK as u32 + (p % BLOCK) as u32)
+            .collect();
         for layer in 0..case.layers {
             seed += (s * 31 + layer) as u64;
             let k: Vec<f32> = (0..ctx * w).map(|_| rng(&mut seed)).collect();
@@ -98,7 +102,10 @@ fn fill(cpu: &CpuBackend, layout: KvLayout, case: &Case, ctx: usize) -> quiver_t
 
 fn main() {
     let cpu = CpuBackend::default();
-    println!("{}; {HEADS} heads / {KV_HEADS} KV heads × {HEAD_DIM}, blocks of {BLOCK}", cpu.name());
+    println!(
+        "{}; {HEADS} heads / {KV_HEADS} KV heads × {HEAD_DIM}, blocks of {BLOCK}",
+        cpu.name()
+    );
     println!("cpu features: {}\n", quiver_tensor::cpu::features());
     println!(
         "{:<8} {:>4} {:>6} {:>7} {:>6} {:>10} {:>10} {:>10} {:>6} {:>6}",

@@ -136,7 +136,9 @@ pub fn attention(
     let scale = 1.0 / (hd as f32).sqrt();
     let (per_chunk, layer_i, tok) = (pool.pool.per_chunk, layer as i32, tokens as i32);
     let (h, kvh, hdi, bs) = (heads as i32, l.num_kv_heads as i32, hd as i32, l.block_size as i32);
-    let mut b = be.stream().launch_builder(be.func(&kernel("paged_attention", l.dtype))?);
+    let mut b = be
+        .stream()
+        .launch_builder(be.func(&kernel("paged_attention", l.dtype))?);
     b.arg(pool.pool.table())
         .arg(&per_chunk)
         .arg(&layer_i)

@@ -8,7 +8,10 @@ use quiver_tensor::{AttentionBatch, Backend, DType, KvLayout};
 struct Rng(u64);
 impl Rng {
     fn next(&mut self) -> f32 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     }
     fn vec(&mut self, n: usize) -> Vec<f32> {
@@ -103,7 +106,11 @@ fn attention_over_16_bit_kv_stays_close_to_f32() {
     let exact = run(DType::F32);
     for (dtype, tol) in [(DType::BF16, 1.0 / 256.0), (DType::F16, 1.0 / 2048.0)] {
         let got = run(dtype);
-        let worst = got.iter().zip(&exact).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        let worst = got
+            .iter()
+            .zip(&exact)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
         assert!(worst <= tol, "{dtype}: worst |Δ| {worst} > {tol}");
         assert!(worst > 0.0, "{dtype}: identical to f32, so nothing was rounded");
         eprintln!("{dtype} KV: worst |Δ| vs f32 {worst:.2e} (bound {tol:.2e})");
@@ -146,12 +153,16 @@ fn released_kv_blocks_return_their_memory_and_read_as_zeros() {
             assert_eq!(pool.k[0].get(i), 0.0, "released entries read as zeros");
         }
         let kept = 200 * l.block_size * width + 3;
-        assert_eq!(pool.v[1].get(kept), match dtype {
-            DType::BF16 => bf16::from_f32(v[kept]).to_f32(),
-            _ => v[kept],
-        });
+        assert_eq!(
+            pool.v[1].get(kept),
+            match dtype {
+                DType::BF16 => bf16::from_f32(v[kept]).to_f32(),
+                _ => v[kept],
+            }
+        );
         // Written again, a released block holds its new values.
-        cpu.write_kv(&mut pool, 0, &k[..width].to_vec(), &v[..width].to_vec(), &[5]).unwrap();
+        cpu.write_kv(&mut pool, 0, &k[..width].to_vec(), &v[..width].to_vec(), &[5])
+            .unwrap();
         assert_ne!(pool.v[0].get(5 * width), 0.0);
         assert!(cpu.release_kv_blocks(&mut pool, &[256]).is_err(), "block 256 of 256");
     }

@@ -215,7 +215,9 @@ fn attention_case_as(
 
     // The reference reads what the cache holds.
     let round = |d: &Vec<Vec<f32>>| -> Vec<Vec<f32>> {
-        d.iter().map(|s| s.iter().map(|&x| rounded(dtype, x)).collect()).collect()
+        d.iter()
+            .map(|s| s.iter().map(|&x| rounded(dtype, x)).collect())
+            .collect()
     };
     let (dense_k, dense_v) = (round(&dense_k), round(&dense_v));
     let mut want = vec![0.0f32; q.len()];

@@ -87,7 +87,13 @@ pub fn k_index(block_size: usize, kv_heads: usize, head_dim: usize, slot: usize,
 /// Causal attention: each token's `heads` query heads attend over positions `0..=positions[t]`
 /// of its sequence, read through that sequence's block table. GQA maps head `h` to KV head
 /// `h / (heads / kv_heads)`. `q` and `out` are `[tokens, heads, head_dim]`.
-pub fn paged_attention<T: KvElem>(kv: &PagedKv<'_, T>, q: &[f32], heads: usize, batch: &AttentionBatch, out: &mut [f32]) {
+pub fn paged_attention<T: KvElem>(
+    kv: &PagedKv<'_, T>,
+    q: &[f32],
+    heads: usize,
+    batch: &AttentionBatch,
+    out: &mut [f32],
+) {
     attention_on(Path::Best, kv, q, heads, batch, out)
 }
 
@@ -100,7 +106,14 @@ enum Path {
     Portable,
 }
 
-fn attention_on<T: KvElem>(path: Path, kv: &PagedKv<'_, T>, q: &[f32], heads: usize, batch: &AttentionBatch, out: &mut [f32]) {
+fn attention_on<T: KvElem>(
+    path: Path,
+    kv: &PagedKv<'_, T>,
+    q: &[f32],
+    heads: usize,
+    batch: &AttentionBatch,
+    out: &mut [f32],
+) {
     let n = batch.num_tokens();
     // Tiles: runs of consecutive tokens of the same sequence, at most TILE_TOKENS long.
     let mut tiles = Vec::new();
@@ -211,7 +224,11 @@ impl<T: KvElem> Attend<'_, T> {
         let mut kt = vec![0.0f32; hd * LANES];
         // A chunk's V rows widened to f32, when they are not f32 already.
         let v32 = T::as_f32(self.kv.v);
-        let mut vw = if v32.is_none() { vec![0.0f32; CHUNK_KEYS * hd] } else { Vec::new() };
+        let mut vw = if v32.is_none() {
+            vec![0.0f32; CHUNK_KEYS * hd]
+        } else {
+            Vec::new()
+        };
         let mut vpad = [0.0f32; SLAB];
         let mut c0 = 0;
         while c0 < ctx_max {
@@ -597,11 +614,35 @@ mod tests {
             k.iter().map(|&x| bf16::from_f32(x)).collect(),
             v.iter().map(|&x| bf16::from_f32(x)).collect(),
         );
-        both(&PagedKv { k: &kb, v: &vb, block_size: bs, kv_heads, head_dim: hd }, &q, heads, &batch, "bf16");
+        both(
+            &PagedKv {
+                k: &kb,
+                v: &vb,
+                block_size: bs,
+                kv_heads,
+                head_dim: hd,
+            },
+            &q,
+            heads,
+            &batch,
+            "bf16",
+        );
         let (kh, vh): (Vec<f16>, Vec<f16>) = (
             k.iter().map(|&x| f16::from_f32(x)).collect(),
             v.iter().map(|&x| f16::from_f32(x)).collect(),
         );
-        both(&PagedKv { k: &kh, v: &vh, block_size: bs, kv_heads, head_dim: hd }, &q, heads, &batch, "f16");
+        both(
+            &PagedKv {
+                k: &kh,
+                v: &vh,
+                block_size: bs,
+                kv_heads,
+                head_dim: hd,
+            },
+            &q,
+            heads,
+            &batch,
+            "f16",
+        );
     }
 }

@@ -99,7 +99,11 @@ impl<T: bytemuck::Pod> HugeVec<T> {
                     // SAFETY: `start..end` lies inside this private anonymous mapping, which we
                     // borrow mutably, so no reference into those pages is live.
                     let rc = unsafe {
-                        libc::madvise(map.as_mut_ptr().add(start) as *mut libc::c_void, end - start, libc::MADV_DONTNEED)
+                        libc::madvise(
+                            map.as_mut_ptr().add(start) as *mut libc::c_void,
+                            end - start,
+                            libc::MADV_DONTNEED,
+                        )
                     };
                     if rc == 0 {
                         // Only the partial pages around the released span still need zeroing.
@@ -121,7 +125,9 @@ impl<T: bytemuck::Pod> HugeVec<T> {
     /// Bytes of the buffer's pages resident in memory (`mincore`); `None` for the `Vec`
     /// fallback or where it cannot be asked. For tests and gauges of what a pool holds.
     pub fn resident_bytes(&self) -> Option<usize> {
-        let Store::Map(map, offset, _) = &self.store else { return None };
+        let Store::Map(map, offset, _) = &self.store else {
+            return None;
+        };
         let page = os_page_size();
         let bytes = self.len * std::mem::size_of::<T>();
         let (start, end) = (*offset, (*offset + bytes).next_multiple_of(page).min(map.len()));
@@ -134,7 +140,11 @@ impl<T: bytemuck::Pod> HugeVec<T> {
             // SAFETY: `start..end` is inside the mapping (page-aligned start), `vec` has one byte
             // per page of it.
             let rc = unsafe {
-                libc::mincore(map.as_ptr().add(start) as *mut libc::c_void, end - start, vec.as_mut_ptr())
+                libc::mincore(
+                    map.as_ptr().add(start) as *mut libc::c_void,
+                    end - start,
+                    vec.as_mut_ptr(),
+                )
             };
             if rc == 0 {
                 return Some(vec.iter().filter(|&&b| b & 1 == 1).count() * page);

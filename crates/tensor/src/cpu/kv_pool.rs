@@ -94,8 +94,12 @@ impl CpuKvPool {
         let per_layer = layout.num_blocks * layout.block_elems();
         CpuKvPool {
             layout,
-            k: (0..layout.num_layers).map(|_| KvData::zeroed(layout.dtype, per_layer)).collect(),
-            v: (0..layout.num_layers).map(|_| KvData::zeroed(layout.dtype, per_layer)).collect(),
+            k: (0..layout.num_layers)
+                .map(|_| KvData::zeroed(layout.dtype, per_layer))
+                .collect(),
+            v: (0..layout.num_layers)
+                .map(|_| KvData::zeroed(layout.dtype, per_layer))
+                .collect(),
         }
     }
 

@@ -24,8 +24,8 @@ mod simd;
 mod simd512;
 
 pub use backend::CpuBackend;
-pub use kv_pool::{CpuKvPool, KvData};
 pub use features::{features, CpuFeatures};
+pub use kv_pool::{CpuKvPool, KvData};
 pub use lora::CpuPagePool;
 pub use matmul::{bf16_activations_supported, matmul, matmul_ref, matmul_with, Precision};
 #[doc(hidden)]
