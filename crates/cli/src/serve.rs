@@ -59,6 +59,11 @@ pub struct ServeArgs {
     /// Adapter page dtype: f32 (exact) or bf16 (half the memory); auto = bf16 for bf16 models.
     #[arg(long, default_value = "auto", env = "QUIVER_LORA_DTYPE")]
     pub lora_dtype: String,
+    /// KV cache entries: auto (the dtype the checkpoint stores its weights in, also for a
+    /// quantized base: bf16 for bf16 models, f32 for f32 ones), bf16, f16 or f32 (exact).
+    /// 16-bit entries hold twice the tokens of f32 in the same memory budget.
+    #[arg(long, default_value = "auto", env = "QUIVER_KV_CACHE_DTYPE")]
+    pub kv_cache_dtype: String,
     /// CPU matmul inputs: f32 (the reference: matches transformers in f32) or bf16 (bf16 weights
     /// only, on CPUs with AVX512_BF16: activations rounded to bf16 as llama.cpp and PyTorch-in-bf16
     /// do; prefill and large batches ~1.5x faster, logits differ by ~1e-2) or int8 (with
@@ -213,6 +218,13 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         "fcfs" => Policy::Fcfs,
         other => bail!("--scheduling-policy {other}: expected adapter-rr or fcfs"),
     };
+    let kv_cache_dtype = match args.kv_cache_dtype.as_str() {
+        "auto" => None,
+        "bf16" => Some(DType::BF16),
+        "f16" => Some(DType::F16),
+        "f32" => Some(DType::F32),
+        other => bail!("--kv-cache-dtype {other}: expected auto, bf16, f16 or f32"),
+    };
     let lora_dtype = match args.lora_dtype.as_str() {
         "f32" => DType::F32,
         "bf16" => DType::BF16,
@@ -259,6 +271,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             max_lora_rank: args.max_lora_rank,
             policy,
             adapter_dtype: lora_dtype,
+            kv_cache_dtype,
             max_request_prompt_tokens: args.max_request_prompt_tokens,
             enable_prefix_caching: args.prefix_caching(),
             ..EngineConfig::default()

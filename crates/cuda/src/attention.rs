@@ -1,7 +1,7 @@
 //! The paged KV cache on the device and causal attention over it.
 
 use cudarc::driver::{CudaSlice, PushKernelArg};
-use quiver_tensor::{AttentionBatch, TensorError};
+use quiver_tensor::{AttentionBatch, DType, TensorError};
 
 use crate::backend::{check, grid, CudaBackend, CudaKvPool};
 use crate::error::dev;
@@ -9,6 +9,11 @@ use crate::error::dev;
 /// Head sizes the attention kernel keeps in registers (`MAX_HEAD_DIM` in kernels/attention.cu).
 pub const MAX_HEAD_DIM: usize = 256;
 const WARPS: usize = 4;
+
+/// The kernel's name for the pool's dtype (`write_kv_bf16`, …).
+fn kernel(base: &str, dtype: DType) -> String {
+    format!("{base}_{dtype}")
+}
 
 pub fn write_kv(
     be: &CudaBackend,
@@ -45,7 +50,7 @@ pub fn write_kv(
     let slots_d = be.htod_step("slots", slots)?;
     let (per_chunk, layer_i) = (pool.pool.per_chunk, layer as i32);
     let (bs, kvh, hd) = (l.block_size as i32, l.num_kv_heads as i32, l.head_dim as i32);
-    let mut b = be.stream().launch_builder(be.func("write_kv")?);
+    let mut b = be.stream().launch_builder(be.func(&kernel("write_kv", l.dtype))?);
     b.arg(pool.pool.table())
         .arg(&per_chunk)
         .arg(&layer_i)
@@ -131,7 +136,9 @@ pub fn attention(
     let scale = 1.0 / (hd as f32).sqrt();
     let (per_chunk, layer_i, tok) = (pool.pool.per_chunk, layer as i32, tokens as i32);
     let (h, kvh, hdi, bs) = (heads as i32, l.num_kv_heads as i32, hd as i32, l.block_size as i32);
-    let mut b = be.stream().launch_builder(be.func("paged_attention")?);
+    let mut b = be
+        .stream()
+        .launch_builder(be.func(&kernel("paged_attention", l.dtype))?);
     b.arg(pool.pool.table())
         .arg(&per_chunk)
         .arg(&layer_i)

@@ -220,6 +220,25 @@ impl Backend for CudaBackend {
         })
     }
 
+    /// Keeps the chunks: giving device memory back (per chunk, once all its blocks are free)
+    /// is left for when the engine releases blocks.
+    fn release_kv_blocks(&self, pool: &mut CudaKvPool, blocks: &[u32]) -> Result<(), TensorError> {
+        let n = pool.layout.num_blocks;
+        match blocks.iter().find(|&&b| b as usize >= n) {
+            Some(b) => Err(TensorError::Range(format!("KV block {b} ≥ {n}"))),
+            None => Ok(()),
+        }
+    }
+
+    /// Keeps the chunks, as [`Self::release_kv_blocks`].
+    fn release_pages(&self, pool: &mut CudaPagePool, pages: &[u32]) -> Result<(), TensorError> {
+        let n = pool.pool.units;
+        match pages.iter().find(|&&p| p as usize >= n) {
+            Some(p) => Err(TensorError::Range(format!("page {p} ≥ {n}"))),
+            None => Ok(()),
+        }
+    }
+
     fn write_pages(&self, pool: &mut CudaPagePool, pages: &[u32], data: &[f32]) -> Result<(), TensorError> {
         crate::lora::write_pages(self, pool, pages, data)
     }

@@ -41,7 +41,14 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
     (
         "attention",
         include_str!("../../../kernels/attention.cu"),
-        &["write_kv", "paged_attention"],
+        &[
+            "write_kv_f32",
+            "write_kv_bf16",
+            "write_kv_f16",
+            "paged_attention_f32",
+            "paged_attention_bf16",
+            "paged_attention_f16",
+        ],
     ),
     (
         "lora",

@@ -224,6 +224,7 @@ fn attention_case(
     kv_heads: usize,
     head_dim: usize,
     bs: usize,
+    dtype: DType,
 ) -> Result<()> {
     let probe = KvLayout {
         num_layers: 2,
@@ -231,6 +232,7 @@ fn attention_case(
         block_size: bs,
         num_kv_heads: kv_heads,
         head_dim,
+        dtype,
     };
     let per_chunk = units_per_chunk(probe.bytes_per_block()) as usize;
     let layout = KvLayout {
@@ -278,7 +280,9 @@ fn attention_case(
             let mut out = poisoned(gpu, q.len())?;
             gpu.attention(&gpu_kv, layer, &gpu.upload(&q)?, heads, batch, &mut out)?;
             check(
-                &format!("attention {heads}/{kv_heads} heads × {head_dim}, blocks of {bs}: {name}, layer {layer}"),
+                &format!(
+                    "attention {heads}/{kv_heads} heads × {head_dim}, blocks of {bs}, {dtype} KV: {name}, layer {layer}"
+                ),
                 &gpu.download(&out)?,
                 &want,
                 TOL_F32,
@@ -294,8 +298,12 @@ fn write_kv_and_paged_attention_match_cpu() -> Result<()> {
     let mut rng = Rng::seeded("attention");
     // (query heads, KV heads, head_dim, block size): GQA 3:1, MQA 4:1, plain MHA at the
     // kernel's largest head size.
+    // Both sides round K/V to the same 16-bit values (round to nearest even), so every dtype
+    // meets the f32 tolerance: only the summation order differs.
     for (heads, kv_heads, head_dim, bs) in [(6, 2, 40, 7), (4, 1, 97, 16), (3, 3, 256, 5)] {
-        attention_case(&gpu, &mut rng, heads, kv_heads, head_dim, bs)?;
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            attention_case(&gpu, &mut rng, heads, kv_heads, head_dim, bs, dtype)?;
+        }
     }
     Ok(())
 }
@@ -490,6 +498,7 @@ fn bad_inputs_are_errors_on_both_backends() -> Result<()> {
         block_size: 4,
         num_kv_heads: 1,
         head_dim: 8,
+        dtype: DType::F32,
     };
     let kv = gpu.new_kv_pool(layout)?;
     let batch = AttentionBatch {

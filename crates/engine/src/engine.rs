@@ -32,6 +32,10 @@ impl Engine {
         eos: Vec<u32>,
         cfg: EngineConfig,
     ) -> Result<Engine, EngineError> {
+        let mut model = model;
+        let kv_dtype = cfg.kv_cache_dtype.unwrap_or(model.checkpoint_dtype());
+        model.set_kv_dtype(kv_dtype);
+        tracing::info!(%kv_dtype, checkpoint = %model.checkpoint_dtype(), "KV cache dtype");
         let scheduler = Scheduler::build(model, tokenizer, eos, cfg)?;
         let validator = Validator::new(scheduler.limits());
         let (commands, rx) = mpsc::channel();

@@ -41,6 +41,9 @@ pub struct EngineConfig {
     pub policy: Policy,
     /// Page dtype of the adapter pool (f32 exact, bf16 half the memory).
     pub adapter_dtype: DType,
+    /// KV cache entries; `None`: the checkpoint's dtype (`--kv-cache-dtype auto`). Defaults to
+    /// f32, the exact reference.
+    pub kv_cache_dtype: Option<DType>,
     /// Waiting requests, from the head of the queue, whose adapters are loaded into the host tier
     /// ahead of admission (each step, and at submission for a request that lands among them).
     /// Requests further back load when they get there: loading them earlier could evict what the
@@ -66,6 +69,7 @@ impl Default for EngineConfig {
             max_model_len: 4096,
             policy: Policy::AdapterRoundRobin,
             adapter_dtype: DType::F32,
+            kv_cache_dtype: Some(DType::F32),
             prefetch: 8,
             max_request_prompt_tokens: None,
             enable_prefix_caching: true,

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use quiver_tensor::{AttentionBatch, Backend, KvLayout, RopeTable};
+use quiver_tensor::{AttentionBatch, Backend, DType, KvLayout, RopeTable};
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
@@ -118,6 +118,10 @@ pub struct Llama<B: Backend> {
     rope: RopeTable,
     weight_bytes: usize,
     merged: Option<Merged<B>>,
+    /// The dtype the checkpoint stores its weights in (before any `--quantization`).
+    checkpoint_dtype: DType,
+    /// The KV cache's entries; f32 unless [`set_kv_dtype`](Self::set_kv_dtype) says otherwise.
+    kv_dtype: DType,
 }
 
 /// One step's work: every token of every sequence in the batch, flat.
@@ -167,6 +171,7 @@ impl<B: Backend> Llama<B> {
         let mut qz = Quantizer::new(quant);
         let tied = cfg.tie_word_embeddings && !w.contains("lm_head.weight");
         let embed_name = "model.embed_tokens.weight";
+        let checkpoint_dtype = w.dtype(embed_name).unwrap_or(DType::F32);
         let embed_m = w.matrix(embed_name, cfg.vocab_size, h)?;
         // A tied embedding is the LM head too, so it is stored as the LM head is.
         let embed_m = if tied {
@@ -225,6 +230,8 @@ impl<B: Backend> Llama<B> {
             rope,
             weight_bytes,
             merged: None,
+            checkpoint_dtype,
+            kv_dtype: DType::F32,
         })
     }
 
@@ -297,6 +304,23 @@ impl<B: Backend> Llama<B> {
         self.rope.max_positions()
     }
 
+    /// The dtype the checkpoint stores its weights in (the embedding's; for a quantized base,
+    /// what the file held before quantization): what `--kv-cache-dtype auto` picks.
+    pub fn checkpoint_dtype(&self) -> DType {
+        self.checkpoint_dtype
+    }
+
+    /// The dtype of the KV pools this model creates from now on ([`new_kv_pool`](Self::new_kv_pool),
+    /// [`kv_layout`](Self::kv_layout)). f32 by default, the exact reference; bf16/f16 halve the
+    /// bytes per block (twice the tokens in one budget) at the cost of rounding K and V.
+    pub fn set_kv_dtype(&mut self, dtype: DType) {
+        self.kv_dtype = dtype;
+    }
+
+    pub fn kv_dtype(&self) -> DType {
+        self.kv_dtype
+    }
+
     pub fn kv_layout(&self, num_blocks: usize, block_size: usize) -> KvLayout {
         KvLayout {
             num_layers: self.cfg.num_layers,
@@ -304,6 +328,7 @@ impl<B: Backend> Llama<B> {
             block_size,
             num_kv_heads: self.cfg.num_kv_heads,
             head_dim: self.cfg.head_dim,
+            dtype: self.kv_dtype,
         }
     }
 

@@ -64,6 +64,12 @@ impl Backend for Counting {
     fn new_page_pool(&self, page_floats: usize, pages: usize, dtype: DType) -> Result<CpuPagePool, TensorError> {
         self.cpu.new_page_pool(page_floats, pages, dtype)
     }
+    fn release_kv_blocks(&self, pool: &mut CpuKvPool, blocks: &[u32]) -> Result<(), TensorError> {
+        self.cpu.release_kv_blocks(pool, blocks)
+    }
+    fn release_pages(&self, pool: &mut CpuPagePool, pages: &[u32]) -> Result<(), TensorError> {
+        self.cpu.release_pages(pool, pages)
+    }
     fn write_pages(&self, pool: &mut CpuPagePool, pages: &[u32], data: &[f32]) -> Result<(), TensorError> {
         self.cpu.write_pages(pool, pages, data)
     }

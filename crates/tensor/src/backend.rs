@@ -4,7 +4,8 @@
 use crate::error::TensorError;
 use crate::storage::{DType, Matrix};
 
-/// Geometry of the paged KV cache: `num_blocks` blocks of `block_size` token slots, per layer.
+/// Geometry of the paged KV cache: `num_blocks` blocks of `block_size` token slots, per layer,
+/// each entry stored as `dtype` (K/V are computed in f32 and rounded to it when written).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KvLayout {
     pub num_layers: usize,
@@ -12,12 +13,19 @@ pub struct KvLayout {
     pub block_size: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
+    pub dtype: DType,
 }
 
 impl KvLayout {
-    /// Bytes of K and V storage per block, all layers together (f32 entries).
+    /// Entries of K (or of V) per block and layer.
+    pub fn block_elems(&self) -> usize {
+        self.block_size * self.num_kv_heads * self.head_dim
+    }
+
+    /// Bytes of K and V storage per block, all layers together: a bf16/f16 cache holds twice the
+    /// blocks of an f32 one in the same budget.
     pub fn bytes_per_block(&self) -> usize {
-        2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * 4
+        2 * self.num_layers * self.block_elems() * self.dtype.size()
     }
 }
 
@@ -183,6 +191,15 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn new_kv_pool(&self, layout: KvLayout) -> Result<Self::KvPool, TensorError>;
     /// A pool of `pages` pages of `page_floats` values stored as `dtype` (f32 or bf16).
     fn new_page_pool(&self, page_floats: usize, pages: usize, dtype: DType) -> Result<Self::PagePool, TensorError>;
+    /// Gives the memory behind `blocks` (every layer's K and V) back to the system where the
+    /// backend can: the CPU pool returns the whole OS pages inside those blocks
+    /// (`madvise(MADV_DONTNEED)`), so a released block reads as zeros until it is written again
+    /// (blocks are always written before they are read); CUDA keeps its chunks for now (no-op).
+    /// For freed blocks only: the caller must not release a block a sequence still reads.
+    fn release_kv_blocks(&self, pool: &mut Self::KvPool, blocks: &[u32]) -> Result<(), TensorError>;
+    /// [`release_kv_blocks`](Self::release_kv_blocks) for adapter pages: a released page reads as
+    /// zeros until written again.
+    fn release_pages(&self, pool: &mut Self::PagePool, pages: &[u32]) -> Result<(), TensorError>;
     /// Copies `data` (`pages.len()` pages, back to back) into the given pages, rounding to the
     /// pool's dtype.
     fn write_pages(&self, pool: &mut Self::PagePool, pages: &[u32], data: &[f32]) -> Result<(), TensorError>;

@@ -3,7 +3,7 @@
 //! reorder sums).
 
 use quiver_tensor::cpu::{ops, CpuBackend};
-use quiver_tensor::{AttentionBatch, Backend, KvLayout, RopeTable};
+use quiver_tensor::{AttentionBatch, Backend, DType, KvLayout, RopeTable};
 
 struct Rng(u64);
 impl Rng {
@@ -109,15 +109,53 @@ fn paged_attention_matches_dense_reference() {
 /// 8-token tile.
 #[test]
 fn paged_attention_matches_dense_reference_on_long_tiled_contexts() {
-    attention_case(5, 14, 2, 64, 16, [300, 40], 280..300, 39);
-    attention_case(6, 4, 4, 80, 32, [270, 17], 250..270, 16);
-    attention_case(7, 8, 1, 64, 16, [33, 600], 0..33, 599);
+    attention_case_as(DType::F32, 5, 14, 2, 64, 16, [300, 40], 280..300, 39);
+    attention_case_as(DType::F32, 6, 4, 4, 80, 32, [270, 17], 250..270, 16);
+    attention_case_as(DType::F32, 7, 8, 1, 64, 16, [33, 600], 0..33, 599);
+}
+
+/// A bf16 or f16 cache: `write_kv` rounds each value to nearest even (what `half` does) and the
+/// kernel reads exactly those values, so it matches the dense f64 reference over the rounded
+/// K/V to the f32 tolerance, on the in-place (block 16/32) and gathered (block 4) K tiles and
+/// both 256-key chunks.
+#[test]
+fn paged_attention_over_16_bit_kv_matches_reference_over_rounded_values() {
+    for dtype in [DType::BF16, DType::F16] {
+        attention_case_as(dtype, 4, 6, 2, 10, 4, [13, 9], 9..13, 8);
+        attention_case_as(dtype, 5, 14, 2, 64, 16, [300, 40], 280..300, 39);
+        attention_case_as(dtype, 6, 4, 4, 80, 32, [270, 17], 250..270, 16);
+        attention_case_as(dtype, 7, 8, 1, 64, 16, [33, 600], 0..33, 599);
+    }
+}
+
+/// The value a cache of `dtype` stores for `x`.
+fn rounded(dtype: DType, x: f32) -> f32 {
+    match dtype {
+        DType::F32 => x,
+        DType::BF16 => half::bf16::from_f32(x).to_f32(),
+        DType::F16 => half::f16::from_f32(x).to_f32(),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attention_case(
+    seed: u64,
+    heads: usize,
+    kv_heads: usize,
+    hd: usize,
+    bs: usize,
+    lens: [usize; 2],
+    prefill: std::ops::Range<u32>,
+    decode: u32,
+) {
+    attention_case_as(DType::F32, seed, heads, kv_heads, hd, bs, lens, prefill, decode)
 }
 
 /// Sequence 0 prefills `prefill` (the positions of its new tokens), sequence 1 decodes position
 /// `decode`; `lens` are both sequences' full context lengths after this step.
 #[allow(clippy::too_many_arguments)]
-fn attention_case(
+fn attention_case_as(
+    dtype: DType,
     seed: u64,
     heads: usize,
     kv_heads: usize,
@@ -135,6 +173,7 @@ fn attention_case(
         block_size: bs,
         num_kv_heads: kv_heads,
         head_dim: hd,
+        dtype,
     };
     let cpu = CpuBackend::default();
     let mut pool = cpu.new_kv_pool(layout).unwrap();
@@ -174,6 +213,13 @@ fn attention_case(
     let mut out = vec![0.0; q.len()];
     cpu.attention(&pool, 0, &q, heads, &batch, &mut out).unwrap();
 
+    // The reference reads what the cache holds.
+    let round = |d: &Vec<Vec<f32>>| -> Vec<Vec<f32>> {
+        d.iter()
+            .map(|s| s.iter().map(|&x| rounded(dtype, x)).collect())
+            .collect()
+    };
+    let (dense_k, dense_v) = (round(&dense_k), round(&dense_v));
     let mut want = vec![0.0f32; q.len()];
     for t in 0..n {
         let (s, ctx) = (batch.seq[t] as usize, batch.positions[t] as usize + 1);
@@ -199,7 +245,7 @@ fn attention_case(
             }
         }
     }
-    assert_close(&out, &want, "paged_attention");
+    assert_close(&out, &want, &format!("paged_attention ({dtype} KV)"));
 }
 
 #[test]
@@ -211,6 +257,7 @@ fn attention_rejects_short_block_table() {
         block_size: 4,
         num_kv_heads: 1,
         head_dim: 2,
+        dtype: DType::F32,
     };
     let pool = cpu.new_kv_pool(layout).unwrap();
     let batch = AttentionBatch {

@@ -9,7 +9,12 @@
 //! chunks of [`CHUNK_KEYS`] with an online softmax (running max and sum, as FlashAttention), so
 //! the score buffer stays in L1/L2 however long the context.
 //!
-//! The body is plain Rust compiled for AVX-512 or AVX2+FMA at run time (the crate's baseline is
+//! K and V may be stored as bf16 or f16 (`--kv-cache-dtype`): each work item then widens every
+//! 16-key K tile, and each chunk's V rows, once into small f32 buffers (L1/L2) that all its query
+//! rows share, so the inner tiles below are the same f32 code for every dtype while the cache
+//! streams half the bytes. f32 K/V are read in place.
+//!
+//! The body is plain Rust compiled for AVX-512 or AVX2+FMA+F16C at run time (the crate's baseline is
 //! SSE2). Its two inner tiles (4 rows × 16 scores, 4 rows × 64 output columns) are AVX-512
 //! intrinsics on CPUs that have it: as portable lane loops LLVM sometimes compiled them to
 //! scalar FMAs or kept the accumulators in memory. Elsewhere the portable loops run (a unit
@@ -17,8 +22,10 @@
 
 use rayon::prelude::*;
 
+use half::{bf16, f16};
+
 use super::ops::exp_f32;
-use super::SendPtr;
+use super::{SendPtr, Weight};
 use crate::backend::AttentionBatch;
 
 /// Keys per score vector.
@@ -32,10 +39,39 @@ const ROWS: usize = 4;
 /// V columns per register slab of the `p · V` loop.
 const SLAB: usize = 64;
 
+/// A K/V element: f32 (read in place) or a 16-bit type widened as it is loaded.
+pub trait KvElem: Weight {
+    /// The values themselves when they already are f32.
+    fn as_f32(s: &[Self]) -> Option<&[f32]>;
+}
+impl KvElem for f32 {
+    #[inline(always)]
+    fn as_f32(s: &[f32]) -> Option<&[f32]> {
+        Some(s)
+    }
+}
+impl KvElem for bf16 {
+    #[inline(always)]
+    fn as_f32(_: &[bf16]) -> Option<&[f32]> {
+        None
+    }
+}
+impl KvElem for f16 {
+    #[inline(always)]
+    fn as_f32(_: &[f16]) -> Option<&[f32]> {
+        None
+    }
+}
+
+/// Instruction sets a body is compiled for (`body::<ISA>`).
+const PORTABLE: u8 = 0;
+const AVX2: u8 = 1;
+const AVX512: u8 = 2;
+
 /// One layer's paged K and V, laid out as described in the module docs.
-pub struct PagedKv<'a> {
-    pub k: &'a [f32],
-    pub v: &'a [f32],
+pub struct PagedKv<'a, T = f32> {
+    pub k: &'a [T],
+    pub v: &'a [T],
     pub block_size: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
@@ -51,7 +87,13 @@ pub fn k_index(block_size: usize, kv_heads: usize, head_dim: usize, slot: usize,
 /// Causal attention: each token's `heads` query heads attend over positions `0..=positions[t]`
 /// of its sequence, read through that sequence's block table. GQA maps head `h` to KV head
 /// `h / (heads / kv_heads)`. `q` and `out` are `[tokens, heads, head_dim]`.
-pub fn paged_attention(kv: &PagedKv<'_>, q: &[f32], heads: usize, batch: &AttentionBatch, out: &mut [f32]) {
+pub fn paged_attention<T: KvElem>(
+    kv: &PagedKv<'_, T>,
+    q: &[f32],
+    heads: usize,
+    batch: &AttentionBatch,
+    out: &mut [f32],
+) {
     attention_on(Path::Best, kv, q, heads, batch, out)
 }
 
@@ -64,7 +106,14 @@ enum Path {
     Portable,
 }
 
-fn attention_on(path: Path, kv: &PagedKv<'_>, q: &[f32], heads: usize, batch: &AttentionBatch, out: &mut [f32]) {
+fn attention_on<T: KvElem>(
+    path: Path,
+    kv: &PagedKv<'_, T>,
+    q: &[f32],
+    heads: usize,
+    batch: &AttentionBatch,
+    out: &mut [f32],
+) {
     let n = batch.num_tokens();
     // Tiles: runs of consecutive tokens of the same sequence, at most TILE_TOKENS long.
     let mut tiles = Vec::new();
@@ -95,14 +144,14 @@ fn attention_on(path: Path, kv: &PagedKv<'_>, q: &[f32], heads: usize, batch: &A
         unsafe {
             match path {
                 Path::Best => job.run(t0, t1, i % kv.kv_heads),
-                Path::Portable => job.body::<false>(t0, t1, i % kv.kv_heads),
+                Path::Portable => job.body::<PORTABLE>(t0, t1, i % kv.kv_heads),
             }
         }
     });
 }
 
-struct Attend<'a> {
-    kv: &'a PagedKv<'a>,
+struct Attend<'a, T> {
+    kv: &'a PagedKv<'a, T>,
     q: &'a [f32],
     heads: usize,
     batch: &'a AttentionBatch,
@@ -111,46 +160,46 @@ struct Attend<'a> {
     out: SendPtr,
 }
 
-impl Attend<'_> {
+impl<T: KvElem> Attend<'_, T> {
     /// # Safety
     /// No other thread writes the output rows of tokens `t0..t1`, KV head `g`.
     unsafe fn run(&self, t0: usize, t1: usize, g: usize) {
         #[cfg(target_arch = "x86_64")]
         {
             let cpu = super::features();
-            if cpu.avx512f_bw() {
-                // SAFETY: AVX-512F/BW present (checked); the rest is this function's contract.
+            if cpu.avx512f_bw() && cpu.avx2_fma_f16c() {
+                // SAFETY: AVX-512F/BW, AVX2, FMA and F16C present (checked); the rest is this function's contract.
                 return unsafe { self.avx512(t0, t1, g) };
             }
-            if cpu.avx2_fma() {
-                // SAFETY: AVX2 and FMA present (checked).
+            if cpu.avx2_fma_f16c() {
+                // SAFETY: AVX2, FMA and F16C present (checked).
                 return unsafe { self.avx2(t0, t1, g) };
             }
         }
         // SAFETY: this function's contract.
-        unsafe { self.body::<false>(t0, t1, g) }
+        unsafe { self.body::<PORTABLE>(t0, t1, g) }
     }
 
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
     unsafe fn avx512(&self, t0: usize, t1: usize, g: usize) {
         // SAFETY: the caller's contract; AVX-512F is enabled here.
-        unsafe { self.body::<true>(t0, t1, g) }
+        unsafe { self.body::<AVX512>(t0, t1, g) }
     }
 
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn avx2(&self, t0: usize, t1: usize, g: usize) {
         // SAFETY: the caller's contract.
-        unsafe { self.body::<false>(t0, t1, g) }
+        unsafe { self.body::<AVX2>(t0, t1, g) }
     }
 
     /// Plain loops throughout: iterator adapters are separate generic functions that would not
-    /// inherit the caller's target features. With `X512` the two inner tiles use AVX-512
+    /// inherit the caller's target features. With `AVX512` the two inner tiles use AVX-512
     /// intrinsics (LLVM's vectorisation of them proved fragile); the caller must then have
-    /// AVX-512F.
+    /// AVX-512F (and AVX2+FMA+F16C for `AVX2`, whose widening uses them).
     #[inline(always)]
-    unsafe fn body<const X512: bool>(&self, t0: usize, t1: usize, g: usize) {
+    unsafe fn body<const ISA: u8>(&self, t0: usize, t1: usize, g: usize) {
         let (hd, group) = (self.kv.head_dim, self.group);
         let table = &self.batch.block_tables[self.batch.seq[t0] as usize];
         // Rows r = (token t0 + r / group, head g·group + r % group), queries pre-scaled.
@@ -173,6 +222,13 @@ impl Attend<'_> {
         let mut o = vec![0.0f32; rows * hd];
         let mut s = vec![0.0f32; (rows + ROWS) * CHUNK_KEYS];
         let mut kt = vec![0.0f32; hd * LANES];
+        // A chunk's V rows widened to f32, when they are not f32 already.
+        let v32 = T::as_f32(self.kv.v);
+        let mut vw = if v32.is_none() {
+            vec![0.0f32; CHUNK_KEYS * hd]
+        } else {
+            Vec::new()
+        };
         let mut vpad = [0.0f32; SLAB];
         let mut c0 = 0;
         while c0 < ctx_max {
@@ -181,12 +237,12 @@ impl Attend<'_> {
             let mut j0 = 0;
             while j0 < cl {
                 let n = LANES.min(cl - j0);
-                let (base, stride) = self.k_tile(table, g, c0 + j0, n, &mut kt);
+                let (base, stride) = self.k_tile::<ISA>(table, g, c0 + j0, n, &mut kt);
                 let mut r0 = 0;
                 while r0 < rows {
                     let nr = ROWS.min(rows - r0);
                     let mut acc = [[0.0f32; LANES]; ROWS];
-                    qk_tile::<X512>(&qs[r0 * hd..], hd, base, stride, &mut acc);
+                    qk_tile::<ISA>(&qs[r0 * hd..], hd, base, stride, &mut acc);
                     for (i, a) in acc.iter().enumerate().take(nr) {
                         let r = r0 + i;
                         let dst = &mut s[r * CHUNK_KEYS + j0..][..n];
@@ -215,6 +271,12 @@ impl Attend<'_> {
                     *x *= corr;
                 }
             }
+            if v32.is_none() {
+                let live = ctx.iter().map(|&c| c.saturating_sub(c0).min(cl)).max().unwrap_or(0);
+                for j in 0..live {
+                    widen::<T, ISA>(self.v_row(table, g, c0 + j), &mut vw[j * hd..][..hd]);
+                }
+            }
             // o += p · V, a slab of columns for up to 4 rows in registers.
             let mut r0 = 0;
             while r0 < rows {
@@ -227,8 +289,17 @@ impl Attend<'_> {
                 while c < hd {
                     let w = SLAB.min(hd - c);
                     let mut acc = [[0.0f32; SLAB]; ROWS];
-                    let v_at = |j: usize| &self.v_row(table, g, c0 + j)[c..c + w];
-                    pv_tile::<X512>(&s[r0 * CHUNK_KEYS..], live, v_at, w, &mut vpad, &mut acc);
+                    let p = &s[r0 * CHUNK_KEYS..];
+                    match v32 {
+                        Some(v) => {
+                            let v_at = |j: usize| &self.v_row_in(v, table, g, c0 + j)[c..c + w];
+                            pv_tile::<ISA>(p, live, v_at, w, &mut vpad, &mut acc);
+                        }
+                        None => {
+                            let v_at = |j: usize| &vw[j * hd + c..][..w];
+                            pv_tile::<ISA>(p, live, v_at, w, &mut vpad, &mut acc);
+                        }
+                    }
                     for (i, a) in acc.iter().enumerate().take(nr) {
                         let dst = &mut o[(r0 + i) * hd + c..][..w];
                         for e in 0..w {
@@ -253,33 +324,82 @@ impl Attend<'_> {
         }
     }
 
-    /// K of positions `j0..j0 + n` (n ≤ 16): element (d, e) is at `base[d * stride + e]`, read
-    /// in place when the 16 positions lie in one block, else copied into `kt`. Lanes ≥ n hold
-    /// finite filler (their scores are masked).
+    /// K of positions `j0..j0 + n` (n ≤ 16): element (d, e) is at `base[d * stride + e]`. When
+    /// the 16 positions lie in one block, f32 K is read in place and 16-bit K widened into `kt`
+    /// 16 lanes at a time; otherwise they are gathered into `kt`. Lanes ≥ n hold finite filler
+    /// (their scores are masked).
     #[inline(always)]
-    fn k_tile<'b>(&'b self, table: &[u32], g: usize, j0: usize, n: usize, kt: &'b mut [f32]) -> (&'b [f32], usize) {
+    fn k_tile<'b, const ISA: u8>(
+        &'b self,
+        table: &[u32],
+        g: usize,
+        j0: usize,
+        n: usize,
+        kt: &'b mut [f32],
+    ) -> (&'b [f32], usize) {
         let kv = self.kv;
         let (bs, hd) = (kv.block_size, kv.head_dim);
         if j0 % bs + LANES <= bs {
             let slot = table[j0 / bs] as usize * bs + j0 % bs;
-            return (&kv.k[k_index(bs, kv.kv_heads, hd, slot, g, 0)..], bs);
+            let at = k_index(bs, kv.kv_heads, hd, slot, g, 0);
+            if let Some(k) = T::as_f32(kv.k) {
+                return (&k[at..], bs);
+            }
+            for d in 0..hd {
+                widen::<T, ISA>(&kv.k[at + d * bs..][..LANES], &mut kt[d * LANES..][..LANES]);
+            }
+            return (kt, LANES);
         }
         kt.fill(0.0);
         for e in 0..n {
             let pos = j0 + e;
             let slot = table[pos / bs] as usize * bs + pos % bs;
             for d in 0..hd {
-                kt[d * LANES + e] = kv.k[k_index(bs, kv.kv_heads, hd, slot, g, d)];
+                kt[d * LANES + e] = kv.k[k_index(bs, kv.kv_heads, hd, slot, g, d)].to_f32();
             }
         }
         (kt, LANES)
     }
 
     #[inline(always)]
-    fn v_row(&self, table: &[u32], g: usize, pos: usize) -> &[f32] {
+    fn v_row(&self, table: &[u32], g: usize, pos: usize) -> &[T] {
+        self.v_row_in(self.kv.v, table, g, pos)
+    }
+
+    #[inline(always)]
+    fn v_row_in<'v, E>(&self, v: &'v [E], table: &[u32], g: usize, pos: usize) -> &'v [E] {
         let kv = self.kv;
         let slot = table[pos / kv.block_size] as usize * kv.block_size + pos % kv.block_size;
-        &kv.v[(slot * kv.kv_heads + g) * kv.head_dim..][..kv.head_dim]
+        &v[(slot * kv.kv_heads + g) * kv.head_dim..][..kv.head_dim]
+    }
+}
+
+/// `dst = src` widened to f32, with the vector loads of the body's instruction set.
+#[inline(always)]
+fn widen<T: KvElem, const ISA: u8>(src: &[T], dst: &mut [f32]) {
+    let n = src.len().min(dst.len());
+    let mut i = 0;
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::*;
+        if ISA == AVX512 {
+            while i + 16 <= n {
+                // SAFETY: 16 elements in bounds; `AVX512` bodies run with AVX-512F enabled.
+                unsafe { _mm512_storeu_ps(dst.as_mut_ptr().add(i), T::load16(src.as_ptr().add(i))) };
+                i += 16;
+            }
+        }
+        if ISA != PORTABLE {
+            while i + 8 <= n {
+                // SAFETY: 8 elements in bounds; `AVX2`/`AVX512` bodies run with AVX2+FMA+F16C.
+                unsafe { _mm256_storeu_ps(dst.as_mut_ptr().add(i), T::load8(src.as_ptr().add(i))) };
+                i += 8;
+            }
+        }
+    }
+    while i < n {
+        dst[i] = src[i].to_f32();
+        i += 1;
     }
 }
 
@@ -325,11 +445,11 @@ fn exp_sum(row: &mut [f32], max: f32) -> f32 {
 
 /// `acc[i][e] = Σ_d q[i * hd + d] · k[d * stride + e]` for the ROWS rows of `q` and 16 keys.
 #[inline(always)]
-fn qk_tile<const X512: bool>(q: &[f32], hd: usize, k: &[f32], stride: usize, acc: &mut [[f32; LANES]; ROWS]) {
+fn qk_tile<const ISA: u8>(q: &[f32], hd: usize, k: &[f32], stride: usize, acc: &mut [[f32; LANES]; ROWS]) {
     assert!(q.len() >= ROWS * hd && (hd == 0 || k.len() >= (hd - 1) * stride + LANES));
     #[cfg(target_arch = "x86_64")]
-    if X512 {
-        // SAFETY: bounds asserted above; `X512` promises AVX-512F (see `body`).
+    if ISA == AVX512 {
+        // SAFETY: bounds asserted above; `AVX512` promises AVX-512F (see `body`).
         unsafe { x512::qk_tile(q.as_ptr(), hd, k.as_ptr(), stride, acc) };
         return;
     }
@@ -347,7 +467,7 @@ fn qk_tile<const X512: bool>(q: &[f32], hd: usize, k: &[f32], stride: usize, acc
 /// `acc[i][e] += Σ_j p[i * CHUNK_KEYS + j] · v_at(j)[e]` for the ROWS rows of `p`, `j < live`,
 /// `e < w` (≤ SLAB; `pad` holds a partial slab zero-extended).
 #[inline(always)]
-fn pv_tile<'v, const X512: bool>(
+fn pv_tile<'v, const ISA: u8>(
     p: &[f32],
     live: usize,
     v_at: impl Fn(usize) -> &'v [f32],
@@ -357,8 +477,8 @@ fn pv_tile<'v, const X512: bool>(
 ) {
     assert!(p.len() >= (ROWS - 1) * CHUNK_KEYS + live && live <= CHUNK_KEYS && w <= SLAB);
     #[cfg(target_arch = "x86_64")]
-    if X512 {
-        // SAFETY: bounds asserted above, each V slab has w elements; `X512` promises AVX-512F.
+    if ISA == AVX512 {
+        // SAFETY: bounds asserted above, each V slab has w elements; `AVX512` promises AVX-512F.
         unsafe { x512::pv_tile(p.as_ptr(), live, v_at, w, acc) };
         return;
     }
@@ -480,11 +600,49 @@ mod tests {
             block_tables: vec![table.clone(), table],
         };
         let q: Vec<f32> = (0..batch.num_tokens() * heads * hd).map(|_| r()).collect();
-        let (mut best, mut portable) = (vec![f32::NAN; q.len()], vec![f32::NAN; q.len()]);
-        attention_on(Path::Best, &kv, &q, heads, &batch, &mut best);
-        attention_on(Path::Portable, &kv, &q, heads, &batch, &mut portable);
-        for (i, (a, b)) in best.iter().zip(&portable).enumerate() {
-            assert!((a - b).abs() <= 1e-5 * (1.0 + a.abs()), "out[{i}]: {a} vs {b}");
+        fn both<T: KvElem>(kv: &PagedKv<'_, T>, q: &[f32], heads: usize, batch: &AttentionBatch, what: &str) {
+            let (mut best, mut portable) = (vec![f32::NAN; q.len()], vec![f32::NAN; q.len()]);
+            attention_on(Path::Best, kv, q, heads, batch, &mut best);
+            attention_on(Path::Portable, kv, q, heads, batch, &mut portable);
+            for (i, (a, b)) in best.iter().zip(&portable).enumerate() {
+                assert!((a - b).abs() <= 1e-5 * (1.0 + a.abs()), "{what} out[{i}]: {a} vs {b}");
+            }
         }
+        both(&kv, &q, heads, &batch, "f32");
+        // The 16-bit caches, whose widening differs between the paths (intrinsics vs scalar).
+        let (kb, vb): (Vec<bf16>, Vec<bf16>) = (
+            k.iter().map(|&x| bf16::from_f32(x)).collect(),
+            v.iter().map(|&x| bf16::from_f32(x)).collect(),
+        );
+        both(
+            &PagedKv {
+                k: &kb,
+                v: &vb,
+                block_size: bs,
+                kv_heads,
+                head_dim: hd,
+            },
+            &q,
+            heads,
+            &batch,
+            "bf16",
+        );
+        let (kh, vh): (Vec<f16>, Vec<f16>) = (
+            k.iter().map(|&x| f16::from_f32(x)).collect(),
+            v.iter().map(|&x| f16::from_f32(x)).collect(),
+        );
+        both(
+            &PagedKv {
+                k: &kh,
+                v: &vh,
+                block_size: bs,
+                kv_heads,
+                head_dim: hd,
+            },
+            &q,
+            heads,
+            &batch,
+            "f16",
+        );
     }
 }

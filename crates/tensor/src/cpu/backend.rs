@@ -1,8 +1,9 @@
 //! [`Backend`] for the CPU: activations are `Vec<f32>`, weights stay memory-mapped.
 
 use crate::backend::{AttentionBatch, Backend, KvLayout, LoraPlan, LoraSegment, RopeTable};
+use crate::cpu::kv_pool::CpuKvPool;
 use crate::cpu::lora::{try_lora_apply, CheckedSegments, CpuPagePool};
-use crate::cpu::{attention, matmul_with, ops, Precision};
+use crate::cpu::{matmul_with, ops, Precision};
 use crate::error::TensorError;
 use crate::storage::{DType, Matrix};
 
@@ -54,14 +55,6 @@ fn worker_pool() -> Option<&'static rayon::ThreadPool> {
 /// One step's adapters on the CPU: each slot's segments, checked against the pool once.
 pub struct CpuLoraBatch<'a> {
     pub slots: Vec<CheckedSegments<'a>>,
-}
-
-/// K and V of every layer: V `[num_blocks * block_size, kv_heads, head_dim]`, K transposed within
-/// each block, `[num_blocks, kv_heads, head_dim, block_size]` (see `attention.rs`).
-pub struct CpuKvPool {
-    pub layout: KvLayout,
-    pub k: Vec<Vec<f32>>,
-    pub v: Vec<Vec<f32>>,
 }
 
 fn check(op: &'static str, ok: bool, detail: impl FnOnce() -> String) -> Result<(), TensorError> {
@@ -116,12 +109,25 @@ impl Backend for CpuBackend {
     }
 
     fn new_kv_pool(&self, layout: KvLayout) -> Result<CpuKvPool, TensorError> {
-        let per_layer = layout.num_blocks * layout.block_size * layout.num_kv_heads * layout.head_dim;
-        Ok(CpuKvPool {
-            layout,
-            k: (0..layout.num_layers).map(|_| vec![0.0; per_layer]).collect(),
-            v: (0..layout.num_layers).map(|_| vec![0.0; per_layer]).collect(),
-        })
+        Ok(CpuKvPool::new(layout))
+    }
+
+    fn release_kv_blocks(&self, pool: &mut CpuKvPool, blocks: &[u32]) -> Result<(), TensorError> {
+        let n = pool.layout.num_blocks;
+        if let Some(b) = blocks.iter().find(|&&b| b as usize >= n) {
+            return Err(TensorError::Range(format!("kv block {b} ≥ pool of {n}")));
+        }
+        pool.release(blocks);
+        Ok(())
+    }
+
+    fn release_pages(&self, pool: &mut CpuPagePool, pages: &[u32]) -> Result<(), TensorError> {
+        let n = pool.num_pages();
+        if let Some(p) = pages.iter().find(|&&p| p as usize >= n) {
+            return Err(TensorError::Range(format!("page {p} ≥ pool of {n}")));
+        }
+        pool.release(pages);
+        Ok(())
     }
 
     fn new_page_pool(&self, page_floats: usize, pages: usize, dtype: DType) -> Result<CpuPagePool, TensorError> {
@@ -299,12 +305,7 @@ impl Backend for CpuBackend {
             if s >= cap {
                 return Err(TensorError::Range(format!("kv slot {s} ≥ capacity {cap}")));
             }
-            // K transposed within its block (see `attention.rs`), V row-major.
-            let (bs, kvh, hd) = (l.block_size, l.num_kv_heads, l.head_dim);
-            for (i, &x) in k[t * w..(t + 1) * w].iter().enumerate() {
-                pool.k[layer][attention::k_index(bs, kvh, hd, s, i / hd, i % hd)] = x;
-            }
-            pool.v[layer][s * w..(s + 1) * w].copy_from_slice(&v[t * w..(t + 1) * w]);
+            pool.write_slot(layer, s, &k[t * w..(t + 1) * w], &v[t * w..(t + 1) * w]);
         }
         Ok(())
     }
@@ -343,14 +344,7 @@ impl Backend for CpuBackend {
                 )));
             }
         }
-        let kv = attention::PagedKv {
-            k: &pool.k[layer],
-            v: &pool.v[layer],
-            block_size: l.block_size,
-            kv_heads: l.num_kv_heads,
-            head_dim: l.head_dim,
-        };
-        attention::paged_attention(&kv, q, heads, batch, out);
+        pool.attention(layer, q, heads, batch, out);
         Ok(())
     }
 

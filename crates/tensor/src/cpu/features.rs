@@ -42,20 +42,14 @@ impl CpuFeatures {
         CpuFeatures::default()
     }
 
-    /// The AVX2 matmul tiles, the widener and the AVX2 LoRA tiles
-    /// (`#[target_feature(enable = "avx2,fma,f16c")]`).
+    /// The AVX2 matmul tiles, the widener, the AVX2 LoRA tiles and the AVX2 attention body,
+    /// which widens f16 K/V (`#[target_feature(enable = "avx2,fma,f16c")]`).
     #[inline]
     pub(crate) fn avx2_fma_f16c(&self) -> bool {
         self.avx2 && self.fma && self.f16c
     }
 
-    /// The AVX2 attention body, which converts no f16.
-    #[inline]
-    pub(crate) fn avx2_fma(&self) -> bool {
-        self.avx2 && self.fma
-    }
-
-    /// The AVX-512 matmul kernels and attention body.
+    /// The AVX-512 matmul kernels and (with [`Self::avx2_fma_f16c`]) attention body.
     #[inline]
     pub(crate) fn avx512f_bw(&self) -> bool {
         self.avx512f && self.avx512bw
@@ -156,9 +150,8 @@ mod tests {
     /// kernels' `target_feature` sets), and only those.
     #[test]
     fn combined_checks_need_exactly_their_features() {
-        let checks: [(Check, &[usize]); 6] = [
+        let checks: [(Check, &[usize]); 5] = [
             (CpuFeatures::avx2_fma_f16c, &[0, 1, 2]),
-            (CpuFeatures::avx2_fma, &[0, 1]),
             (CpuFeatures::avx512f_bw, &[3, 4]),
             (CpuFeatures::avx512f_avx2, &[0, 1, 2, 3]),
             (CpuFeatures::avx512_bf16, &[3, 4, 5]),

@@ -30,8 +30,27 @@ enum Store<T> {
 impl<T: bytemuck::Pod> HugeVec<T> {
     /// `len` zeroed elements; buffers of at least 2 MB ask for huge pages.
     pub fn zeroed(len: usize) -> Self {
+        Self::zeroed_with(len, true)
+    }
+
+    /// `len` zeroed elements in an anonymous mapping of 4 KB pages whatever the size (the `Vec`
+    /// only if mapping fails): for pools whose parts are given back one at a time with
+    /// [`release`](Self::release), which a huge page would turn into a split.
+    pub fn zeroed_small_pages(len: usize) -> Self {
+        Self::zeroed_with(len, false)
+    }
+
+    fn zeroed_with(len: usize, huge: bool) -> Self {
         let bytes = len * std::mem::size_of::<T>();
-        if bytes >= HUGE_PAGE {
+        if !huge && bytes > 0 {
+            if let Ok(map) = memmap2::MmapMut::map_anon(bytes) {
+                return HugeVec {
+                    store: Store::Map(map, 0, PhantomData),
+                    len,
+                };
+            }
+        }
+        if huge && bytes >= HUGE_PAGE {
             let whole = bytes.next_multiple_of(HUGE_PAGE);
             if let Ok(map) = memmap2::MmapMut::map_anon(whole + HUGE_PAGE) {
                 let offset = map.as_ptr().align_offset(HUGE_PAGE);
@@ -61,6 +80,108 @@ impl<T: bytemuck::Pod> HugeVec<T> {
     pub fn is_mapped(&self) -> bool {
         matches!(self.store, Store::Map(..))
     }
+}
+
+impl<T: bytemuck::Pod> HugeVec<T> {
+    /// Zeroes elements `range` and gives the memory of the whole OS pages inside it back to the
+    /// system (`MADV_DONTNEED` on a private anonymous mapping: the pages read as zeros again and
+    /// are committed anew on the next write). Partial pages at the ends, and a `Vec` fallback,
+    /// are zero-filled in place. Returns the bytes given back.
+    pub fn release(&mut self, range: std::ops::Range<usize>) -> usize {
+        let size = std::mem::size_of::<T>();
+        if let Store::Map(map, offset, _) = &mut self.store {
+            let page = os_page_size();
+            let (lo, hi) = (*offset + range.start * size, *offset + range.end * size);
+            let (start, end) = (lo.next_multiple_of(page), hi / page * page);
+            if start < end {
+                #[cfg(unix)]
+                {
+                    // SAFETY: `start..end` lies inside this private anonymous mapping, which we
+                    // borrow mutably, so no reference into those pages is live.
+                    let rc = unsafe {
+                        libc::madvise(
+                            map.as_mut_ptr().add(start) as *mut libc::c_void,
+                            end - start,
+                            libc::MADV_DONTNEED,
+                        )
+                    };
+                    if rc == 0 {
+                        // Only the partial pages around the released span still need zeroing.
+                        let (a, b) = ((start - *offset) / size, (end - *offset) / size);
+                        let all: &mut [T] = &mut self[..];
+                        all[range.start..a.max(range.start)].fill(T::zeroed());
+                        all[b.min(range.end)..range.end].fill(T::zeroed());
+                        return end - start;
+                    }
+                }
+            }
+        }
+        self[range].fill(T::zeroed());
+        0
+    }
+}
+
+impl<T: bytemuck::Pod> HugeVec<T> {
+    /// Bytes of the buffer's pages resident in memory (`mincore`); `None` for the `Vec`
+    /// fallback or where it cannot be asked. For tests and gauges of what a pool holds.
+    pub fn resident_bytes(&self) -> Option<usize> {
+        let Store::Map(map, offset, _) = &self.store else {
+            return None;
+        };
+        let page = os_page_size();
+        let bytes = self.len * std::mem::size_of::<T>();
+        let (start, end) = (*offset, (*offset + bytes).next_multiple_of(page).min(map.len()));
+        if start >= end {
+            return Some(0);
+        }
+        let mut vec = vec![0u8; (end - start).div_ceil(page)];
+        #[cfg(target_os = "linux")]
+        {
+            // SAFETY: `start..end` is inside the mapping (page-aligned start), `vec` has one byte
+            // per page of it.
+            let rc = unsafe {
+                libc::mincore(
+                    map.as_ptr().add(start) as *mut libc::c_void,
+                    end - start,
+                    vec.as_mut_ptr(),
+                )
+            };
+            if rc == 0 {
+                return Some(vec.iter().filter(|&&b| b & 1 == 1).count() * page);
+            }
+        }
+        None
+    }
+}
+
+/// The element ranges of units `ids` (each `unit` elements long), adjacent ids merged into one
+/// range, in ascending order.
+pub fn unit_runs(ids: &[u32], unit: usize) -> Vec<std::ops::Range<usize>> {
+    let mut sorted = ids.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+    for id in sorted {
+        let at = id as usize * unit;
+        match runs.last_mut() {
+            Some(r) if r.end == at => r.end = at + unit,
+            _ => runs.push(at..at + unit),
+        }
+    }
+    runs
+}
+
+/// The OS page size (4 KB where it cannot be read).
+fn os_page_size() -> usize {
+    #[cfg(unix)]
+    {
+        // SAFETY: sysconf has no preconditions.
+        let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        if n > 0 {
+            return n as usize;
+        }
+    }
+    4096
 }
 
 impl<T: bytemuck::Pod> AsRef<[T]> for HugeVec<T> {

@@ -94,6 +94,36 @@ impl CpuPagePool {
                 .for_each(|(d, s)| *d = bf16::from_f32(*s)),
         }
     }
+
+    /// Bytes of the pool resident in memory (`None` for a small pool kept in a `Vec`).
+    pub fn resident_bytes(&self) -> Option<usize> {
+        match &self.data {
+            PageData::F32(v) => v.resident_bytes(),
+            PageData::BF16(v) => v.resident_bytes(),
+        }
+    }
+
+    /// Page `id`'s values widened to f32.
+    pub fn page_values(&self, id: u32) -> Vec<f32> {
+        let at = id as usize * self.page;
+        match &self.data {
+            PageData::F32(v) => v[at..at + self.page].to_vec(),
+            PageData::BF16(v) => v[at..at + self.page].iter().map(|x| x.to_f32()).collect(),
+        }
+    }
+
+    /// Zeroes `ids` and gives the whole OS pages inside them back to the system (adjacent ids
+    /// are released as one range, so pages smaller than an OS page still return memory).
+    pub fn release(&mut self, ids: &[u32]) -> usize {
+        let page = self.page;
+        crate::cpu::huge::unit_runs(ids, page)
+            .into_iter()
+            .map(|r| match &mut self.data {
+                PageData::F32(v) => v.release(r),
+                PageData::BF16(v) => v.release(r),
+            })
+            .sum()
+    }
 }
 
 /// A typed view of the pool's pages.

@@ -7,6 +7,7 @@ pub mod backend;
 mod bf16dot;
 mod features;
 pub mod huge;
+pub mod kv_pool;
 pub mod lora;
 pub mod matmul;
 pub mod ops;
@@ -22,8 +23,9 @@ mod simd;
 #[cfg(target_arch = "x86_64")]
 mod simd512;
 
-pub use backend::{CpuBackend, CpuKvPool};
+pub use backend::CpuBackend;
 pub use features::{features, CpuFeatures};
+pub use kv_pool::{CpuKvPool, KvData};
 pub use lora::CpuPagePool;
 pub use matmul::{bf16_activations_supported, matmul, matmul_ref, matmul_with, Precision};
 #[doc(hidden)]
