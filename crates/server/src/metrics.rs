@@ -12,9 +12,33 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use quiver_engine::adapters::AdapterInfo;
 use quiver_engine::metrics::{AdapterCounts, Histogram, LATENCY_BUCKETS};
-use quiver_engine::EngineStats;
+use quiver_engine::{EngineConfig, EngineStats};
+use quiver_model::{ModelConfig, ModuleKind};
 
 use crate::admin::tier_name;
+
+/// vLLM's `max_lora` label of `vllm:lora_requests_info`: how many adapters can be in device memory
+/// for one batch at once. The Gateway API Inference Extension's LoRA affinity counts a replica's
+/// running + waiting adapters against it to decide whether that replica can take one more.
+///
+/// Quiver has no fixed adapter slots (vLLM's `--max-loras`): adapter pages and KV blocks share one
+/// memory budget. So this is the number of the largest adapters the server accepts (rank
+/// `--max-lora-rank` on all seven projections of every layer) that fit in the budget beside one
+/// full-length sequence's KV cache (what pinning also keeps free), and never more than
+/// `--max-num-seqs` (one adapter per running sequence); at least 1. Smaller adapters fit more.
+pub fn max_loras(model: &ModelConfig, engine: &EngineConfig, kv_block_bytes: usize) -> usize {
+    let per_layer: usize = ModuleKind::ALL
+        .iter()
+        .map(|k| {
+            let (i, o) = k.dims(model);
+            i + o
+        })
+        .sum();
+    let adapter = model.num_layers * engine.max_lora_rank * per_layer * engine.adapter_dtype.size();
+    let kv_floor = engine.max_model_len.div_ceil(engine.block_size.max(1)) * kv_block_bytes;
+    let fit = engine.memory_budget.saturating_sub(kv_floor) / adapter.max(1);
+    fit.min(engine.max_num_seqs).max(1)
+}
 
 fn render_histogram(h: &Histogram, name: &str, help: &str, model: &str, out: &mut String) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
@@ -273,5 +297,47 @@ impl Metrics {
             render_histogram(h, name, help, &model, &mut out);
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A Llama-3-8B-shaped model: the numbers a GPU deployment sees.
+    fn llama8b() -> ModelConfig {
+        let json = serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+            "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "vocab_size": 128256, "rms_norm_eps": 1e-5,
+            "rope_theta": 500000.0, "max_position_embeddings": 8192, "tie_word_embeddings": false
+        });
+        ModelConfig::from_json(&json).expect("a llama config")
+    }
+
+    #[test]
+    fn max_lora_counts_largest_adapters_beside_one_sequence() {
+        let model = llama8b();
+        let mut engine = EngineConfig {
+            max_lora_rank: 16,
+            adapter_dtype: quiver_tensor::DType::BF16,
+            max_model_len: 8192,
+            block_size: 16,
+            max_num_seqs: 256,
+            memory_budget: 20 << 30,
+            ..EngineConfig::default()
+        };
+        // Rank 16 on q, k, v, o, gate, up, down: 16 × (8192 + 2 × 5120 + 8192 + 3 × 18432) × 32
+        // layers × 2 B = 83,886,080 B. KV of 8,192 tokens at 128 KiB per 16-token block: 64 MiB.
+        let block = 128 << 10;
+        let adapter = 16 * ((4096 + 4096) + 2 * (4096 + 1024) + (4096 + 4096) + 3 * (4096 + 14336)) * 32 * 2;
+        let want = ((20usize << 30) - (8192 / 16) * block) / adapter;
+        assert_eq!(max_loras(&model, &engine, block), want);
+        assert!(want > 1 && want < 256, "{want}");
+        // Capped by the sequences that can run at once, and never 0.
+        engine.max_num_seqs = 4;
+        assert_eq!(max_loras(&model, &engine, block), 4);
+        engine.memory_budget = 1 << 20;
+        assert_eq!(max_loras(&model, &engine, block), 1);
     }
 }

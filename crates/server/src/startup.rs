@@ -217,7 +217,7 @@ fn build_on<B: Backend>(
         max_body_bytes: opts.max_body_bytes,
         max_concurrent: opts.max_concurrent,
         input: opts.input_limits,
-        max_loras: engine_cfg.max_num_seqs,
+        max_loras: crate::metrics::max_loras(&cfg, &engine_cfg, block_bytes),
         connections: opts.connections.clone(),
     };
     let tokenizer = Arc::new(bundle.tokenizer);

@@ -25,7 +25,8 @@ pub struct Limits {
     pub max_concurrent: usize,
     /// Prompts and characters per request, checked before tokenizing.
     pub input: InputLimits,
-    /// Advertised as vLLM's `max_lora`: the most adapters that can run at once (one per sequence).
+    /// Advertised as vLLM's `max_lora`: the most adapters that can be in device memory for one batch
+    /// (`metrics::max_loras`).
     pub max_loras: usize,
     /// Timeouts, open connections and the shutdown deadline of the HTTP server.
     pub connections: ConnectionLimits,
