@@ -328,7 +328,7 @@ mod tests {
             ..EngineConfig::default()
         };
         // Rank 16 on q, k, v, o, gate, up, down: 16 × (8192 + 2 × 5120 + 8192 + 3 × 18432) × 32
-        // layers × 2 B = 83,886,080 B. KV of 8,192 tokens at 128 KiB per 16-token block: 64 MiB.
+        // layers × 2 B = 83,886,080 B (80 MiB). KV of 8,192 tokens in 128 KiB blocks: 64 MiB.
         let block = 128 << 10;
         let adapter = 16 * ((4096 + 4096) + 2 * (4096 + 1024) + (4096 + 4096) + 3 * (4096 + 14336)) * 32 * 2;
         let want = ((20usize << 30) - (8192 / 16) * block) / adapter;

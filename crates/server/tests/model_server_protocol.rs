@@ -167,7 +167,7 @@ async fn metrics_the_epp_reads_move_with_load_and_return_to_zero() -> Result<()>
     let adapters = ["qwen2-r4-qkv", "qwen2-r8-all-linear-rslora"];
     let mut jobs = Vec::new();
     for adapter in adapters {
-        let body = json!({"model": adapter, "prompt": vec![[5, 6, 7]; 8], "max_tokens": 48, "ignore_eos": true});
+        let body = json!({"model": adapter, "prompt": vec![[5, 6, 7]; 8], "max_tokens": 96, "ignore_eos": true});
         jobs.push(tokio::spawn(async move {
             http(addr, "POST", "/v1/completions", Some(&body.to_string()), None).await
         }));
