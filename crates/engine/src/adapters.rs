@@ -177,6 +177,19 @@ impl<B: Backend> AdapterManager<B> {
             .sum()
     }
 
+    /// Bytes of the pages whose memory may be resident (in use, or released but not trimmed).
+    pub fn touched_bytes(&self) -> usize {
+        self.pages.touched() * self.page_bytes
+    }
+
+    /// Returns the memory of up to `bytes` (rounded up to pages) of released pages to the OS.
+    pub fn trim(&mut self, bytes: usize) -> Result<(), EngineError> {
+        let pages = self.pages.trim(bytes.div_ceil(self.page_bytes));
+        (self.backend)
+            .release_pages(&mut self.pool, &pages)
+            .map_err(|e| EngineError::Model(e.to_string()))
+    }
+
     pub fn pool(&self) -> &B::PagePool {
         &self.pool
     }

@@ -46,6 +46,17 @@ impl KvMemory {
         self.block_bytes
     }
 
+    /// Bytes of the blocks whose memory may be resident (held, cached or released but not trimmed).
+    pub fn touched_bytes(&self) -> usize {
+        self.blocks.touched() * self.block_bytes
+    }
+
+    /// Takes up to `bytes` (rounded up to blocks) of released blocks off the warm free list; the
+    /// caller returns their memory to the OS.
+    pub fn trim(&mut self, bytes: usize) -> Vec<u32> {
+        self.blocks.trim(bytes.div_ceil(self.block_bytes))
+    }
+
     pub fn total_blocks(&self) -> usize {
         self.blocks.total()
     }

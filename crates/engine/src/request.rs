@@ -117,6 +117,9 @@ pub struct EngineStats {
     pub kv_bytes: usize,
     pub adapter_bytes: usize,
     pub adapter_pages_used: usize,
+    /// Bytes of KV blocks and adapter pages whose memory may be resident (touched and not given
+    /// back): at most `memory_budget` once a step has begun.
+    pub resident_bytes: usize,
     /// Tokens looked up in the prefix cache and tokens found (vLLM v1's counters).
     pub prefix_cache_queries: u64,
     pub prefix_cache_hits: u64,

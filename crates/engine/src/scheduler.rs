@@ -360,7 +360,30 @@ impl<B: Backend> Scheduler<B> {
             }
             return Ok(());
         }
+        self.return_memory()?;
         self.run_batch(&plan)
+    }
+
+    /// The budget bounds physical memory, not only what is in use: while the KV pool and the
+    /// page pool together have touched more than the budget (free KV blocks after a burst of
+    /// long sequences, free pages after adapter churn), the memory of released blocks, then of
+    /// released pages, goes back to the OS. Runs before the batch writes any KV; costs nothing
+    /// while both pools stay within the budget.
+    fn return_memory(&mut self) -> Result<(), EngineError> {
+        let over = |s: &Self| (s.mem.touched_bytes() + s.adapters.touched_bytes()).saturating_sub(s.budget.total());
+        let excess = over(self);
+        if excess == 0 {
+            return Ok(());
+        }
+        let blocks = self.mem.trim(excess);
+        (self.model.backend)
+            .release_kv_blocks(&mut self.kv, &blocks)
+            .map_err(|e| EngineError::Model(e.to_string()))?;
+        let excess = over(self);
+        if excess > 0 {
+            self.adapters.trim(excess)?;
+        }
+        Ok(())
     }
 
     fn run_batch(&mut self, plan: &[(usize, usize)]) -> Result<(), EngineError> {

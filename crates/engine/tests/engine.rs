@@ -477,3 +477,72 @@ fn counters_of_unregistered_adapters_are_dropped() -> Result<()> {
     ensure!(names.is_empty(), "{names:?}");
     Ok(())
 }
+
+/// The budget bounds physical memory: KV blocks freed after long sequences and the pages of an
+/// adapter uploaded afterwards never hold more than the budget together (released blocks give
+/// their memory back).
+#[test]
+fn kv_and_adapter_pages_together_stay_within_the_budget() -> Result<()> {
+    let (dir, base) = fixture()?;
+    let adapters = dir.path().join("adapters");
+    let bundle = ModelBundle::load(CpuBackend::default(), &base, None)?;
+    // 64-token blocks of 32,768 B: 10 fit; r64's pages (294,912 B) fit only once the KV is free.
+    let budget = 360_000;
+    let cfg = EngineConfig {
+        memory_budget: budget,
+        block_size: 64,
+        ..small()
+    };
+    let mut s = Scheduler::build(bundle.model, None, vec![], cfg)?;
+    register(&mut s, &adapters, "llama-r64-mlp", false)?;
+    let stats = |s: &mut Scheduler<CpuBackend>| -> Result<quiver_engine::EngineStats> {
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        s.handle(Command::Stats { reply: tx });
+        Ok(rx.try_recv()?)
+    };
+    let run = |s: &mut Scheduler<CpuBackend>, requests: Vec<GenerateRequest>| -> Result<()> {
+        let mut rxs = Vec::new();
+        for r in requests {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            s.handle(Command::Submit {
+                request: valid(s, r),
+                events: tx,
+            });
+            rxs.push(rx);
+        }
+        let t = Instant::now();
+        let mut done = 0;
+        while done < rxs.len() {
+            ensure!(t.elapsed() < Duration::from_secs(60), "requests did not finish");
+            s.step()?;
+            for rx in &mut rxs {
+                if matches!(rx.try_recv(), Ok(Event::Finished { .. })) {
+                    done += 1;
+                }
+            }
+        }
+        Ok(())
+    };
+    // Three base-model sequences of 103-117 tokens: 2 blocks each, 196,608 B; with r64's pages
+    // that is 491,520 B, over the budget unless the free blocks give their memory back.
+    let long: Vec<GenerateRequest> = (0..3)
+        .map(|i| GenerateRequest {
+            adapter: None,
+            ..request(i, 100)
+        })
+        .collect();
+    run(&mut s, long)?;
+    let touched_kv = stats(&mut s)?.resident_bytes;
+    ensure!(touched_kv >= 6 * 32_768, "the long sequences touched {touched_kv} B");
+    let mut r = request(1, 1);
+    r.adapter = Some("llama-r64-mlp".into());
+    run(&mut s, vec![r])?;
+    let st = stats(&mut s)?;
+    ensure!(st.adapter_bytes >= 294_912, "r64 not resident: {st:?}");
+    ensure!(
+        st.resident_bytes <= budget,
+        "{} B resident (KV touched {touched_kv} B + pages) over the {budget} B budget",
+        st.resident_bytes
+    );
+    Ok(())
+}

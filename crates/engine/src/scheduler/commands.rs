@@ -84,6 +84,7 @@ impl<B: Backend> Scheduler<B> {
             kv_bytes: self.budget.kv_bytes(),
             adapter_bytes: self.budget.adapter_bytes(),
             adapter_pages_used: self.adapters.pages_in_use(),
+            resident_bytes: self.mem.touched_bytes() + self.adapters.touched_bytes(),
             running_adapters: running,
             waiting_adapters: waiting,
             adapters: self.adapters.stats,
