@@ -34,12 +34,18 @@ venv=target/smoke-venv
 step "Kubernetes manifests (kubectl $(kubectl version --client -o json | "$venv/bin/python" -c 'import json,sys; v=json.load(sys.stdin); print(v["clientVersion"]["gitVersion"], "kustomize", v.get("kustomizeVersion", "?"))'))"
 "$venv/bin/python" deploy/check/validate.py
 
-step "release binary"
-cargo build --release --locked -p quiver
+# scripts/test.sh passes the release binary it already built (with the `cuda` feature, which
+# falls back to the CPU here as in a CPU pod).
+bin=${QUIVER_DEPLOY_BIN:-}
+if [ -z "$bin" ]; then
+    step "release binary"
+    cargo build --release --locked -p quiver
+    bin=target/release/quiver
+fi
 
 step "CPU image"
 out=target/deploy
-deploy/image/build-cpu-image.sh target/release/quiver "$out"
+deploy/image/build-cpu-image.sh "$bin" "$out"
 rm -rf "$out/bundle"
 umoci unpack --image "$out/layout:quiver-cpu" "$out/bundle" >/dev/null
 # What the image says about itself, as a runtime reads it.

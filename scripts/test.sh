@@ -46,3 +46,6 @@ grep -q "using the CPU" target/smoke-server.log || { echo "no CPU fallback line 
 kill -TERM "$server"
 wait "$server"
 trap - EXIT
+
+# deploy/: the Kubernetes manifests validate, and the CPU image serves from its own file system.
+QUIVER_DEPLOY_BIN=target/release/quiver scripts/deploy-check.sh
