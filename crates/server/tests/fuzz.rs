@@ -32,43 +32,11 @@ impl Rng {
     }
 }
 
-const FIELDS: &[&str] = &[
-    "model",
-    "max_tokens",
-    "temperature",
-    "top_p",
-    "n",
-    "stream",
-    "stream_options",
-    "stop",
-    "seed",
-    "presence_penalty",
-    "frequency_penalty",
-    "logit_bias",
-    "user",
-    "top_k",
-    "min_p",
-    "repetition_penalty",
-    "ignore_eos",
-    "return_tokens_as_token_ids",
-    "stop_token_ids",
-    "skip_special_tokens",
-    "prompt",
-    "logprobs",
-    "echo",
-    "best_of",
-    "suffix",
-    "messages",
-    "max_completion_tokens",
-    "top_logprobs",
-    "tools",
-    "tool_choice",
-    "response_format",
-    "add_generation_prompt",
-    "metadata",
-    "parallel_tool_calls",
-    "no_such_field",
-];
+/// Every field the server knows, and one it does not.
+static FIELDS: std::sync::LazyLock<Vec<&'static str>> = std::sync::LazyLock::new(|| {
+    use quiver_server::openai::request::{CHAT, COMMON, COMPLETION};
+    [COMMON, COMPLETION, CHAT, &["no_such_field"]].concat()
+});
 
 fn scalar(rng: &mut Rng) -> Value {
     match rng.below(16) {
@@ -100,7 +68,7 @@ fn value(rng: &mut Rng, depth: usize) -> Value {
         1 => {
             let mut m = Map::new();
             for _ in 0..rng.below(3) {
-                m.insert(rng.pick(FIELDS).to_string(), value(rng, depth + 1));
+                m.insert(rng.pick(&FIELDS).to_string(), value(rng, depth + 1));
             }
             Value::Object(m)
         }
@@ -129,7 +97,7 @@ fn message(rng: &mut Rng) -> Value {
 fn mutate(rng: &mut Rng, body: &mut Map<String, Value>, chat: bool) {
     match rng.below(10) {
         0 => {
-            let k = rng.pick(FIELDS).to_string();
+            let k = rng.pick(&FIELDS).to_string();
             body.remove(&k);
         }
         1 | 2 if chat => {
@@ -140,7 +108,7 @@ fn mutate(rng: &mut Rng, body: &mut Map<String, Value>, chat: bool) {
             body.insert("stream".into(), json!(true));
         }
         _ => {
-            let k = rng.pick(FIELDS).to_string();
+            let k = rng.pick(&FIELDS).to_string();
             body.insert(k, value(rng, 0));
         }
     }

@@ -11,8 +11,8 @@ use crate::error::ApiError;
 use crate::openai::limits::{check_chars, check_prompts, InputLimits};
 use crate::openai::messages;
 
-/// Fields both endpoints share.
-const COMMON: &[&str] = &[
+/// Fields both endpoints share (public for the fuzz test's field list).
+pub const COMMON: &[&str] = &[
     "model",
     "max_tokens",
     "temperature",
@@ -35,8 +35,8 @@ const COMMON: &[&str] = &[
     "stop_token_ids",
     "skip_special_tokens",
 ];
-const COMPLETION: &[&str] = &["prompt", "logprobs", "echo", "best_of", "suffix"];
-const CHAT: &[&str] = &[
+pub const COMPLETION: &[&str] = &["prompt", "logprobs", "echo", "best_of", "suffix"];
+pub const CHAT: &[&str] = &[
     "messages",
     "max_completion_tokens",
     "logprobs",
