@@ -56,11 +56,13 @@ def main(base_url: str) -> None:
     checks += 1
 
     body = {"model": "quiver-demo", "messages": [{"role": "user", "content": "Stream please"}], "max_tokens": 5,
-            "stream": True, "stream_options": {"include_usage": True}, "n": 2}
+            "stream": True, "stream_options": {"include_usage": True}, "n": 2, "ignore_eos": True}
     chunks = [ChatCompletionChunk.model_validate(c) for c in sse_chunks(base_url, "/chat/completions", body)]
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 10, chunks[-1]
     assert sum(1 for c in chunks if c.choices and c.choices[0].finish_reason == "length") == 2
-    stream = client.chat.completions.create(**{k: v for k, v in body.items() if k != "stream"}, stream=True)
+    # Sampled (temperature 1): without ignore_eos a choice may end early on EOS.
+    stream = client.chat.completions.create(**{k: v for k, v in body.items() if k not in ("stream", "ignore_eos")},
+                                            stream=True, extra_body={"ignore_eos": True})
     assert list(stream)[-1].usage.completion_tokens == 10
     checks += 1
 
