@@ -1,20 +1,27 @@
-//! Prefix caching on multi-tenant chat traffic (issue #14), caching on and off side by side in one
-//! run, on the Qwen2.5-0.5B-shaped test-kit model: 32 adapters, each with its own 1,024-token
-//! system prompt; per adapter several users, each sending 3 turns of a growing chat (every turn
-//! resends the conversation so far); users start at Poisson times and send their next turn when
-//! the previous one ends. Reports throughput, TTFT p50/p99, the prefix-cache hit rate and the
-//! memory held by cached blocks; then the TTFT of a 1,536-token prompt sent twice. (How many
-//! tokens one budget holds per KV cache dtype belongs here once `--kv-cache-dtype` lands.)
+//! Prefix caching on multi-tenant chat traffic (issue #14), on the Qwen2.5-0.5B-shaped test-kit
+//! model: 32 adapters, each with its own 1,024-token system prompt; per adapter several users,
+//! each sending 3 turns of a growing chat (every turn resends the conversation so far); users
+//! start at Poisson times and send their next turn when the previous one ends. One run, the
+//! same workload four times: caching off and on under a roomy budget, then caching on under a
+//! tight budget with idle adapters evicted before idle cached blocks (the engine's ranking) and
+//! the other way round. Reports throughput, TTFT p50/p99, the prefix-cache hit rate and the
+//! memory held by cached blocks, draws the TTFT distributions, then measures the TTFT of a
+//! 1,536-token prompt sent twice and how many tokens one budget holds per KV cache dtype.
 //!
 //!     cargo bench -p quiver-benches --bench prefix
 //!
 //! Knobs: `QUIVER_PREFIX_BENCH_ADAPTERS` (32), `QUIVER_PREFIX_BENCH_USERS` (users per adapter,
-//! 1), `QUIVER_PREFIX_BENCH_TURNS` (3), `QUIVER_PREFIX_BENCH_SYSTEM` (system prompt tokens,
+//! 3), `QUIVER_PREFIX_BENCH_TURNS` (3), `QUIVER_PREFIX_BENCH_SYSTEM` (system prompt tokens,
 //! 1024), `QUIVER_PREFIX_BENCH_RATE` (users starting per second, 2), `QUIVER_PREFIX_BENCH_MEMORY_MB`
-//! (memory budget, 2048), `QUIVER_BENCH_MODEL=DIR`.
+//! (roomy budget, 2048), `QUIVER_PREFIX_BENCH_TIGHT_MB` (tight budget, 512; 0 skips those runs),
+//! `QUIVER_PREFIX_BENCH_PLOT=FILE` (the PNG, `docs/bench-prefix.png`), `QUIVER_BENCH_MODEL=DIR`.
 
+#[path = "prefix/capacity.rs"]
+mod capacity;
 #[path = "prefix/chat.rs"]
 mod chat;
+#[path = "prefix/plot.rs"]
+mod plot;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -71,6 +78,8 @@ fn ensure_adapters(root: &Path, n: usize) -> Result<()> {
     Ok(())
 }
 
+/// The engine as `quiver serve` runs this model (bf16 adapter pages, KV in the checkpoint's
+/// dtype).
 fn config(memory_budget: usize, prefix_caching: bool) -> EngineConfig {
     EngineConfig {
         max_num_seqs: 32,
@@ -79,6 +88,7 @@ fn config(memory_budget: usize, prefix_caching: bool) -> EngineConfig {
         max_lora_rank: 16,
         max_model_len: MAX_MODEL_LEN,
         adapter_dtype: DType::BF16,
+        kv_cache_dtype: None,
         enable_prefix_caching: prefix_caching,
         ..EngineConfig::default()
     }
@@ -106,16 +116,23 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-struct Row {
-    label: &'static str,
+pub struct Row {
+    pub label: String,
     requests: usize,
-    seconds: f64,
+    pub seconds: f64,
     tokens: usize,
-    ttft: Vec<f64>,
+    /// Sorted.
+    pub ttft: Vec<f64>,
     stats: EngineStats,
 }
 
-fn row(label: &'static str, turns: &[Turn], elapsed: Duration, stats: EngineStats) -> Row {
+impl Row {
+    pub fn requests_per_s(&self) -> f64 {
+        self.requests as f64 / self.seconds
+    }
+}
+
+fn row(label: String, turns: &[Turn], elapsed: Duration, stats: EngineStats) -> Row {
     let mut ttft: Vec<f64> = turns.iter().map(|t| t.ttft.as_secs_f64()).collect();
     ttft.sort_by(f64::total_cmp);
     Row {
@@ -139,34 +156,52 @@ fn main() -> Result<()> {
         rate: env_num("QUIVER_PREFIX_BENCH_RATE", 2.0)?,
     };
     let budget = env_num("QUIVER_PREFIX_BENCH_MEMORY_MB", 2048usize)? << 20;
+    let tight = env_num("QUIVER_PREFIX_BENCH_TIGHT_MB", 512usize)? << 20;
     let model = bench_model_dir()?;
-    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench-adapters-prefix");
+    let repo = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = repo.join("target/bench-adapters-prefix");
     ensure_adapters(&root, shape.adapters)?;
     println!("machine: {}", machine());
     println!(
-        "workload: {} adapters × {} users × {} turns; system prompts {} tokens, user messages 16-64 tokens, {} output tokens (greedy, ignore_eos); users start at {:.1}/s (Poisson); memory budget {} MiB; seed {SEED:#x}",
-        shape.adapters, shape.users_per_adapter, shape.turns, shape.system_len, shape.max_tokens, shape.rate, budget >> 20
+        "workload: {} adapters × {} users × {} turns; system prompts {} tokens, user messages 16-64 tokens, {} output tokens (greedy, ignore_eos); users start at {:.1}/s (Poisson); KV cache and adapter pages bf16; seed {SEED:#x}",
+        shape.adapters, shape.users_per_adapter, shape.turns, shape.system_len, shape.max_tokens, shape.rate
     );
     let (systems, users) = workload(shape, SEED);
+    let mut runs = vec![
+        (format!("caching off, {} MiB", budget >> 20), config(budget, false)),
+        (format!("caching on, {} MiB", budget >> 20), config(budget, true)),
+    ];
+    if tight > 0 {
+        let mut cached_first = config(tight, true);
+        cached_first.evict_cached_blocks_first = true;
+        runs.push((
+            format!("caching on, {} MiB, idle adapters evicted first", tight >> 20),
+            config(tight, true),
+        ));
+        runs.push((
+            format!("caching on, {} MiB, idle cached blocks evicted first", tight >> 20),
+            cached_first,
+        ));
+    }
     let mut rows = Vec::new();
-    for (label, on) in [("caching off", false), ("caching on", true)] {
-        let engine = start(&model, &root, shape.adapters, config(budget, on))?;
+    for (label, cfg) in runs {
+        let engine = start(&model, &root, shape.adapters, cfg)?;
         let (turns, elapsed) = run_users(&engine, &systems, &users, shape, adapter_name)?;
         let stats = engine.stats()?.blocking_recv()?;
         rows.push(row(label, &turns, elapsed, stats));
     }
     println!();
-    println!("| run | requests | seconds | requests/s | tokens/s (prompt + output) | TTFT p50 (s) | TTFT p99 (s) | hit rate (tokens) | cached-block memory |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| run | requests | seconds | requests/s | tokens/s (prompt + output) | TTFT p50 (s) | TTFT p99 (s) | hit rate (tokens) | cached-block memory | adapter uploads / device evictions | preemptions |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         let s = &r.stats;
         let hit = s.prefix_cache_hits as f64 / (s.prefix_cache_queries.max(1)) as f64;
         println!(
-            "| {} | {} | {:.1} | {:.2} | {:.0} | {:.3} | {:.3} | {:.1}% ({} of {}) | {:.1} MiB |",
+            "| {} | {} | {:.1} | {:.2} | {:.0} | {:.3} | {:.3} | {:.1}% ({} of {}) | {:.1} MiB | {} / {} | {} |",
             r.label,
             r.requests,
             r.seconds,
-            r.requests as f64 / r.seconds,
+            r.requests_per_s(),
             r.tokens as f64 / r.seconds,
             percentile(&r.ttft, 0.5),
             percentile(&r.ttft, 0.99),
@@ -174,14 +209,27 @@ fn main() -> Result<()> {
             s.prefix_cache_hits,
             s.prefix_cache_queries,
             s.prefix_cache_bytes as f64 / (1 << 20) as f64,
+            s.adapters.uploads,
+            s.adapters.device_evictions,
+            s.preemptions,
         );
     }
     let (off, on) = (&rows[0], &rows[1]);
     println!(
         "\ncaching on / off: throughput {:.2}× (target ≥ 3), p50 TTFT {:.1}× lower (target ≥ 5)",
-        (on.requests as f64 / on.seconds) / (off.requests as f64 / off.seconds),
+        on.requests_per_s() / off.requests_per_s(),
         percentile(&off.ttft, 0.5) / percentile(&on.ttft, 0.5)
     );
+    if let [_, _, adapters_first, cached_first] = &rows[..] {
+        println!(
+            "tight budget: idle adapters evicted first / idle cached blocks evicted first: throughput {:.2}×, p50 TTFT {:.2}× lower",
+            adapters_first.requests_per_s() / cached_first.requests_per_s(),
+            percentile(&cached_first.ttft, 0.5) / percentile(&adapters_first.ttft, 0.5)
+        );
+    }
+    let png = std::env::var("QUIVER_PREFIX_BENCH_PLOT").map_or_else(|_| repo.join("docs/bench-prefix.png"), Into::into);
+    plot::plot(&rows, &png)?;
+    println!("plot: {}", png.display());
 
     // A repeated long prompt on one adapter: the second send reuses every full block.
     let engine = start(&model, &root, 1, config(budget, true))?;
@@ -196,5 +244,5 @@ fn main() -> Result<()> {
     );
     drop(engine);
 
-    Ok(())
+    capacity::report(&model, &[DType::F32, DType::BF16, DType::F16])
 }

@@ -2,11 +2,13 @@
 
 pub mod bandwidth;
 pub mod machine;
+pub mod plot;
 pub mod rng;
 pub mod zipf;
 
 pub use bandwidth::measure_read_bandwidth_gbps;
 pub use machine::machine;
+pub use plot::load_font;
 pub use rng::Rng;
 pub use zipf::{zipf_cdf, zipf_pick};
 

@@ -2,8 +2,9 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use plotters::prelude::*;
+use quiver_benches::load_font;
 pub use quiver_benches::machine;
 use quiver_engine::EngineConfig;
 use quiver_model::ModelBundle;
@@ -25,16 +26,6 @@ fn percentile(v: &[f64], p: f64) -> f64 {
         return f64::NAN;
     }
     s[((p / 100.0 * s.len() as f64).ceil() as usize).clamp(1, s.len()) - 1]
-}
-
-fn load_font() -> Result<()> {
-    let path =
-        std::env::var("QUIVER_BENCH_FONT").unwrap_or_else(|_| "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf".into());
-    let bytes = std::fs::read(&path).with_context(|| {
-        format!("reading the plot font {path} (install fonts-dejavu-core or set QUIVER_BENCH_FONT to a .ttf file)")
-    })?;
-    plotters::style::register_font("sans-serif", FontStyle::Normal, Box::leak(bytes.into_boxed_slice()))
-        .map_err(|_| anyhow::anyhow!("{path} is not a usable TrueType font"))
 }
 
 /// `all_runs[i]`: (output tok/s, disturbed) of every round of point `i`.

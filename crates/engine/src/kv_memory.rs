@@ -5,6 +5,7 @@
 //! evicted adapter comes back by copying its pages from the host tier, an evicted prefix only by
 //! running prefill over all of its tokens again (for a rank-8 adapter and a 1,024-token prompt
 //! of a 0.5B model the bytes are about the same, the work to restore them is not).
+//! `EngineConfig::evict_cached_blocks_first` reverses the order, to measure the choice.
 
 use std::collections::HashMap;
 
@@ -29,17 +30,24 @@ pub(crate) struct KvMemory {
     /// `None` with prefix caching off.
     prefix: Option<PrefixCache>,
     stats: PrefixStats,
+    /// Idle cached blocks are evicted before idle adapters (not the default).
+    cached_blocks_first: bool,
 }
 
 impl KvMemory {
-    pub fn new(blocks: BlockAllocator, block_bytes: usize, caching: bool) -> Self {
+    pub fn new(blocks: BlockAllocator, block_bytes: usize, caching: bool, cached_blocks_first: bool) -> Self {
         let prefix = caching.then(|| PrefixCache::new(blocks.block_size()));
         KvMemory {
             blocks,
             block_bytes,
             prefix,
             stats: PrefixStats::default(),
+            cached_blocks_first,
         }
+    }
+
+    pub fn cached_blocks_first(&self) -> bool {
+        self.cached_blocks_first
     }
 
     pub fn block_bytes(&self) -> usize {
@@ -89,7 +97,8 @@ impl KvMemory {
     }
 
     /// Grows `cache` by `tokens` slots, charging the shared budget: idle adapters are evicted
-    /// first, then idle cached blocks, if that makes room. On failure nothing changes.
+    /// first, then idle cached blocks (or the other way round), if that makes room. On failure
+    /// nothing changes.
     pub fn reserve<B: Backend>(
         &mut self,
         budget: &mut MemoryBudget,
@@ -106,6 +115,9 @@ impl KvMemory {
             return false;
         }
         if bytes > budget.free() {
+            if self.cached_blocks_first {
+                self.make_room(bytes, budget);
+            }
             adapters.yield_memory(bytes, budget);
         }
         if !self.make_room(bytes, budget) {

@@ -55,6 +55,10 @@ pub struct EngineConfig {
     /// Automatic prefix caching: full KV blocks are kept, keyed by their tokens, the tokens
     /// before them and the adapter's identity, and reused by later requests (see `prefix`).
     pub enable_prefix_caching: bool,
+    /// When memory is short, evict idle cached prefix blocks before idle adapters' device
+    /// copies. Off (the default): adapters go first, see `kv_memory`; on exists to measure that
+    /// choice (`--bench prefix`).
+    pub evict_cached_blocks_first: bool,
 }
 
 impl Default for EngineConfig {
@@ -73,6 +77,7 @@ impl Default for EngineConfig {
             prefetch: 8,
             max_request_prompt_tokens: None,
             enable_prefix_caching: true,
+            evict_cached_blocks_first: false,
         }
     }
 }

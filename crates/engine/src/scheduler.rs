@@ -126,7 +126,12 @@ impl<B: Backend> Scheduler<B> {
             model,
             tokenizer,
             waiting: FairQueue::new(cfg.policy),
-            mem: KvMemory::new(blocks, block_bytes, cfg.enable_prefix_caching),
+            mem: KvMemory::new(
+                blocks,
+                block_bytes,
+                cfg.enable_prefix_caching,
+                cfg.evict_cached_blocks_first,
+            ),
             cfg,
             eos,
             kv,
@@ -459,13 +464,19 @@ impl<B: Backend> Scheduler<B> {
 }
 
 /// A lease on `name`; when its upload waits for memory that only idle cached blocks hold (idle
-/// adapters were evicted first), those blocks make room.
+/// adapters were evicted first), those blocks make room. In the other order they make room
+/// before any adapter is evicted.
 fn acquire<B: Backend>(
     adapters: &mut AdapterManager<B>,
     mem: &mut KvMemory,
     name: &str,
     budget: &mut MemoryBudget,
 ) -> Acquire {
+    if mem.cached_blocks_first() {
+        if let Some(bytes) = adapters.upload_bytes(name) {
+            mem.make_room(bytes, budget);
+        }
+    }
     match adapters.acquire(name, budget) {
         Acquire::Pending => match adapters.upload_bytes(name) {
             Some(bytes) if mem.make_room(bytes, budget) => adapters.acquire(name, budget),

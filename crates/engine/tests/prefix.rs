@@ -354,18 +354,17 @@ fn permutations(n: usize) -> Vec<Vec<usize>> {
     out
 }
 
-/// With the budget full of idle cached blocks, an adapter upload makes room by evicting them
-/// (no request waits forever); once that adapter is idle, a request that needs memory evicts
-/// it before any cached block (the documented ranking).
-#[test]
-fn idle_cached_blocks_yield_to_uploads_and_idle_adapters_go_first() -> Result<()> {
-    let f = fixture()?;
+/// Starts an engine whose budget fills with idle cached blocks, then uploads adapter `kv`,
+/// which needs memory only those blocks hold (so no request waits forever); returns the stats
+/// once the cache was full and once `kv` is uploaded and idle, with almost nothing free.
+fn full_cache_then_upload(f: &Fixture, cached_first: bool) -> Result<(Engine, EngineStats, EngineStats)> {
     let budget = 100 << 10;
     let engine = start(
-        &f,
+        f,
         true,
         EngineConfig {
             memory_budget: budget,
+            evict_cached_blocks_first: cached_first,
             ..Default::default()
         },
     )?;
@@ -382,7 +381,6 @@ fn idle_cached_blocks_yield_to_uploads_and_idle_adapters_go_first() -> Result<()
         full.adapter_bytes == 0 && full.kv_bytes == full.prefix_cache_idle_bytes,
         "{full:?}"
     );
-    // The upload needs memory only idle cached blocks hold.
     let c = run(&engine, request(vec![7; 5], Some("kv"), 1, 2))?;
     ensure!(c[0].0.len() == 2, "{c:?}");
     let uploaded = stats(&engine)?;
@@ -394,9 +392,19 @@ fn idle_cached_blocks_yield_to_uploads_and_idle_adapters_go_first() -> Result<()
         uploaded.prefix_cache_bytes < full.prefix_cache_bytes,
         "cached blocks made room"
     );
+    ensure!(uploaded.memory_budget - uploaded.kv_bytes - uploaded.adapter_bytes < 4 << 10);
+    Ok((engine, full, uploaded))
+}
+
+/// With the budget full of idle cached blocks, an adapter upload makes room by evicting them;
+/// once that adapter is idle, a request that needs memory evicts it before any cached block
+/// (the documented ranking).
+#[test]
+fn idle_cached_blocks_yield_to_uploads_and_idle_adapters_go_first() -> Result<()> {
+    let f = fixture()?;
+    let (engine, _, uploaded) = full_cache_then_upload(&f, false)?;
     // A small base request needs a block or two, fewer bytes than the idle adapter holds: the
     // adapter goes, the cached blocks stay.
-    ensure!(uploaded.memory_budget - uploaded.kv_bytes - uploaded.adapter_bytes < 4 << 10);
     run(&engine, request(vec![9; 5], None, 1, 2))?;
     let after = stats(&engine)?;
     ensure!(after.adapters.device_evictions == 1, "{after:?}");
@@ -404,5 +412,21 @@ fn idle_cached_blocks_yield_to_uploads_and_idle_adapters_go_first() -> Result<()
         after.prefix_cache_bytes >= uploaded.prefix_cache_bytes,
         "a cached block went before the idle adapter: {uploaded:?} then {after:?}"
     );
+    Ok(())
+}
+
+/// `evict_cached_blocks_first` reverses the ranking: the same request (more blocks than are
+/// free) makes room from cached blocks and the idle adapter stays.
+#[test]
+fn the_other_ranking_evicts_cached_blocks_before_idle_adapters() -> Result<()> {
+    let f = fixture()?;
+    let (engine, _, uploaded) = full_cache_then_upload(&f, true)?;
+    run(&engine, request(vec![9; 5], None, 1, 2))?;
+    let after = stats(&engine)?;
+    ensure!(
+        after.adapters.device_evictions == 0 && after.adapter_bytes == uploaded.adapter_bytes,
+        "the idle adapter went: {after:?}"
+    );
+    ensure!(after.kv_bytes + after.adapter_bytes <= after.memory_budget, "{after:?}");
     Ok(())
 }
