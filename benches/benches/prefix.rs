@@ -148,7 +148,7 @@ fn row(label: String, turns: &[Turn], elapsed: Duration, stats: EngineStats) -> 
 fn main() -> Result<()> {
     let shape = Shape {
         adapters: env_num("QUIVER_PREFIX_BENCH_ADAPTERS", 32)?,
-        users_per_adapter: env_num("QUIVER_PREFIX_BENCH_USERS", 1)?,
+        users_per_adapter: env_num("QUIVER_PREFIX_BENCH_USERS", 3)?,
         turns: env_num("QUIVER_PREFIX_BENCH_TURNS", 3)?,
         system_len: env_num("QUIVER_PREFIX_BENCH_SYSTEM", 1024)?,
         user_len: (16, 64),
