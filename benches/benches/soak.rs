@@ -11,7 +11,9 @@
 //!
 //! On the test kit's tiny qwen2 and its PEFT adapters. Knobs: `QUIVER_SOAK_MINUTES` (mixed phase,
 //! default 30), `QUIVER_SOAK_QUIET_S` (default 120), `QUIVER_SOAK_BIN` (default
-//! `target/release/quiver`), `QUIVER_SOAK_ARGS` (extra `quiver serve` flags, space-separated).
+//! `target/release/quiver`), `QUIVER_SOAK_ARGS` (extra `quiver serve` flags, space-separated),
+//! `QUIVER_SOAK_MIX` (the mixed-phase clients beside the well-behaved ones, comma-separated,
+//! default `disconnecting,churn,hostile`).
 
 #[path = "soak/client.rs"]
 mod client;
@@ -44,6 +46,17 @@ fn rss_mb(pid: u32) -> Option<f64> {
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
+}
+
+/// The memory the server's KV and adapter pools may hold resident, from `/metrics` (these grow
+/// up to the memory budget by design: cached prefixes, warm free lists), in MB.
+async fn pools_mb(addr: SocketAddr) -> Result<f64> {
+    let (_, body) = client::request(addr, "GET", "/metrics", b"", Duration::from_secs(5)).await?;
+    let line = (body.lines())
+        .find(|l| l.starts_with("quiver_memory_resident_bytes "))
+        .context("no quiver_memory_resident_bytes in /metrics")?;
+    let bytes: f64 = line.split_whitespace().nth(1).context("no value")?.parse()?;
+    Ok(bytes / (1 << 20) as f64)
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -104,17 +117,21 @@ fn spawn_mixed(
     tally: &Shared,
     stop: &Arc<AtomicBool>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
-    vec![
-        tokio::spawn(traffic::disconnecting(
-            addr,
-            models.to_vec(),
-            11,
-            tally.clone(),
-            stop.clone(),
-        )),
-        tokio::spawn(traffic::churn(addr, dirs.to_vec(), 12, tally.clone(), stop.clone())),
-        tokio::spawn(traffic::hostile(addr, 13, tally.clone(), stop.clone())),
-    ]
+    // `QUIVER_SOAK_MIX`: which of them run (all by default), to tell which one grows the RSS.
+    let mix = std::env::var("QUIVER_SOAK_MIX").unwrap_or_else(|_| "disconnecting,churn,hostile".into());
+    let on = |name: &str| mix.split(',').any(|m| m.trim() == name);
+    let mut tasks = Vec::new();
+    if on("disconnecting") {
+        let models = models.to_vec();
+        tasks.push(tokio::spawn(traffic::disconnecting(addr, models, 11, tally.clone(), stop.clone())));
+    }
+    if on("churn") {
+        tasks.push(tokio::spawn(traffic::churn(addr, dirs.to_vec(), 12, tally.clone(), stop.clone())));
+    }
+    if on("hostile") {
+        tasks.push(tokio::spawn(traffic::hostile(addr, 13, tally.clone(), stop.clone())));
+    }
+    tasks
 }
 
 /// Runs well-behaved clients (plus `mixed` ones) for `secs`; returns their tally.
@@ -178,14 +195,16 @@ async fn main() -> Result<()> {
     let mut models = vec!["base".to_string()];
     models.extend(preloaded);
 
-    let rss: Arc<Mutex<Vec<(f64, f64)>>> = Arc::default();
+    // (seconds, RSS MB, MB of KV blocks and adapter pages the server reports resident).
+    let rss: Arc<Mutex<Vec<(f64, f64, f64)>>> = Arc::default();
     let t0 = Instant::now();
     let sampler = {
         let rss = rss.clone();
         tokio::spawn(async move {
             while let Some(mb) = rss_mb(pid) {
+                let pools = pools_mb(addr).await.unwrap_or(f64::NAN);
                 if let Ok(mut r) = rss.lock() {
-                    r.push((t0.elapsed().as_secs_f64(), mb));
+                    r.push((t0.elapsed().as_secs_f64(), mb, pools));
                 }
                 tokio::time::sleep(Duration::from_secs(10)).await;
             }
@@ -209,12 +228,12 @@ async fn main() -> Result<()> {
     let (q99, m99) = (report("quiet", &mut quiet), report("mixed", &mut mixed));
     println!("mixed p99 / quiet p99: {:.2} (target ≤ 2)", m99 / q99);
     println!("RSS: {rss_after_quiet:.0} MB after the quiet phase, {rss_end:.0} MB at the end");
-    println!("\n| minute | RSS MB |\n|---:|---:|");
+    println!("\n| minute | RSS MB | KV + adapter pools MB | RSS less pools MB |\n|---:|---:|---:|---:|");
     if let Ok(r) = rss.lock() {
         let mut next = 0.0;
-        for &(t, mb) in r.iter() {
+        for &(t, mb, pools) in r.iter() {
             if t >= next {
-                println!("| {:.0} | {mb:.0} |", t / 60.0);
+                println!("| {:.0} | {mb:.1} | {pools:.1} | {:.1} |", t / 60.0, mb - pools);
                 next += 60.0;
             }
         }

@@ -133,6 +133,12 @@ impl Metrics {
         );
         gauge(
             &mut out,
+            "quiver_memory_resident_bytes",
+            "Bytes of KV blocks and adapter pages whose memory may be resident (touched and not given back).",
+            stats.resident_bytes as f64,
+        );
+        gauge(
+            &mut out,
             "quiver_prefix_cache_bytes",
             "Bytes of KV blocks in the prefix cache (part of quiver_kv_cache_bytes).",
             stats.prefix_cache_bytes as f64,
