@@ -70,6 +70,9 @@ struct GenerateArgs {
     /// Matmul inputs: f32 (the reference), bf16 or int8 (see `quiver serve --help`).
     #[arg(long, default_value = "f32", env = "QUIVER_MATMUL_PRECISION")]
     matmul_precision: quiver_tensor::cpu::Precision,
+    /// Only batch-invariant CPU kernels (see `quiver serve --help`).
+    #[arg(long, env = "QUIVER_BATCH_INVARIANT")]
+    batch_invariant: bool,
     #[command(flatten)]
     quantization: quantization::QuantizationArgs,
 }
@@ -80,7 +83,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         Some(dir) => dir,
         None => demo::write_demo()?.0,
     };
-    let backend = CpuBackend::with_precision(args.matmul_precision);
+    let backend = CpuBackend::with_precision(args.matmul_precision).with_batch_invariant(args.batch_invariant);
     let bundle = ModelBundle::load_with(backend, &dir, None, args.quantization.get())
         .with_context(|| format!("loading {}", dir.display()))?;
     let load_s = t0.elapsed().as_secs_f64();

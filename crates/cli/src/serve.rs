@@ -75,6 +75,12 @@ pub struct ServeArgs {
     /// memory for a private copy of those weights).
     #[arg(long, env = "QUIVER_CPU_KEEP_WEIGHTS_MAPPED")]
     pub cpu_keep_weights_mapped: bool,
+    /// On the CPU, only kernels whose results for a token do not depend on the batch: the same
+    /// request gets bitwise the same logprobs whatever shares its steps, however its prefill is
+    /// chunked and with prefix caching on or off (as SGLang's --enable-deterministic-inference).
+    /// Costs prefill speed (no `gemm` crate for large batches) and some batch-1 decode.
+    #[arg(long, env = "QUIVER_BATCH_INVARIANT")]
+    pub batch_invariant: bool,
     #[command(flatten)]
     pub quantization: crate::quantization::QuantizationArgs,
     #[arg(long, env = "QUIVER_MAX_MODEL_LEN")]
@@ -261,6 +267,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         device: args.device,
         cpu_matmul_precision: args.matmul_precision,
         cpu_keep_weights_mapped: args.cpu_keep_weights_mapped,
+        cpu_batch_invariant: args.batch_invariant,
         quantization: args.quantization.get(),
         gpu_memory_utilization: args.memory_budget_mb.is_none().then_some(args.gpu_memory_utilization),
         engine: EngineConfig {

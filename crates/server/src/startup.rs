@@ -42,6 +42,8 @@ pub struct ServerOptions {
     pub cpu_matmul_precision: Precision,
     /// Leave the weights in the file mapping instead of copying them into huge pages (CPU).
     pub cpu_keep_weights_mapped: bool,
+    /// Batch-invariant CPU kernels (`--batch-invariant`, `CpuBackend::with_batch_invariant`).
+    pub cpu_batch_invariant: bool,
     /// Base weights quantized at load (`--quantization`; CPU backend).
     pub quantization: Quantization,
     /// On a GPU, size the KV + adapter budget as this fraction of the memory left free once the
@@ -154,7 +156,7 @@ fn cpu_backend(opts: &ServerOptions) -> CpuBackend {
     if precision == Precision::Bf16Activations && !quiver_tensor::cpu::bf16_activations_supported() {
         tracing::warn!("--matmul-precision bf16: this CPU has no AVX512_BF16; matmuls stay in f32");
     }
-    let backend = CpuBackend::with_precision(precision);
+    let backend = CpuBackend::with_precision(precision).with_batch_invariant(opts.cpu_batch_invariant);
     if opts.cpu_keep_weights_mapped {
         backend.keep_weights_mapped()
     } else {

@@ -63,6 +63,7 @@ pub async fn server_with(
         device: test_device()?,
         cpu_matmul_precision: Default::default(),
         cpu_keep_weights_mapped: false,
+        cpu_batch_invariant: false,
         quantization: Default::default(),
         gpu_memory_utilization: None,
         engine: EngineConfig {

@@ -224,11 +224,7 @@ impl<T: KvElem> Attend<'_, T> {
         let mut kt = vec![0.0f32; hd * LANES];
         // A chunk's V rows widened to f32, when they are not f32 already.
         let v32 = T::as_f32(self.kv.v);
-        let mut vw = if v32.is_none() {
-            vec![0.0f32; CHUNK_KEYS * hd]
-        } else {
-            Vec::new()
-        };
+        let mut vw = vec![0.0f32; if v32.is_none() { CHUNK_KEYS * hd } else { 0 }];
         let mut vpad = [0.0f32; SLAB];
         let mut c0 = 0;
         while c0 < ctx_max {
@@ -256,10 +252,12 @@ impl<T: KvElem> Attend<'_, T> {
             }
             // Online softmax: rescale what each row has so far to the new running max.
             for r in 0..rows {
-                let row = &mut s[r * CHUNK_KEYS..][..cl];
-                if c0 >= ctx[r] {
-                    // All masked: weight 0 in the p · V loop that its row group still runs.
-                    row.fill(0.0);
+                // The row's own keys only, so exp_sum's lanes split them alike in any tile
+                // (batch invariance); masked keys weigh 0 in the p · V loop.
+                let live = ctx[r].saturating_sub(c0).min(cl);
+                let (row, masked) = s[r * CHUNK_KEYS..][..cl].split_at_mut(live);
+                masked.fill(0.0);
+                if live == 0 {
                     continue;
                 }
                 let mc = max(row).max(m[r]);

@@ -2,26 +2,46 @@
 
 use crate::backend::{AttentionBatch, Backend, KvLayout, LoraPlan, LoraSegment, RopeTable};
 use crate::cpu::kv_pool::CpuKvPool;
-use crate::cpu::lora::{try_lora_apply, CheckedSegments, CpuPagePool};
-use crate::cpu::{matmul_with, ops, Precision};
+use crate::cpu::lora::{CheckedSegments, CpuPagePool};
+use crate::cpu::{matmul_batch_invariant, matmul_with, ops, Precision};
 use crate::error::TensorError;
 use crate::storage::{DType, Matrix};
 
 /// The CPU backend. `CpuBackend::default()` computes in f32 (the reference); see [`Precision`]
-/// for the opt-in bf16-activation matmuls.
+/// for the opt-in bf16-activation matmuls and [`CpuBackend::with_batch_invariant`] for
+/// results that do not depend on the batch.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct CpuBackend {
     precision: Precision,
     /// Serve weights from the file mapping instead of copying large ones into huge pages.
     keep_mapped: bool,
+    /// Only kernels whose per-token results do not depend on the batch.
+    batch_invariant: bool,
 }
 
 impl CpuBackend {
     pub fn with_precision(precision: Precision) -> Self {
         Self {
             precision,
-            keep_mapped: false,
+            ..Self::default()
         }
+    }
+
+    /// Every token's results bitwise the same whatever else shares its step, however its
+    /// prefill is cut into chunks and wherever its cached prefix came from (`--batch-invariant`,
+    /// as SGLang's `--enable-deterministic-inference`): matmuls sum each output in one order at
+    /// every batch size ([`matmul_batch_invariant`]: no `gemm` crate for large prefills, no
+    /// 4-way split of batch-1 dot products) and LoRA shrinks in one order per token. Attention,
+    /// norms and the rest are batch invariant in either mode.
+    pub fn with_batch_invariant(self, on: bool) -> Self {
+        Self {
+            batch_invariant: on,
+            ..self
+        }
+    }
+
+    pub fn batch_invariant(&self) -> bool {
+        self.batch_invariant
     }
 
     /// Leaves weights in the safetensors mapping (no copy at load; decode streams them more
@@ -74,10 +94,13 @@ impl Backend for CpuBackend {
 
     fn name(&self) -> String {
         let threads = worker_pool().map_or_else(rayon::current_num_threads, |p| p.current_num_threads());
+        let invariant = if self.batch_invariant { ", batch invariant" } else { "" };
         match self.precision {
-            Precision::F32 => format!("cpu ({threads} threads)"),
-            Precision::Bf16Activations => format!("cpu ({threads} threads, bf16-activation matmuls)"),
-            Precision::Int8Activations => format!("cpu ({threads} threads, int8 activations for quantized weights)"),
+            Precision::F32 => format!("cpu ({threads} threads{invariant})"),
+            Precision::Bf16Activations => format!("cpu ({threads} threads, bf16-activation matmuls{invariant})"),
+            Precision::Int8Activations => {
+                format!("cpu ({threads} threads, int8 activations for quantized weights{invariant})")
+            }
         }
     }
 
@@ -163,7 +186,10 @@ impl Backend for CpuBackend {
         out_f: usize,
         segments: &[LoraSegment<'_>],
     ) -> Result<(), TensorError> {
-        try_lora_apply(pool, x, y, in_f, out_f, segments).map_err(|detail| TensorError::Shape { op: "lora", detail })
+        let tokens = x.len() / in_f.max(1);
+        CheckedSegments::new(pool, tokens, in_f, out_f, segments.to_vec())
+            .and_then(|s| s.batch_invariant(self.batch_invariant).apply(x, y))
+            .map_err(|detail| TensorError::Shape { op: "lora", detail })
     }
 
     fn lora_batch<'a>(&self, pool: &'a CpuPagePool, plan: LoraPlan<'a>) -> Result<CpuLoraBatch<'a>, TensorError> {
@@ -173,12 +199,12 @@ impl Backend for CpuBackend {
             .iter()
             .enumerate()
             .map(|(i, slot)| {
-                CheckedSegments::new(pool, plan.tokens, slot.in_f, slot.out_f, plan.segments(slot)).map_err(|detail| {
-                    TensorError::Shape {
+                CheckedSegments::new(pool, plan.tokens, slot.in_f, slot.out_f, plan.segments(slot))
+                    .map(|s| s.batch_invariant(self.batch_invariant))
+                    .map_err(|detail| TensorError::Shape {
                         op: "lora_batch",
                         detail: format!("slot {i}: {detail}"),
-                    }
-                })
+                    })
             })
             .collect::<Result<_, _>>()?;
         Ok(CpuLoraBatch { slots })
@@ -217,7 +243,11 @@ impl Backend for CpuBackend {
         check("matmul", x.len() == m * w.cols && out.len() == m * w.rows, || {
             format!("x {} out {} for m={m} w=[{}, {}]", x.len(), out.len(), w.rows, w.cols)
         })?;
-        matmul_with(x, m, w, out, self.precision);
+        if self.batch_invariant {
+            matmul_batch_invariant(x, m, w, out, self.precision);
+        } else {
+            matmul_with(x, m, w, out, self.precision);
+        }
         Ok(())
     }
 

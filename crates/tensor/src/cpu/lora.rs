@@ -192,6 +192,8 @@ pub struct CheckedSegments<'a> {
     in_f: usize,
     out_f: usize,
     segments: Vec<LoraSegment<'a>>,
+    /// One summation order for every token, whatever its tile (see [`Self::batch_invariant`]).
+    invariant: bool,
 }
 
 impl<'a> CheckedSegments<'a> {
@@ -231,7 +233,15 @@ impl<'a> CheckedSegments<'a> {
             in_f,
             out_f,
             segments,
+            invariant: false,
         })
+    }
+
+    /// Sums each token's shrink in one order whatever the size of its tile (the tiles of a run
+    /// hold up to 8 tokens, and by default their shrink keeps 1 to 4 partial sums by size), so
+    /// a token's result does not depend on the batch (see `CpuBackend::with_batch_invariant`).
+    pub fn batch_invariant(self, on: bool) -> Self {
+        Self { invariant: on, ..self }
     }
 
     pub fn segments(&self) -> &[LoraSegment<'a>] {
@@ -272,9 +282,10 @@ impl<'a> CheckedSegments<'a> {
         // Runs of consecutive tiles, a few per thread: each run reads its pages in pool order, and
         // work stealing evens out a busy core.
         let per = work.len().div_ceil(4 * rayon::current_num_threads()).max(1);
+        let inv = self.invariant;
         let run = |tiles: &mut [Tile<'_>]| match &pool.data {
-            PageData::F32(data) => run_tiles(p, data, x, tiles, in_f, out_f),
-            PageData::BF16(data) => run_tiles(p, data, x, tiles, in_f, out_f),
+            PageData::F32(data) => run_tiles(p, data, x, tiles, in_f, out_f, inv),
+            PageData::BF16(data) => run_tiles(p, data, x, tiles, in_f, out_f, inv),
         };
         if work.len() > per {
             work.par_chunks_mut(per).for_each(run);
@@ -290,13 +301,27 @@ fn max_id(ids: &[u32]) -> usize {
     ids.iter().copied().max().map_or(0, |m| m as usize + 1)
 }
 
-/// The tiles of one run, in order, on the calling thread.
-fn run_tiles<T: Page>(page: usize, data: &[T], x: &[f32], tiles: &mut [Tile<'_>], in_f: usize, out_f: usize) {
+/// The tiles of one run, in order, on the calling thread. The portable tiles sum each token on
+/// its own already; `invariant` makes the SIMD ones do so too.
+fn run_tiles<T: Page>(
+    page: usize,
+    data: &[T],
+    x: &[f32],
+    tiles: &mut [Tile<'_>],
+    in_f: usize,
+    out_f: usize,
+    invariant: bool,
+) {
     #[cfg(target_arch = "x86_64")]
     {
         let wide = page.is_multiple_of(16) && has_avx512();
         if wide || (page.is_multiple_of(8) && has_avx2_fma()) {
-            let d = tiles::Dims { page, in_f, out_f };
+            let d = tiles::Dims {
+                page,
+                in_f,
+                out_f,
+                invariant,
+            };
             for t in tiles.iter_mut() {
                 let n = t.rows.len() / out_f;
                 let xs = &x[t.start * in_f..(t.start + n) * in_f];

@@ -26,6 +26,8 @@ pub(super) struct Dims {
     pub page: usize,
     pub in_f: usize,
     pub out_f: usize,
+    /// One partial sum per shrink output whatever the tile's size (see `CheckedSegments`).
+    pub invariant: bool,
 }
 
 /// One SIMD register of f32 lanes. Every method is `unsafe`: the caller must run with the
@@ -184,7 +186,8 @@ unsafe fn tile<T: Page, V: Vector>(base: *const T, d: Dims, m: &LoraModule, x: *
         // Whole-page strips where a page is 8 vectors and the registers hold them (AVX-512:
         // 2 × 8 accumulators + 8 page vectors of 32).
         let whole_page = V::LANES == 16 && d.page / V::LANES == 8;
-        match (n, (d.page / V::LANES).is_multiple_of(4)) {
+        // The shrink's `U` is also its number of partial sums: invariant takes the U = 1 arms.
+        match (n, (d.page / V::LANES).is_multiple_of(4) && !d.invariant) {
             (1, true) if whole_page => run::<T, V, 1, 4, 8>(base, d, m, x, y, h),
             (2, true) if whole_page => run::<T, V, 2, 4, 8>(base, d, m, x, y, h),
             (1, true) => run::<T, V, 1, 4, 4>(base, d, m, x, y, h),

@@ -5,6 +5,10 @@
 //!   against every row of x; rows of W are split across cores. Memory-bandwidth bound.
 //! * large m (prefill): compute bound; W is widened to f32 panel by panel and handed to the
 //!   `gemm` crate's packed, cache-blocked f32 kernel.
+//!
+//! Each output is one dot product, but its summation order differs between the paths (and
+//! between the streaming path's tile shapes), so a row's result depends by a few ulps on how
+//! many rows came with it. [`matmul_batch_invariant`] takes one order for every m.
 
 use std::cell::Cell;
 
@@ -91,6 +95,20 @@ pub fn matmul(x: &[f32], m: usize, w: &Matrix, out: &mut [f32]) {
 
 /// [`matmul`] at the given input precision.
 pub fn matmul_with(x: &[f32], m: usize, w: &Matrix, out: &mut [f32], precision: Precision) {
+    matmul_mode(x, m, w, out, precision, false)
+}
+
+/// [`matmul_with`] where each row of `out` is bitwise the same whatever the other rows of `x`
+/// and however many there are (SGLang's and vLLM's "batch invariance"): every m takes the
+/// streaming kernels, in the one summation order of its single-row case, never the `gemm`
+/// crate. bf16 activations (where supported) then apply at every m, and quantized weights
+/// take int8 activations at every m (the integer path's block dot products are exact, its f32
+/// path's tiles sum in an order that depends on the rows per tile).
+pub fn matmul_batch_invariant(x: &[f32], m: usize, w: &Matrix, out: &mut [f32], precision: Precision) {
+    matmul_mode(x, m, w, out, precision, true)
+}
+
+fn matmul_mode(x: &[f32], m: usize, w: &Matrix, out: &mut [f32], precision: Precision, invariant: bool) {
     let (n, k) = (w.rows, w.cols);
     assert_eq!(x.len(), m * k, "matmul: x has {} elements, expected {m}×{k}", x.len());
     assert_eq!(
@@ -106,17 +124,19 @@ pub fn matmul_with(x: &[f32], m: usize, w: &Matrix, out: &mut [f32], precision: 
         out.fill(0.0);
         return;
     }
+    let bf16_min_m = if invariant { 1 } else { BF16_MIN_M };
     match &w.data {
-        MatrixData::F32(s) => matmul_typed(x, m, k, n, s, out),
-        MatrixData::F16(s) => matmul_typed(x, m, k, n, s, out),
+        MatrixData::F32(s) => matmul_typed(x, m, k, n, s, out, invariant),
+        MatrixData::F16(s) => matmul_typed(x, m, k, n, s, out, invariant),
         MatrixData::BF16(s)
-            if precision == Precision::Bf16Activations && m >= BF16_MIN_M && bf16_activations_supported() =>
+            if precision == Precision::Bf16Activations && m >= bf16_min_m && bf16_activations_supported() =>
         {
             matmul_bf16_activations(x, m, k, n, s, out)
         }
-        MatrixData::BF16(s) => matmul_typed(x, m, k, n, s, out),
+        MatrixData::BF16(s) => matmul_typed(x, m, k, n, s, out, invariant),
         MatrixData::Quant(q) => {
-            super::quant_matmul::matmul_quant(x, m, k, n, q, out, precision == Precision::Int8Activations)
+            let int8_always = invariant || precision == Precision::Int8Activations;
+            super::quant_matmul::matmul_quant(x, m, k, n, q, out, int8_always)
         }
     }
 }
@@ -136,22 +156,24 @@ fn matmul_bf16_activations(x: &[f32], m: usize, k: usize, n: usize, w: &[half::b
 
 #[cfg(not(target_arch = "x86_64"))]
 fn matmul_bf16_activations(x: &[f32], m: usize, k: usize, n: usize, w: &[half::bf16], out: &mut [f32]) {
-    matmul_typed(x, m, k, n, w, out)
+    // Never reached: bf16 activations are unsupported off x86_64.
+    matmul_typed(x, m, k, n, w, out, true)
 }
 
-fn matmul_typed<T: Weight>(x: &[f32], m: usize, k: usize, n: usize, w: &[T], out: &mut [f32]) {
-    if m >= GEMM_MIN_M {
+fn matmul_typed<T: Weight>(x: &[f32], m: usize, k: usize, n: usize, w: &[T], out: &mut [f32], invariant: bool) {
+    if m >= GEMM_MIN_M && !invariant {
         matmul_gemm(x, m, k, n, w, out);
     } else {
-        matmul_stream(x, m, k, n, w, out);
+        matmul_stream(x, m, k, n, w, out, invariant);
     }
 }
 
-/// Weight-streaming path, parallel over output features (rows of W).
-fn matmul_stream<T: Weight>(x: &[f32], m: usize, k: usize, n: usize, w: &[T], out: &mut [f32]) {
+/// Weight-streaming path, parallel over output features (rows of W). Each output comes whole
+/// from one tile, so how the rows of W are split between tasks does not change any sum.
+fn matmul_stream<T: Weight>(x: &[f32], m: usize, k: usize, n: usize, w: &[T], out: &mut [f32], invariant: bool) {
     let row_bytes = k * std::mem::size_of::<T>();
     if n * row_bytes < PAR_MIN_BYTES {
-        simd::gemv_block(x, m, k, w, out, n);
+        simd::gemv_block(x, m, k, w, out, n, invariant);
         return;
     }
     // ~8 tasks per thread so work stealing evens out a noisy neighbour, but never slices so
@@ -165,14 +187,14 @@ fn matmul_stream<T: Weight>(x: &[f32], m: usize, k: usize, n: usize, w: &[T], ou
         // One x row: each task's outputs are a contiguous slice of `out`.
         out.par_chunks_mut(rows)
             .zip(w.par_chunks(rows * k))
-            .for_each(|(o, wc)| simd::gemv_block(x, 1, k, wc, o, o.len()));
+            .for_each(|(o, wc)| simd::gemv_block(x, 1, k, wc, o, o.len(), invariant));
         return;
     }
     let dst = SendPtr(out.as_mut_ptr());
     w.par_chunks(rows * k).enumerate().for_each(|(t, wc)| {
         let (j0, nr) = (t * rows, wc.len() / k);
         let mut local = vec![0.0f32; m * nr];
-        simd::gemv_block(x, m, k, wc, &mut local, nr);
+        simd::gemv_block(x, m, k, wc, &mut local, nr, invariant);
         for (i, src) in local.chunks_exact(nr).enumerate() {
             // SAFETY: `out` is exclusively borrowed for this whole call and has m·n elements;
             // task t writes only columns j0..j0 + nr (≤ n) of each row i < m, and these column

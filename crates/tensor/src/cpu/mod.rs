@@ -7,6 +7,8 @@ pub mod backend;
 mod bf16dot;
 mod features;
 pub mod huge;
+#[cfg(test)]
+mod invariance_tests;
 pub mod kv_pool;
 pub mod lora;
 pub mod matmul;
@@ -27,7 +29,7 @@ pub use backend::CpuBackend;
 pub use features::{features, CpuFeatures};
 pub use kv_pool::{CpuKvPool, KvData};
 pub use lora::CpuPagePool;
-pub use matmul::{bf16_activations_supported, matmul, matmul_ref, matmul_with, Precision};
+pub use matmul::{bf16_activations_supported, matmul, matmul_batch_invariant, matmul_ref, matmul_with, Precision};
 #[doc(hidden)]
 pub use quant_matmul::{matmul_quant_forced, ForcedPath};
 pub(crate) use simd::Weight;

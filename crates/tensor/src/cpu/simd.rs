@@ -103,7 +103,20 @@ impl Weight for f16 {
 /// `out[i * ldo + r] = Σ_p x[i * k + p] · w[r * k + p]` for `i < m` and every row `r` of `w`
 /// (`w.len() / k` rows). Each weight row is read once and dotted against all `m` rows of `x`,
 /// so for small `m` the cost is one pass over `w`.
-pub(crate) fn gemv_block<T: Weight>(x: &[f32], m: usize, k: usize, w: &[T], out: &mut [f32], ldo: usize) {
+///
+/// `invariant`: every output is summed in one order whatever `m`, the row's place in its tile
+/// and the tile's shape (see `CpuBackend::with_batch_invariant`). Off, the batch-1 AVX-512
+/// kernel splits each dot product into 4 partial sums and the AVX2 tiles into 1, 2 or 4 by
+/// shape, so a row's result depends on the batch it came in by a few ulps.
+pub(crate) fn gemv_block<T: Weight>(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[T],
+    out: &mut [f32],
+    ldo: usize,
+    invariant: bool,
+) {
     if m == 0 || k == 0 || w.is_empty() {
         return;
     }
@@ -115,15 +128,16 @@ pub(crate) fn gemv_block<T: Weight>(x: &[f32], m: usize, k: usize, w: &[T], out:
         "gemv_block: out too short"
     );
     #[cfg(target_arch = "x86_64")]
-    if m == 1 && super::features().avx512f_bw() {
+    if m == 1 && !invariant && super::features().avx512f_bw() {
         // SAFETY: AVX-512F/BW present (checked); x has k floats, w has rows·k elements and
         // out[..rows] is in bounds (asserts above).
         unsafe { super::simd512::gemv_rows(x.as_ptr(), k, w.as_ptr(), rows, out.as_mut_ptr()) };
         return;
     }
-    // f16 stays on the AVX2 tiles, which widen it once per block (see `Weight::WIDEN_FIRST`).
+    // f16 stays on the AVX2 tiles, which widen it once per block (see `Weight::WIDEN_FIRST`),
+    // except when invariant: the AVX-512 tiles sum every shape in one order.
     #[cfg(target_arch = "x86_64")]
-    if !T::WIDEN_FIRST && super::features().avx512f_bw() {
+    if (invariant || !T::WIDEN_FIRST) && super::features().avx512f_bw() {
         // SAFETY: AVX-512F/BW present (checked); the asserts above keep every x, w and out
         // index in bounds.
         unsafe { super::simd512::gemv_block(x.as_ptr(), m, k, w.as_ptr(), rows, out.as_mut_ptr(), ldo) };
@@ -133,7 +147,7 @@ pub(crate) fn gemv_block<T: Weight>(x: &[f32], m: usize, k: usize, w: &[T], out:
     if super::features().avx2_fma_f16c() {
         // SAFETY: the CPU has AVX2/FMA/F16C (checked), and the asserts above guarantee every
         // x, w and out index the kernel touches is in bounds.
-        unsafe { avx2::gemv_block(x.as_ptr(), m, k, w.as_ptr(), rows, out.as_mut_ptr(), ldo) };
+        unsafe { avx2::gemv_block(x.as_ptr(), m, k, w.as_ptr(), rows, out.as_mut_ptr(), ldo, invariant) };
         return;
     }
     gemv_block_scalar(x, m, k, w, rows, out, ldo);
@@ -194,6 +208,7 @@ mod avx2 {
     /// AVX2, FMA and F16C must be available; `x` has `m * k` readable floats, `w` has
     /// `rows * k` elements and `out[i * ldo + r]` is writable for all `i < m`, `r < rows`.
     #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn gemv_block<T: Weight>(
         x: *const f32,
         m: usize,
@@ -202,6 +217,7 @@ mod avx2 {
         rows: usize,
         out: *mut f32,
         ldo: usize,
+        invariant: bool,
     ) {
         // With many x rows, f16 blocks are widened once into an f32 buffer (in L1/L2) instead of
         // in every tile (see `Weight::WIDEN_FIRST`).
@@ -221,16 +237,28 @@ mod avx2 {
                 let (wp, op) = (w.add(r * k), out.add(r));
                 if widen_first {
                     widen(wp, buf.as_mut_ptr(), nr * k);
-                    row_block(x, m, k, buf.as_ptr(), nr, op, ldo, next, std::mem::size_of::<T>());
+                    row_block(
+                        x,
+                        m,
+                        k,
+                        buf.as_ptr(),
+                        nr,
+                        op,
+                        ldo,
+                        next,
+                        std::mem::size_of::<T>(),
+                        invariant,
+                    );
                 } else {
-                    row_block(x, m, k, wp, nr, op, ldo, next, std::mem::size_of::<T>());
+                    row_block(x, m, k, wp, nr, op, ldo, next, std::mem::size_of::<T>(), invariant);
                 }
             }
             r += nr;
         }
     }
 
-    /// `nr` (NR or 1) weight rows against all m rows of x, in groups of up to 3 rows.
+    /// `nr` (NR or 1) weight rows against all m rows of x, in groups of up to 3 rows. The unroll
+    /// `U` is also the number of partial sums per output, so `invariant` keeps it at 1.
     ///
     /// # Safety
     /// As for [`gemv_block`], restricted to these rows.
@@ -246,6 +274,7 @@ mod avx2 {
         ldo: usize,
         next: *const i8,
         elem_bytes: usize,
+        invariant: bool,
     ) {
         // ceil(m / 3) groups (the 2 + 2 split below keeps that count), capped at NR.
         let groups = m.div_ceil(3).min(NR);
@@ -265,6 +294,10 @@ mod avx2 {
             unsafe {
                 let (xp, op) = (x.add(i * k), out.add(i * ldo));
                 match (mr, nr) {
+                    (1, NR) if invariant => tile::<T, 1, NR, 1>(xp, k, w, op, ldo, pf),
+                    (1, _) if invariant => tile::<T, 1, 1, 1>(xp, k, w, op, ldo, pf),
+                    (2, 1) if invariant => tile::<T, 2, 1, 1>(xp, k, w, op, ldo, pf),
+                    (3, 1) if invariant => tile::<T, 3, 1, 1>(xp, k, w, op, ldo, pf),
                     (1, NR) => tile::<T, 1, NR, 2>(xp, k, w, op, ldo, pf),
                     (2, NR) => tile::<T, 2, NR, 1>(xp, k, w, op, ldo, pf),
                     (3, NR) => tile::<T, 3, NR, 1>(xp, k, w, op, ldo, pf),
@@ -421,13 +454,13 @@ mod tests {
                 }
             };
             let (mut fast, mut slow) = (vec![0.0; m * rows], vec![0.0; m * rows]);
-            gemv_block(&x, m, k, &w, &mut fast, rows);
+            gemv_block(&x, m, k, &w, &mut fast, rows, false);
             gemv_block_scalar(&x, m, k, &w, rows, &mut slow, rows);
             check(&fast, &slow);
-            gemv_block(&x, m, k, &wb, &mut fast, rows);
+            gemv_block(&x, m, k, &wb, &mut fast, rows, false);
             gemv_block_scalar(&x, m, k, &wb, rows, &mut slow, rows);
             check(&fast, &slow);
-            gemv_block(&x, m, k, &wh, &mut fast, rows);
+            gemv_block(&x, m, k, &wh, &mut fast, rows, false);
             gemv_block_scalar(&x, m, k, &wh, rows, &mut slow, rows);
             check(&fast, &slow);
         }
