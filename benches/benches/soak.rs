@@ -53,9 +53,9 @@ fn rss_mb(pid: u32) -> Option<f64> {
 async fn pools_mb(addr: SocketAddr) -> Result<f64> {
     let (_, body) = client::request(addr, "GET", "/metrics", b"", Duration::from_secs(5)).await?;
     let line = (body.lines())
-        .find(|l| l.starts_with("quiver_memory_resident_bytes "))
+        .find(|l| l.starts_with("quiver_memory_resident_bytes"))
         .context("no quiver_memory_resident_bytes in /metrics")?;
-    let bytes: f64 = line.split_whitespace().nth(1).context("no value")?.parse()?;
+    let bytes: f64 = line.split_whitespace().last().context("no value")?.parse()?;
     Ok(bytes / (1 << 20) as f64)
 }
 
