@@ -123,10 +123,22 @@ fn spawn_mixed(
     let mut tasks = Vec::new();
     if on("disconnecting") {
         let models = models.to_vec();
-        tasks.push(tokio::spawn(traffic::disconnecting(addr, models, 11, tally.clone(), stop.clone())));
+        tasks.push(tokio::spawn(traffic::disconnecting(
+            addr,
+            models,
+            11,
+            tally.clone(),
+            stop.clone(),
+        )));
     }
     if on("churn") {
-        tasks.push(tokio::spawn(traffic::churn(addr, dirs.to_vec(), 12, tally.clone(), stop.clone())));
+        tasks.push(tokio::spawn(traffic::churn(
+            addr,
+            dirs.to_vec(),
+            12,
+            tally.clone(),
+            stop.clone(),
+        )));
     }
     if on("hostile") {
         tasks.push(tokio::spawn(traffic::hostile(addr, 13, tally.clone(), stop.clone())));

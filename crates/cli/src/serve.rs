@@ -154,6 +154,15 @@ pub struct ServeArgs {
 
 /// A duration flag in seconds (fractions allowed).
 impl ServeArgs {
+    fn connection_limits(&self) -> ConnectionLimits {
+        ConnectionLimits {
+            header_read_timeout: self.http_header_read_timeout,
+            body_read_timeout: self.http_body_read_timeout,
+            max_connections: self.max_connections,
+            shutdown_timeout: self.shutdown_timeout,
+        }
+    }
+
     /// `--enable-prefix-caching` unless `--no-enable-prefix-caching` came last.
     fn prefix_caching(&self) -> bool {
         self.enable_prefix_caching && !self.no_enable_prefix_caching
@@ -283,12 +292,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             enable_prefix_caching: args.prefix_caching(),
             ..EngineConfig::default()
         },
-        connections: ConnectionLimits {
-            header_read_timeout: args.http_header_read_timeout,
-            body_read_timeout: args.http_body_read_timeout,
-            max_connections: args.max_connections,
-            shutdown_timeout: args.shutdown_timeout,
-        },
+        connections: args.connection_limits(),
         adapter_loading: AdapterLoading {
             max_jit_adapters: args.max_jit_adapters as usize,
             failure_ttl: std::time::Duration::from_secs(args.adapter_failure_ttl),
@@ -353,6 +357,14 @@ mod tests {
         assert!(!on(&["--enable-prefix-caching", "--no-enable-prefix-caching"])?);
         assert!(on(&["--no-enable-prefix-caching", "--enable-prefix-caching"])?);
         assert!(!on(&["--enable-prefix-caching", "false"])?);
+        Ok(())
+    }
+
+    /// The flags' defaults are written twice (clap needs literals); they must not drift apart.
+    #[test]
+    fn connection_flag_defaults_are_the_servers_defaults() -> anyhow::Result<()> {
+        let args = ServeArgs::try_parse_from(["quiver serve"])?;
+        assert_eq!(args.connection_limits(), quiver_server::ConnectionLimits::default());
         Ok(())
     }
 
