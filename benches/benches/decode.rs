@@ -14,6 +14,9 @@
 //! `-- quant` runs the quantized bases instead (`--quantization int8|int4`, LM head int8) side by
 //! side with bf16, each batch-1 figure against the bound at that model's own bytes per token
 //! (see `quant_table`).
+//!
+//! `-- invariant` runs the default kernels and `--batch-invariant` ones side by side
+//! (see `invariant_table`).
 
 use std::time::Instant;
 
@@ -81,6 +84,9 @@ fn main() -> anyhow::Result<()> {
     if std::env::args().skip(1).any(|a| a == "quant") {
         return quant_table(&dir);
     }
+    if std::env::args().skip(1).any(|a| a == "invariant") {
+        return invariant_table(&dir);
+    }
     let bundle = ModelBundle::load(CpuBackend::default(), &dir, Some(2048))?;
     let model = &bundle.model;
     let gbps = measure_read_bandwidth_gbps(2);
@@ -147,6 +153,32 @@ fn main() -> anyhow::Result<()> {
                 );
             }
         }
+    }
+    Ok(())
+}
+
+/// The cost of `--batch-invariant`: prefill and decode with the default kernels and the
+/// batch-invariant ones, in interleaved rounds (best of 3 each).
+fn invariant_table(dir: &std::path::Path) -> anyhow::Result<()> {
+    let default = ModelBundle::load(CpuBackend::default(), dir, Some(2048))?;
+    let invariant = ModelBundle::load(CpuBackend::default().with_batch_invariant(true), dir, Some(2048))?;
+    println!("model: {}", dir.display());
+    println!("| workload | default tokens/s | batch invariant tokens/s | invariant / default |");
+    println!("|---|---:|---:|---:|");
+    type Workload = (&'static str, fn(&Llama<CpuBackend>) -> anyhow::Result<f64>);
+    let workloads: [Workload; 4] = [
+        ("prefill, 512-token prompt", |m| prefill_tps(m, 512)),
+        ("decode, batch 1", |m| decode_tps(m, 1, 32, 24)),
+        ("decode, batch 8", |m| decode_tps(m, 8, 32, 12)),
+        ("decode, batch 32", |m| decode_tps(m, 32, 32, 12)),
+    ];
+    for (label, run) in workloads {
+        let (mut d, mut i) = (0.0f64, 0.0f64);
+        for _ in 0..3 {
+            d = d.max(run(&default.model)?);
+            i = i.max(run(&invariant.model)?);
+        }
+        println!("| {label} | {d:.1} | {i:.1} | {:.2} |", i / d);
     }
     Ok(())
 }
