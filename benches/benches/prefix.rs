@@ -94,12 +94,15 @@ fn config(memory_budget: usize, prefix_caching: bool) -> EngineConfig {
     }
 }
 
+/// An engine over `bundle` (its tokenizer and EOS ids included).
+pub fn engine(bundle: ModelBundle<CpuBackend>, cfg: EngineConfig) -> Result<Engine> {
+    let tokenizer = Some(Arc::new(bundle.tokenizer));
+    Ok(Engine::start(bundle.model, tokenizer, bundle.eos_token_ids, cfg)?)
+}
+
 fn start(model: &Path, adapters: &Path, n: usize, cfg: EngineConfig) -> Result<Engine> {
-    let bundle = ModelBundle::load(CpuBackend::default(), model, Some(MAX_MODEL_LEN))?;
-    let engine = Engine::start(
-        bundle.model,
-        Some(Arc::new(bundle.tokenizer)),
-        bundle.eos_token_ids,
+    let engine = engine(
+        ModelBundle::load(CpuBackend::default(), model, Some(MAX_MODEL_LEN))?,
         cfg,
     )?;
     for i in 0..n {

@@ -3,11 +3,10 @@
 //! say how many bytes of blocks it kept within the budget.
 
 use std::path::Path;
-use std::sync::Arc;
 
 use anyhow::Result;
 use quiver_benches::Rng;
-use quiver_engine::{Engine, EngineConfig};
+use quiver_engine::EngineConfig;
 use quiver_model::ModelBundle;
 use quiver_tensor::cpu::CpuBackend;
 use quiver_tensor::DType;
@@ -38,12 +37,7 @@ pub fn report(model: &Path, dtypes: &[DType]) -> Result<()> {
             enable_prefix_caching: true,
             ..EngineConfig::default()
         };
-        let engine = Engine::start(
-            bundle.model,
-            Some(Arc::new(bundle.tokenizer)),
-            bundle.eos_token_ids,
-            cfg,
-        )?;
+        let engine = crate::engine(bundle, cfg)?;
         for i in 0..PROMPTS {
             send(&engine, None, Rng(0xCA9A ^ i as u64).prompt(PROMPT_LEN), 1)?;
         }

@@ -2,7 +2,7 @@
 
 use crate::backend::{AttentionBatch, Backend, KvLayout, LoraPlan, LoraSegment, RopeTable};
 use crate::cpu::kv_pool::CpuKvPool;
-use crate::cpu::lora::{CheckedSegments, CpuPagePool};
+use crate::cpu::lora::{try_lora_apply, CheckedSegments, CpuPagePool};
 use crate::cpu::{matmul_batch_invariant, matmul_with, ops, Precision};
 use crate::error::TensorError;
 use crate::storage::{DType, Matrix};
@@ -186,9 +186,7 @@ impl Backend for CpuBackend {
         out_f: usize,
         segments: &[LoraSegment<'_>],
     ) -> Result<(), TensorError> {
-        let tokens = x.len() / in_f.max(1);
-        CheckedSegments::new(pool, tokens, in_f, out_f, segments.to_vec())
-            .and_then(|s| s.batch_invariant(self.batch_invariant).apply(x, y))
+        try_lora_apply(pool, x, y, in_f, out_f, segments, self.batch_invariant)
             .map_err(|detail| TensorError::Shape { op: "lora", detail })
     }
 

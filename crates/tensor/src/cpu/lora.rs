@@ -166,12 +166,13 @@ pub fn lora_apply(
     out_f: usize,
     segments: &[LoraSegment<'_>],
 ) {
-    if let Err(e) = try_lora_apply(pool, x, y, in_f, out_f, segments) {
+    if let Err(e) = try_lora_apply(pool, x, y, in_f, out_f, segments, false) {
         panic!("lora_apply: {e}");
     }
 }
 
-/// [`lora_apply`], with what does not fit reported as an error (nothing is written then).
+/// [`lora_apply`], with what does not fit reported as an error (nothing is written then), and
+/// the shrink's summation order chosen ([`CheckedSegments::batch_invariant`]).
 pub fn try_lora_apply(
     pool: &CpuPagePool,
     x: &[f32],
@@ -179,9 +180,12 @@ pub fn try_lora_apply(
     in_f: usize,
     out_f: usize,
     segments: &[LoraSegment<'_>],
+    invariant: bool,
 ) -> Result<(), String> {
     let tokens = x.len() / in_f.max(1);
-    CheckedSegments::new(pool, tokens, in_f, out_f, segments.to_vec())?.apply(x, y)
+    (CheckedSegments::new(pool, tokens, in_f, out_f, segments.to_vec())?)
+        .batch_invariant(invariant)
+        .apply(x, y)
 }
 
 /// One linear's segments checked against the pool and its dimensions: what the tiles' unchecked
