@@ -30,6 +30,11 @@
 //!   `8g + 4 + t` (high nibble) (g < 4).
 //!
 //! Scales follow the same order: panel, block, then the 16 rows' f16 scales.
+//!
+//! **Offsets** (imports only). Pre-quantized GPTQ/AWQ checkpoints with zero points store
+//! `(q − z)·d`; [`from_codes`] keeps the codes as above and an f32 offset per row and block
+//! (`(offset − z)·d`, exact in f32) that is added to each value of the block. The kernels
+//! multiply the symmetric part and add `offsets · (x's block sums)` after.
 
 use std::fmt;
 use std::sync::Arc;
@@ -117,6 +122,9 @@ pub struct QuantData {
     pub codes: TypedSlice<u8>,
     /// `panels × blocks × PANEL` scales.
     pub scales: TypedSlice<f16>,
+    /// Added to every value of a block: `rows × blocks` f32, row-major (see the module docs);
+    /// `None` for symmetric blocks.
+    pub offsets: Option<TypedSlice<f32>>,
 }
 
 impl QuantData {
@@ -127,6 +135,7 @@ impl QuantData {
             || self.panels != np
             || self.codes.len() != np * nb * self.format.panel_block_bytes()
             || self.scales.len() != np * nb * PANEL
+            || self.offsets.as_ref().is_some_and(|o| o.len() != rows * nb)
         {
             return Err(TensorError::Shape {
                 op: "QuantData",
@@ -144,7 +153,7 @@ impl QuantData {
     }
 
     pub fn bytes(&self) -> usize {
-        self.codes.len() + 2 * self.scales.len()
+        self.codes.len() + 2 * self.scales.len() + 4 * self.offsets.as_ref().map_or(0, |o| o.len())
     }
 
     /// Row `r` dequantized into `out` (its `cols` values).
@@ -154,12 +163,13 @@ impl QuantData {
         for (b, chunk) in out.chunks_mut(BLOCK).enumerate() {
             let block = (p * self.blocks + b) * pbb;
             let d = self.scales[(p * self.blocks + b) * PANEL + lane].to_f32();
+            let offset = self.offsets.as_ref().map_or(0.0, |o| o[r * self.blocks + b]);
             for (c, o) in chunk.iter_mut().enumerate() {
                 *o = value(
                     self.format,
                     code(self.format, &self.codes[block..block + pbb], lane, c),
                     d,
-                );
+                ) + offset;
             }
         }
     }
@@ -277,8 +287,91 @@ pub fn quantize(m: &Matrix, format: QuantFormat) -> Result<Matrix, TensorError> 
         panels: np,
         codes: TypedSlice::from_bytes(codes, 0, nc)?,
         scales: TypedSlice::from_bytes(scales, 0, ns)?,
+        offsets: None,
     };
     Matrix::new(rows, cols, MatrixData::Quant(data))
+}
+
+/// Codes of a pre-quantized checkpoint in `format`'s layout: `codes[r·cols + c]` is element
+/// `(r, c)`'s code (int8: a signed code's bits; int4: `0..=15`, value `(q − 8)·d`),
+/// `scales[r·blocks + b]` its block's scale and `offsets` (if any) as [`QuantData::offsets`].
+pub fn from_codes(
+    format: QuantFormat,
+    source: DType,
+    (rows, cols): (usize, usize),
+    codes: &[u8],
+    scales: &[f16],
+    offsets: Option<Vec<f32>>,
+) -> Result<Matrix, TensorError> {
+    let (nb, np, pbb) = (cols.div_ceil(BLOCK), rows.div_ceil(PANEL), format.panel_block_bytes());
+    if codes.len() != rows * cols || scales.len() != rows * nb {
+        return Err(TensorError::Quantize(format!(
+            "{} codes and {} scales for [{rows}, {cols}] (expected {} and {})",
+            codes.len(),
+            scales.len(),
+            rows * cols,
+            rows * nb
+        )));
+    }
+    if format == QuantFormat::Int4 && codes.iter().any(|&q| q > 15) {
+        return Err(TensorError::Quantize("int4 code above 15".into()));
+    }
+    let mut packed = HugeVec::<u8>::zeroed(np * nb * pbb);
+    let mut panel_scales = HugeVec::<u8>::zeroed(np * nb * PANEL * 2);
+    if nb > 0 {
+        packed
+            .par_chunks_mut(nb * pbb)
+            .zip(panel_scales.par_chunks_mut(nb * PANEL * 2))
+            .enumerate()
+            .for_each(|(p, (out, s))| {
+                for lane in 0..PANEL.min(rows - p * PANEL) {
+                    let r = p * PANEL + lane;
+                    let mut q = [0u8; BLOCK];
+                    for b in 0..nb {
+                        let row = &codes[r * cols + b * BLOCK..r * cols + cols.min((b + 1) * BLOCK)];
+                        q.fill(format.offset() as u8);
+                        q[..row.len()].copy_from_slice(row);
+                        put_block(
+                            format,
+                            &mut out[b * pbb..(b + 1) * pbb],
+                            &mut s[..],
+                            (b, lane),
+                            scales[r * nb + b],
+                            &q,
+                        );
+                    }
+                }
+            });
+    }
+    let (nc, ns) = (packed.len(), panel_scales.len() / 2);
+    let data = QuantData {
+        format,
+        source,
+        blocks: nb,
+        panels: np,
+        codes: TypedSlice::from_bytes(Arc::new(packed), 0, nc)?,
+        scales: TypedSlice::from_bytes(Arc::new(panel_scales), 0, ns)?,
+        offsets: offsets.map(TypedSlice::from_vec),
+    };
+    Matrix::new(rows, cols, MatrixData::Quant(data))
+}
+
+/// Writes row `lane`'s codes `q` of block `b` into the panel block `block` and its scale `d`
+/// into the panel's scale bytes.
+fn put_block(
+    format: QuantFormat,
+    block: &mut [u8],
+    scales: &mut [u8],
+    (b, lane): (usize, usize),
+    d: f16,
+    q: &[u8; BLOCK],
+) {
+    let s = (b * PANEL + lane) * 2;
+    scales[s..s + 2].copy_from_slice(&d.to_bits().to_ne_bytes());
+    for (c, &v) in q.iter().enumerate() {
+        let (at, high) = code_at(format, lane, c);
+        block[at] |= if high { v << 4 } else { v };
+    }
 }
 
 /// Panel `p` of `m` into its code bytes `out` and scale bytes `scales` (both zeroed).
@@ -306,13 +399,7 @@ fn quantize_panel(
                 QuantFormat::Int4 => quantize_block_int4(x, &mut q),
             }
             .map_err(|e| TensorError::Quantize(format!("row {r}, columns {}..: {e}", b * BLOCK)))?;
-            let s = (b * PANEL + lane) * 2;
-            scales[s..s + 2].copy_from_slice(&d.to_bits().to_ne_bytes());
-            let block = &mut out[b * pbb..(b + 1) * pbb];
-            for (c, &v) in q.iter().enumerate() {
-                let (at, high) = code_at(format, lane, c);
-                block[at] |= if high { v << 4 } else { v };
-            }
+            put_block(format, &mut out[b * pbb..(b + 1) * pbb], scales, (b, lane), d, &q);
         }
     }
     Ok(())

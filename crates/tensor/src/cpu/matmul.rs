@@ -160,7 +160,15 @@ fn matmul_bf16_activations(x: &[f32], m: usize, k: usize, n: usize, w: &[half::b
     matmul_typed(x, m, k, n, w, out, true)
 }
 
-fn matmul_typed<T: Weight>(x: &[f32], m: usize, k: usize, n: usize, w: &[T], out: &mut [f32], invariant: bool) {
+pub(crate) fn matmul_typed<T: Weight>(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    w: &[T],
+    out: &mut [f32],
+    invariant: bool,
+) {
     if m >= GEMM_MIN_M && !invariant {
         matmul_gemm(x, m, k, n, w, out);
     } else {

@@ -223,6 +223,24 @@ pub(crate) fn matmul_quant_with(
         let isa = paths.f32;
         stream(w, m, n, out, |p, o, ldo| f32_panels(isa, &xf, m, p, o, ldo));
     }
+    if let Some(offsets) = &w.offsets {
+        add_offsets(x, m, k, nb, n, offsets, out);
+    }
+}
+
+/// `out += sums · offsetsᵀ`, `sums` being x's f32 block sums (`m × nb`): the offsets' share of
+/// `x · Wᵀ` (see [`crate::quant`]). One summation order at every m, as the batch-invariant mode
+/// needs.
+fn add_offsets(x: &[f32], m: usize, k: usize, nb: usize, n: usize, offsets: &[f32], out: &mut [f32]) {
+    let sums: Vec<f32> = x
+        .chunks_exact(k)
+        .flat_map(|row| row.chunks(BLOCK).map(|c| c.iter().sum::<f32>()))
+        .collect();
+    let mut extra = vec![0.0f32; m * n];
+    super::matmul::matmul_typed(&sums, m, nb, n, offsets, &mut extra, true);
+    for (o, e) in out.iter_mut().zip(&extra) {
+        *o += e;
+    }
 }
 
 /// x quantized per block for the integer path (the same codes whatever `isa`).

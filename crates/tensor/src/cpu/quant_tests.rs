@@ -3,8 +3,8 @@
 
 use super::quant_matmul::{matmul_quant_with, paths, Isa, QuantPaths, XInt};
 use super::{features, matmul, matmul_ref, quant_scalar};
-use crate::quant::{quantize, QuantFormat, BLOCK, PANEL};
-use crate::storage::{Matrix, MatrixData};
+use crate::quant::{from_codes, quantize, QuantFormat, BLOCK, PANEL};
+use crate::storage::{DType, Matrix, MatrixData};
 
 /// SplitMix64.
 struct Rng(u64);
@@ -349,4 +349,108 @@ fn activation_quantization_is_the_same_on_every_kernel_set() {
             );
         }
     }
+}
+
+/// An imported matrix (GPTQ/AWQ-style): random codes over the format's whole range (int8's −128
+/// included, which [`quantize`] never writes), random f16 scales, and per-block offsets if
+/// `with_offsets`.
+fn imported(rng: &mut Rng, format: QuantFormat, n: usize, k: usize, with_offsets: bool) -> (Matrix, Matrix) {
+    let nb = k.div_ceil(BLOCK);
+    let codes: Vec<u8> = (0..n * k)
+        .map(|_| match format {
+            QuantFormat::Int8 => rng.next() as u8,
+            QuantFormat::Int4 => (rng.next() % 16) as u8,
+        })
+        .collect();
+    let scales: Vec<half::f16> = (0..n * nb).map(|_| half::f16::from_f32(rng.uniform() * 0.01)).collect();
+    let offsets: Vec<f32> = (0..n * nb).map(|_| rng.uniform() * 0.05).collect();
+    let make = |o: Option<Vec<f32>>| from_codes(format, DType::F32, (n, k), &codes, &scales, o).unwrap();
+    (make(with_offsets.then(|| offsets.clone())), make(None))
+}
+
+/// Imported codes on every kernel set: the f32 path against the reference on the dequantized
+/// weights (offsets included; tolerance as in the f32 kernel test, with each offset counted as a
+/// weight of its block), the integer path bit for bit the scalar oracle's on the symmetric part,
+/// and the offsets' share (with minus without) equal to x's block sums times the offsets, in
+/// f64, within the rounding of the block sums and of the two outputs.
+#[test]
+fn imported_codes_with_offsets_match_the_reference() {
+    let mut rng = Rng(17);
+    let sets = available();
+    for format in FORMATS {
+        for (n, k) in SHAPES {
+            let nb = k.div_ceil(BLOCK);
+            let (w, sym) = imported(&mut rng, format, n, k, true);
+            let (MatrixData::Quant(wd), MatrixData::Quant(sd)) = (&w.data, &sym.data) else {
+                unreachable!()
+            };
+            let (deq, offsets) = (w.to_f32_vec(), wd.offsets.clone().unwrap());
+            for m in BATCHES {
+                let x: Vec<f32> = (0..m * k).map(|_| rng.uniform()).collect();
+                let mut want = vec![0.0; m * n];
+                matmul_ref(&x, m, &w, &mut want);
+                let mut oracle = vec![f32::NAN; m * n];
+                matmul_quant_with(&x, m, k, n, sd, &mut oracle, &forced(Isa::Scalar, Isa::Scalar, 1));
+                for &(f32_isa, int) in &sets {
+                    let mut got = vec![f32::NAN; m * n];
+                    matmul_quant_with(&x, m, k, n, wd, &mut got, &forced(f32_isa, int, usize::MAX));
+                    let (mut got_int, mut got_sym) = (vec![f32::NAN; m * n], vec![f32::NAN; m * n]);
+                    matmul_quant_with(&x, m, k, n, wd, &mut got_int, &forced(f32_isa, int, 1));
+                    matmul_quant_with(&x, m, k, n, sd, &mut got_sym, &forced(f32_isa, int, 1));
+                    assert!(
+                        got_sym.iter().zip(&oracle).all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{int:?} {format} m={m} n={n} k={k}: integer path differs from the scalar oracle"
+                    );
+                    for i in 0..m {
+                        for j in 0..n {
+                            let (mut mag, mut share, mut share_mag) = (0.0f32, 0.0f64, 0.0f32);
+                            for b in 0..nb {
+                                let xs = &x[i * k + b * BLOCK..i * k + k.min((b + 1) * BLOCK)];
+                                let (o, d) = (offsets[j * nb + b], scale(&w, j, b).abs());
+                                for (p, v) in xs.iter().enumerate() {
+                                    mag += v.abs() * ((deq[j * k + b * BLOCK + p] - o).abs() + 8.0 * d + o.abs());
+                                }
+                                share += xs.iter().map(|&v| v as f64).sum::<f64>() * o as f64;
+                                share_mag += xs.iter().map(|v| v.abs()).sum::<f32>() * o.abs();
+                            }
+                            let at = format!("{f32_isa:?}/{int:?} {format} m={m} n={n} k={k} [{i},{j}]");
+                            let (g, r) = (got[i * n + j], want[i * n + j]);
+                            let tol = 2.0 * k as f32 * f32::EPSILON * mag + f32::EPSILON * r.abs();
+                            assert!((g - r).abs() <= tol, "{at}: f32 path {g} vs {r} (tol {tol})");
+                            let (a, s) = (got_int[i * n + j], got_sym[i * n + j]);
+                            let tol = (BLOCK + nb + 2) as f32 * f32::EPSILON * share_mag
+                                + 2.0 * f32::EPSILON * (a.abs() + s.abs());
+                            let err = ((a - s) as f64 - share).abs() as f32;
+                            assert!(err <= tol, "{at}: offsets' share {} vs {share} (tol {tol})", a - s);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn imported_codes_are_checked() {
+    let scales = [half::f16::ONE; 2];
+    let bad = from_codes(
+        QuantFormat::Int4,
+        DType::F32,
+        (2, 3),
+        &[0, 1, 16, 0, 0, 0],
+        &scales,
+        None,
+    );
+    assert!(bad.err().is_some_and(|e| e.to_string().contains("above 15")));
+    let short = from_codes(QuantFormat::Int8, DType::F32, (2, 3), &[0; 5], &scales, None);
+    assert!(short.err().is_some_and(|e| e.to_string().contains("5 codes")));
+    let offsets = from_codes(
+        QuantFormat::Int8,
+        DType::F32,
+        (2, 3),
+        &[0; 6],
+        &scales,
+        Some(vec![0.0; 3]),
+    );
+    assert!(offsets.is_err(), "3 offsets for 2 rows × 1 block");
 }
