@@ -7,6 +7,7 @@ use std::path::Path;
 use serde_json::{Map, Value};
 
 use crate::error::{read_json, ModelError, Result};
+use crate::prequant::PreQuantized;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
@@ -52,6 +53,8 @@ pub struct ModelConfig {
     pub o_bias: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
+    /// A GPTQ/AWQ checkpoint (`quantization_config`): its linears are packed codes.
+    pub prequantized: Option<PreQuantized>,
 }
 
 fn unsupported(field: &str, reason: impl Into<String>) -> ModelError {
@@ -144,18 +147,10 @@ impl ModelConfig {
                 return Err(unsupported("hidden_act", format!("`{act}` (only silu)")));
             }
         }
-        if let Some(q) = map.get("quantization_config") {
-            // vLLM reads GPTQ, AWQ and others from here; their packed tensors are not read yet.
-            let method = q.get("quant_method").and_then(Value::as_str).unwrap_or("unnamed");
-            return Err(unsupported(
-                "quantization_config",
-                format!(
-                    "a pre-quantized checkpoint (quant_method `{method}`): its packed weights cannot be \
-                     read yet; serve the bf16/f16/f32 checkpoint with `--quantization int8` or `int4` \
-                     instead"
-                ),
-            ));
-        }
+        let prequantized = match map.get("quantization_config") {
+            None | Some(Value::Null) => None,
+            Some(q) => Some(PreQuantized::from_config(q)?),
+        };
         if f.opt_bool("mlp_bias")? == Some(true) {
             return Err(unsupported("mlp_bias", "MLP biases are not supported"));
         }
@@ -230,6 +225,7 @@ impl ModelConfig {
             o_bias: arch == Arch::Llama && attention_bias,
             bos_token_id: token_ids(map.get("bos_token_id")).first().copied(),
             eos_token_ids: token_ids(map.get("eos_token_id")),
+            prequantized,
         })
     }
 }

@@ -24,10 +24,7 @@ pub struct Linear<B: Backend> {
 impl<B: Backend> Linear<B> {
     fn load(b: &B, w: &WeightStore, name: &str, dims: (usize, usize), bias: bool, q: &mut Quantizer) -> Result<Self> {
         let (out_f, in_f) = dims;
-        let m = q.linear(
-            w.matrix(&format!("{name}.weight"), out_f, in_f)?,
-            &format!("{name}.weight"),
-        )?;
+        let m = q.linear(w, name, (out_f, in_f))?;
         let weight = b.upload_weight(m)?;
         let bias = if bias {
             Some(b.upload(&w.vector(&format!("{name}.bias"), out_f)?)?)
@@ -168,7 +165,7 @@ impl<B: Backend> Llama<B> {
         let (h, hd, inter) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
         let (qd, kvd) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
         let b = &backend;
-        let mut qz = Quantizer::new(quant);
+        let mut qz = Quantizer::new(quant, cfg.prequantized)?;
         let tied = cfg.tie_word_embeddings && !w.contains("lm_head.weight");
         let embed_name = "model.embed_tokens.weight";
         let checkpoint_dtype = w.dtype(embed_name).unwrap_or(DType::F32);

@@ -4,6 +4,8 @@ use quiver_tensor::quant::quantize;
 use quiver_tensor::{Matrix, QuantFormat};
 
 use crate::error::{ModelError, Result};
+use crate::prequant::PreQuantized;
+use crate::weights::WeightStore;
 
 /// How the base weights are stored once loaded (`--quantization`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -18,6 +20,9 @@ pub struct Quantization {
 /// Quantizes matrices as they load (each in parallel over its rows) and totals what it did.
 pub(crate) struct Quantizer {
     q: Quantization,
+    /// The checkpoint's own quantization (GPTQ/AWQ), if any.
+    pre: Option<PreQuantized>,
+    imported: usize,
     matrices: usize,
     before: usize,
     after: usize,
@@ -27,20 +32,42 @@ pub(crate) struct Quantizer {
 }
 
 impl Quantizer {
-    pub(crate) fn new(q: Quantization) -> Self {
-        Quantizer {
+    /// `--quantization` cannot apply to a checkpoint that is quantized already.
+    pub(crate) fn new(q: Quantization, pre: Option<PreQuantized>) -> Result<Self> {
+        if let (Some(format), Some(p)) = (q.format, pre) {
+            return Err(ModelError::Unsupported {
+                field: "quantization_config".into(),
+                reason: format!(
+                    "the checkpoint is quantized already ({:?}, {}-bit): drop `--quantization {format}`",
+                    p.method, p.bits
+                ),
+            });
+        }
+        Ok(Quantizer {
             q,
+            pre,
+            imported: 0,
             matrices: 0,
             before: 0,
             after: 0,
             seconds: 0.0,
             stored: 0,
-        }
+        })
     }
 
-    /// A layer's linear weight, in the chosen format.
-    pub(crate) fn linear(&mut self, m: Matrix, name: &str) -> Result<Matrix> {
-        self.store(m, self.q.format, name)
+    /// Linear `name` (`[out, in]`): its packed codes where the checkpoint has them (GPTQ/AWQ),
+    /// else its weight in the chosen format.
+    pub(crate) fn linear(&mut self, w: &WeightStore, name: &str, dims: (usize, usize)) -> Result<Matrix> {
+        if let Some(pre) = self.pre.filter(|_| w.contains(&format!("{name}.qweight"))) {
+            let start = std::time::Instant::now();
+            let m = pre.load_linear(w, name, dims)?;
+            self.seconds += start.elapsed().as_secs_f64();
+            self.imported += 1;
+            self.stored += m.bytes();
+            return Ok(m);
+        }
+        let weight = format!("{name}.weight");
+        self.store(w.matrix(&weight, dims.0, dims.1)?, self.q.format, &weight)
     }
 
     /// The LM head (or the tied embedding): int8 under any quantization unless kept.
@@ -71,6 +98,17 @@ impl Quantizer {
     }
 
     pub(crate) fn log(&self) {
+        if let Some(pre) = self.pre {
+            tracing::info!(
+                method = ?pre.method,
+                bits = pre.bits,
+                group_size = pre.group_size.map_or(-1, |g| g as i64),
+                matrices = self.imported,
+                seconds = format!("{:.2}", self.seconds),
+                "loaded the pre-quantized linears into the {} kernels",
+                pre.format()
+            );
+        }
         if let Some(format) = self.q.format {
             tracing::info!(
                 %format,

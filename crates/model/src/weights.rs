@@ -14,9 +14,16 @@ use serde::Deserialize;
 
 use crate::error::{read_json, ModelError, Result};
 
+/// How a tensor is stored: a float dtype, or int32 (the packed codes of GPTQ/AWQ checkpoints).
+#[derive(Clone, Copy, PartialEq)]
+enum Stored {
+    Float(DType),
+    I32,
+}
+
 struct Entry {
     file: usize,
-    dtype: DType,
+    dtype: Stored,
     shape: Vec<usize>,
     offset: usize,
 }
@@ -89,12 +96,13 @@ impl WeightStore {
             let st = SafeTensors::deserialize(data).map_err(|e| werr(format!("{}: {e}", path.display())))?;
             for (name, view) in st.tensors() {
                 let dtype = match view.dtype() {
-                    Dtype::F32 => DType::F32,
-                    Dtype::F16 => DType::F16,
-                    Dtype::BF16 => DType::BF16,
+                    Dtype::F32 => Stored::Float(DType::F32),
+                    Dtype::F16 => Stored::Float(DType::F16),
+                    Dtype::BF16 => Stored::Float(DType::BF16),
+                    Dtype::I32 => Stored::I32,
                     other => {
                         return Err(werr(format!(
-                            "{}: tensor `{name}` has dtype {other:?} (supported: f32, f16, bf16)",
+                            "{}: tensor `{name}` has dtype {other:?} (supported: f32, f16, bf16; i32 for packed codes)",
                             path.display()
                         )))
                     }
@@ -141,10 +149,34 @@ impl WeightStore {
         let e = self.entry(name, shape)?;
         let (bytes, len) = (self.files[e.file].clone(), shape.iter().product());
         Ok(match e.dtype {
-            DType::F32 => MatrixData::F32(TypedSlice::<f32>::from_file_bytes(bytes, e.offset, len)?),
-            DType::F16 => MatrixData::F16(TypedSlice::<f16>::from_file_bytes(bytes, e.offset, len)?),
-            DType::BF16 => MatrixData::BF16(TypedSlice::<bf16>::from_file_bytes(bytes, e.offset, len)?),
+            Stored::Float(DType::F32) => MatrixData::F32(TypedSlice::<f32>::from_file_bytes(bytes, e.offset, len)?),
+            Stored::Float(DType::F16) => MatrixData::F16(TypedSlice::<f16>::from_file_bytes(bytes, e.offset, len)?),
+            Stored::Float(DType::BF16) => MatrixData::BF16(TypedSlice::<bf16>::from_file_bytes(bytes, e.offset, len)?),
+            Stored::I32 => return Err(werr(format!("tensor `{name}` is int32, expected a float tensor"))),
         })
+    }
+
+    /// An int32 tensor of `shape` (little-endian, as safetensors stores it), copied.
+    pub fn i32s(&self, name: &str, shape: &[usize]) -> Result<Vec<i32>> {
+        let e = self.entry(name, shape)?;
+        if e.dtype != Stored::I32 {
+            return Err(werr(format!("tensor `{name}` must be int32")));
+        }
+        let len: usize = shape.iter().product();
+        let data: &[u8] = (*self.files[e.file]).as_ref();
+        let raw = &data[e.offset..e.offset + 4 * len];
+        Ok(raw
+            .chunks_exact(4)
+            .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect())
+    }
+
+    /// An f16 tensor of `shape`, copied (scales of packed codes must be f16 to stay exact).
+    pub fn f16s(&self, name: &str, shape: &[usize]) -> Result<Vec<f16>> {
+        match self.data(name, shape)? {
+            MatrixData::F16(s) => Ok(s.as_slice().to_vec()),
+            _ => Err(werr(format!("tensor `{name}` must be f16"))),
+        }
     }
 
     /// A 2-D tensor `[rows, cols]`, zero-copy when aligned.
@@ -159,6 +191,9 @@ impl WeightStore {
 
     /// Dtype of a tensor, if present.
     pub fn dtype(&self, name: &str) -> Option<DType> {
-        self.entries.get(name).map(|e| e.dtype)
+        self.entries.get(name).and_then(|e| match e.dtype {
+            Stored::Float(d) => Some(d),
+            Stored::I32 => None,
+        })
     }
 }

@@ -1,6 +1,7 @@
 //! config.json parsing: both transformers forms, and clear refusals naming the field.
 
-use quiver_model::{Arch, ModelConfig, ModelError, RopeScaling};
+use quiver_model::{Arch, ModelConfig, ModelError, PreQuantMethod, RopeScaling};
+use quiver_tensor::QuantFormat;
 use serde_json::{json, Value};
 
 fn base(model_type: &str) -> Value {
@@ -114,19 +115,82 @@ fn sliding_window_caps_context_instead_of_changing_attention() {
 }
 
 #[test]
-fn pre_quantized_checkpoints_are_refused_naming_the_method() {
-    for method in ["gptq", "awq", "bitsandbytes"] {
-        let v = with(
-            base("llama"),
-            "quantization_config",
-            json!({"quant_method": method, "bits": 4, "group_size": 128}),
-        );
-        match ModelConfig::from_json(&v) {
+fn gptq_and_awq_configs_are_read_as_vllm_reads_them() {
+    let read = |q: Value| ModelConfig::from_json(&with(base("llama"), "quantization_config", q));
+    let gptq = json!({"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": false, "sym": true});
+    let p = read(gptq).unwrap().prequantized.unwrap();
+    assert_eq!((p.method, p.bits, p.group_size), (PreQuantMethod::Gptq, 4, Some(128)));
+    let channel = json!({"quant_method": "gptq", "bits": 8, "group_size": -1, "checkpoint_format": "gptq"});
+    let p = read(channel).unwrap().prequantized.unwrap();
+    assert_eq!((p.bits, p.group_size, p.format()), (8, None, QuantFormat::Int8));
+    // AutoAWQ's own key names.
+    let awq = json!({"quant_method": "awq", "w_bit": 4, "q_group_size": 64, "zero_point": true, "version": "GEMM"});
+    let p = read(awq).unwrap().prequantized.unwrap();
+    assert_eq!(
+        (p.method, p.group_size, p.format()),
+        (PreQuantMethod::Awq, Some(64), QuantFormat::Int4)
+    );
+    assert_eq!(ModelConfig::from_json(&base("llama")).unwrap().prequantized, None);
+}
+
+#[test]
+fn quantization_configs_quiver_cannot_serve_are_refused_naming_the_field() {
+    let cases = [
+        (
+            json!({"quant_method": "bitsandbytes", "load_in_4bit": true}),
+            "quant_method",
+            "bitsandbytes",
+        ),
+        (json!({"quant_method": "fp8"}), "quant_method", "--quantization"),
+        (json!({"bits": 4}), "quant_method", "missing"),
+        (
+            json!({"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": true}),
+            "desc_act",
+            "act-order",
+        ),
+        (
+            json!({"quant_method": "gptq", "bits": 3, "group_size": 128}),
+            "bits",
+            "4, 8",
+        ),
+        (
+            json!({"quant_method": "gptq", "bits": 4, "group_size": 16}),
+            "group_size",
+            "multiples of 32",
+        ),
+        (
+            json!({"quant_method": "gptq", "bits": 4, "group_size": 128, "checkpoint_format": "gptq_v2"}),
+            "checkpoint_format",
+            "gptq_v2",
+        ),
+        (
+            json!({"quant_method": "awq", "bits": 8, "group_size": 128}),
+            "bits",
+            "supported: 4",
+        ),
+        (
+            json!({"quant_method": "awq", "bits": 4, "group_size": -1}),
+            "group_size",
+            "-1",
+        ),
+        (
+            json!({"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemv"}),
+            "version",
+            "gemv",
+        ),
+        (
+            json!({"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": false}),
+            "zero_point",
+            "zero points",
+        ),
+    ];
+    for (q, want_field, want_reason) in cases {
+        match ModelConfig::from_json(&with(base("llama"), "quantization_config", q.clone())) {
             Err(ModelError::Unsupported { field, reason }) => {
-                assert_eq!(field, "quantization_config");
-                assert!(reason.contains(method) && reason.contains("--quantization"), "{reason}");
+                assert_eq!(field, format!("quantization_config.{want_field}"), "{q}");
+                assert!(reason.contains(want_reason), "{q}: {reason}");
             }
-            other => panic!("{method}: expected a refusal, got {other:?}"),
+            other => panic!("{q}: expected a refusal, got {other:?}"),
         }
     }
 }

@@ -10,18 +10,22 @@
 //! golden step whose top-1/top-2 margin is below twice the logit tolerance, where either is
 //! legitimate.
 
+use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{anyhow, ensure, Context, Result};
 use quiver_adapters::load_peft_adapter;
 use quiver_model::generate::{generate_greedy, BLOCK_SIZE};
+use quiver_model::weights::WeightStore;
 use quiver_model::{
-    lora_page_size, BatchBuilder, BlockAllocator, Llama, LoraAdapter, ModelBundle, Quantization, SequenceCache,
+    lora_page_size, BatchBuilder, BlockAllocator, Llama, LoraAdapter, ModelBundle, ModelConfig, PreQuantized,
+    Quantization, SequenceCache,
 };
 use quiver_tensor::cpu::{CpuBackend, CpuPagePool};
 use quiver_tensor::{Backend, DType, QuantFormat};
 use quiver_testkit::{
-    dequantized_sha256, load_quant_golden, materialize, materialize_lora, max_abs_diff, QUANT_GOLDENS,
+    dequantized_sha256, load_prequant_golden, load_quant_golden, materialize, materialize_lora, materialize_prequant,
+    max_abs_diff, sha256_hex, QuantGolden, PREQUANT_GOLDENS, QUANT_GOLDENS,
 };
 
 const REL_TOL: f32 = 0.03;
@@ -91,7 +95,12 @@ fn check(model_name: &str, format: QuantFormat) -> Result<()> {
         keep_lm_head: false,
     };
     let bundle = ModelBundle::load_with(CpuBackend::default(), &base, None, q).with_context(|| what.clone())?;
-    let model = &bundle.model;
+    check_model(&what, &bundle.model, &golden, &dir.path().join("adapters"))
+}
+
+/// `model`'s logits and greedy tokens against `golden`, alone and with each of its adapters
+/// (from `adapters/<name>`).
+fn check_model(what: &str, model: &Llama<CpuBackend>, golden: &QuantGolden, adapters: &Path) -> Result<()> {
     for (i, p) in golden.prompts.iter().enumerate() {
         let got = prefill(model, &p.ids, None)?;
         let (d, tol) = (max_abs_diff(&got, &p.last_logits), tolerance(&p.last_logits));
@@ -109,13 +118,13 @@ fn check(model_name: &str, format: QuantFormat) -> Result<()> {
             2.0 * tol,
         )?;
     }
-    if with_adapters {
+    if !golden.adapters.is_empty() {
         let cfg = model.cfg.clone();
         let page = lora_page_size(&cfg);
         let mut pages = BlockAllocator::new(16384, page);
         let mut pool = model.backend.new_page_pool(page, pages.total(), DType::F32)?;
         for s in &golden.adapters {
-            let host = load_peft_adapter(&s.adapter, &dir.path().join("adapters").join(&s.adapter), &cfg)?;
+            let host = load_peft_adapter(&s.adapter, &adapters.join(&s.adapter), &cfg)?;
             let a = Arc::new(LoraAdapter::upload(
                 &s.adapter,
                 &host.modules,
@@ -221,5 +230,122 @@ fn merging_into_a_quantized_base_requantizes_and_unmerging_restores_it() -> Resu
         after.iter().zip(&before).all(|(a, b)| a.to_bits() == b.to_bits()),
         "unmerging did not restore the quantized base"
     );
+    Ok(())
+}
+
+/// The dequantized linears of a pre-quantized checkpoint, hashed as the oracle hashes them
+/// (each `[out, in]` f32 little-endian, in sorted name order).
+fn prequant_dequantized_sha256(dir: &Path, cfg: &ModelConfig, pre: &PreQuantized) -> Result<String> {
+    let store = WeightStore::open_dir(dir)?;
+    let (h, hd, inter) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
+    let (qd, kvd) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
+    let mut linears = Vec::new();
+    for i in 0..cfg.num_layers {
+        for (name, dims) in [
+            ("self_attn.q_proj", (qd, h)),
+            ("self_attn.k_proj", (kvd, h)),
+            ("self_attn.v_proj", (kvd, h)),
+            ("self_attn.o_proj", (h, qd)),
+            ("mlp.gate_proj", (inter, h)),
+            ("mlp.up_proj", (inter, h)),
+            ("mlp.down_proj", (h, inter)),
+        ] {
+            linears.push((format!("model.layers.{i}.{name}"), dims));
+        }
+    }
+    linears.sort();
+    let mut bytes = Vec::new();
+    for (name, dims) in &linears {
+        let m = pre.load_linear(&store, name, *dims)?;
+        bytes.extend(m.to_f32_vec().iter().flat_map(|v| v.to_le_bytes()));
+    }
+    Ok(sha256_hex(&bytes))
+}
+
+fn check_prequant(case: &str, base: &str) -> Result<()> {
+    let golden = load_prequant_golden(case)?;
+    let (dir, model_dir) = materialize_prequant(case, base)?;
+    let cfg = ModelConfig::from_dir(&model_dir)?;
+    let pre = cfg.prequantized.context("config.json has no quantization_config")?;
+    ensure!(
+        prequant_dequantized_sha256(&model_dir, &cfg, &pre)? == golden.dequantized_sha256,
+        "the dequantized weights differ from the ones the golden was computed on"
+    );
+    let bundle = ModelBundle::load(CpuBackend::default(), &model_dir, None)?;
+    check_model(case, &bundle.model, &golden, &dir.path().join("adapters"))
+}
+
+/// GPTQ and AWQ checkpoints written by `tests/oracle/make_prequant_goldens.py` (4- and 8-bit,
+/// symmetric or not, groups of 32 and 64 and per channel), loaded as a user loads them: every
+/// linear dequantizes to exactly the weights the golden was computed on (the oracle unpacks
+/// them independently), and logits and greedy tokens, alone and with adapters, match
+/// transformers on those weights within the tolerance above.
+#[test]
+fn gptq_and_awq_checkpoints_match_transformers_on_their_dequantized_weights() -> Result<()> {
+    let mut failures = Vec::new();
+    for (case, base) in PREQUANT_GOLDENS {
+        if let Err(e) = check_prequant(case, base) {
+            failures.push(format!("{case}: {e:#}"));
+        }
+    }
+    ensure!(failures.is_empty(), "{}", failures.join("\n"));
+    Ok(())
+}
+
+/// Malformed pre-quantized checkpoints are refused at load with an error naming the tensor.
+#[test]
+fn malformed_pre_quantized_checkpoints_are_refused() -> Result<()> {
+    let (case, base) = PREQUANT_GOLDENS[0];
+    let (_dir, model_dir) = materialize_prequant(case, base)?;
+    let err = |dir: &Path, q: Quantization| match ModelBundle::load_with(CpuBackend::default(), dir, None, q) {
+        Ok(_) => "loaded".to_string(),
+        Err(e) => e.to_string(),
+    };
+    let int8 = Quantization {
+        format: Some(QuantFormat::Int8),
+        keep_lm_head: false,
+    };
+    let e = err(&model_dir, int8);
+    ensure!(
+        e.contains("quantized already") && e.contains("--quantization int8"),
+        "{e}"
+    );
+    // Act-order: a g_idx that is not i / group_size.
+    let path = model_dir.join("model.safetensors");
+    let original = std::fs::read(&path)?;
+    let rewrite = |edit: &dyn Fn(&str, Vec<usize>, Vec<u8>) -> (Vec<usize>, Vec<u8>)| -> Result<()> {
+        let st = safetensors::SafeTensors::deserialize(&original)?;
+        let tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+            .tensors()
+            .into_iter()
+            .map(|(n, v)| {
+                let (shape, data) = edit(&n, v.shape().to_vec(), v.data().to_vec());
+                (n, v.dtype(), shape, data)
+            })
+            .collect();
+        let views = tensors
+            .iter()
+            .map(|(n, d, s, b)| Ok((n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b)?)))
+            .collect::<Result<Vec<_>>>()?;
+        std::fs::write(&path, safetensors::serialize(views, None)?)?;
+        Ok(())
+    };
+    rewrite(&|n, s, mut b| {
+        if n == "model.layers.0.self_attn.q_proj.g_idx" {
+            b.swap(0, 4 * 40);
+        }
+        (s, b)
+    })?;
+    let e = err(&model_dir, Quantization::default());
+    ensure!(e.contains("q_proj") && e.contains("act-order"), "{e}");
+    rewrite(&|n, mut s, mut b| {
+        if n == "model.layers.1.mlp.up_proj.qweight" {
+            s[0] -= 1;
+            b.truncate(s.iter().product::<usize>() * 4);
+        }
+        (s, b)
+    })?;
+    let e = err(&model_dir, Quantization::default());
+    ensure!(e.contains("up_proj.qweight") && e.contains("shape"), "{e}");
     Ok(())
 }

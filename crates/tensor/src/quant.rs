@@ -163,13 +163,15 @@ impl QuantData {
         for (b, chunk) in out.chunks_mut(BLOCK).enumerate() {
             let block = (p * self.blocks + b) * pbb;
             let d = self.scales[(p * self.blocks + b) * PANEL + lane].to_f32();
-            let offset = self.offsets.as_ref().map_or(0.0, |o| o[r * self.blocks + b]);
             for (c, o) in chunk.iter_mut().enumerate() {
                 *o = value(
                     self.format,
                     code(self.format, &self.codes[block..block + pbb], lane, c),
                     d,
-                ) + offset;
+                );
+            }
+            if let Some(offsets) = &self.offsets {
+                chunk.iter_mut().for_each(|o| *o += offsets[r * self.blocks + b]);
             }
         }
     }

@@ -38,8 +38,8 @@ pub use lora_golden::{
     load_lora_golden, materialize_lora, GoldenAdapter, LoraGenerator, LoraGolden, LoraMixed, LoraSingle, MixedRow,
 };
 pub use quant_golden::{
-    dequantized_sha256, load_quant_golden, quant_golden_name, quantized_as, write_dequantized, write_quant_goldens,
-    QuantGolden, QUANT_GOLDENS,
+    dequantized_sha256, load_prequant_golden, load_quant_golden, materialize_prequant, quant_golden_name, quantized_as,
+    sha256_hex, write_dequantized, write_quant_goldens, QuantGolden, PREQUANT_GOLDENS, QUANT_GOLDENS,
 };
 pub use spec::{
     golden_specs, qwen25_05b_spec, spec_by_name, Arch, ConfigForm, DType, ModelSpec, Rope, TokenizerFlavor,

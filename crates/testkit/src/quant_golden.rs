@@ -173,3 +173,49 @@ pub fn write_quant_goldens(root: &Path) -> Result<Vec<(String, QuantFormat, Path
     }
     Ok(out)
 }
+
+/// Pre-quantized checkpoints with goldens, `(case, base model)`: written by
+/// `tests/oracle/make_prequant_goldens.py` into `tests/goldens/prequant/<case>/` (config.json
+/// with `quantization_config`, model.safetensors) beside `<case>.json`.
+pub const PREQUANT_GOLDENS: [(&str, &str); 7] = [
+    ("llama-f32-gptq-4bit-g32-sym", "llama-f32"),
+    ("llama-f32-gptq-4bit-g64", "llama-f32"),
+    ("llama-f32-gptq-8bit-channel", "llama-f32"),
+    ("qwen2-f32-tied-gptq-8bit-channel-sym", "qwen2-f32-tied"),
+    ("qwen2-f32-tied-gptq-4bit-channel", "qwen2-f32-tied"),
+    ("llama-f32-awq-4bit-g32", "llama-f32"),
+    ("llama-f32-awq-4bit-g64", "llama-f32"),
+];
+
+/// Reads `tests/goldens/prequant/<case>.json` (its `dequantized_sha256` hashes the dequantized
+/// linears, see the oracle script).
+pub fn load_prequant_golden(case: &str) -> Result<QuantGolden> {
+    let path = goldens_dir().join("prequant").join(format!("{case}.json"));
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+/// The test kit's `base` with its LoRA golden adapters ([`crate::materialize_lora`]), the base's
+/// config and weights replaced by the committed checkpoint of `case`: a model directory as a
+/// user downloads it. Returns the temp dir and the model directory in it.
+pub fn materialize_prequant(case: &str, base: &str) -> Result<(tempfile::TempDir, PathBuf)> {
+    let (dir, _) = crate::materialize_lora(base)?;
+    let model = dir.path().join("base");
+    for entry in std::fs::read_dir(&model)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "safetensors") || path.ends_with("model.safetensors.index.json") {
+            std::fs::remove_file(&path)?;
+        }
+    }
+    let src = goldens_dir().join("prequant").join(case);
+    for name in ["config.json", "model.safetensors"] {
+        std::fs::copy(src.join(name), model.join(name)).with_context(|| format!("copying {case}/{name}"))?;
+    }
+    Ok((dir, model))
+}
+
+/// Lowercase hex sha256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
