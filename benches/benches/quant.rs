@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use quiver_benches::measure_read_bandwidth_gbps;
 use quiver_tensor::cpu::{features, matmul, matmul_quant_forced, ForcedPath};
 use quiver_tensor::quant::quantize;
-use quiver_tensor::{DType, Matrix, QuantFormat};
+use quiver_tensor::{DType, Matrix, MatrixData, QuantFormat, TypedSlice};
 
 const SHAPES: [(&str, usize, usize); 5] = [
     ("q/o 896x896", 896, 896),
@@ -31,14 +31,16 @@ const MIN_REPS: usize = 3;
 #[derive(Clone, Copy)]
 enum Kind {
     Bf16,
-    Quant(QuantFormat, ForcedPath),
+    /// Format, path, and whether blocks carry zero-point offsets (GPTQ/AWQ with zero points).
+    Quant(QuantFormat, ForcedPath, bool),
 }
 
 impl Kind {
     fn name(self) -> String {
         match self {
             Kind::Bf16 => "bf16".into(),
-            Kind::Quant(f, p) => format!("{f} {}", path_name(p)),
+            Kind::Quant(f, p, false) => format!("{f} {}", path_name(p)),
+            Kind::Quant(f, p, true) => format!("{f}+zp {}", path_name(p)),
         }
     }
 }
@@ -67,7 +69,10 @@ fn main() -> anyhow::Result<()> {
             ForcedPath::Avx2F32,
             ForcedPath::Avx2Int,
         ] {
-            kinds.push(Kind::Quant(f, p));
+            kinds.push(Kind::Quant(f, p, false));
+        }
+        for p in [ForcedPath::F32, ForcedPath::Int] {
+            kinds.push(Kind::Quant(f, p, true));
         }
     }
     let mut seed = 1u64;
@@ -83,10 +88,10 @@ fn main() -> anyhow::Result<()> {
             }
             let base = Matrix::from_f32_as(DType::BF16, n, k, weights(n * k, &mut seed))?;
             // Each copy in memory of its own (`Matrix::clone` would share the buffer).
-            let copy = || -> anyhow::Result<Matrix> {
+            let mut copy = || -> anyhow::Result<Matrix> {
                 Ok(match kind {
                     Kind::Bf16 => Matrix::from_f32_as(DType::BF16, n, k, base.to_f32_vec())?,
-                    Kind::Quant(f, _) => quantize(&base, *f)?,
+                    Kind::Quant(f, _, zero_points) => with_offsets(quantize(&base, *f)?, *zero_points, &mut seed)?,
                 })
             };
             let w = copy()?;
@@ -99,7 +104,7 @@ fn main() -> anyhow::Result<()> {
                 let bw = (m == 1).then(|| measure_read_bandwidth_gbps(threads));
                 let run = |w: &Matrix, out: &mut [f32]| match kind {
                     Kind::Bf16 => matmul(&x, m, w, out),
-                    Kind::Quant(_, p) => matmul_quant_forced(&x, m, w, out, *p),
+                    Kind::Quant(_, p, _) => matmul_quant_forced(&x, m, w, out, *p),
                 };
                 let best = pool.install(|| {
                     run(&copies[0], &mut out);
@@ -142,4 +147,16 @@ fn weights(len: usize, seed: &mut u64) -> Vec<f32> {
                 * 0.017
         })
         .collect()
+}
+
+/// `m` with random per-block offsets when `on` (as a GPTQ/AWQ import with zero points has).
+fn with_offsets(m: Matrix, on: bool, seed: &mut u64) -> anyhow::Result<Matrix> {
+    let (rows, cols) = (m.rows, m.cols);
+    match m.data {
+        MatrixData::Quant(mut q) if on => {
+            q.offsets = Some(TypedSlice::from_vec(weights(rows * q.blocks, seed)));
+            Ok(Matrix::new(rows, cols, MatrixData::Quant(q))?)
+        }
+        data => Ok(Matrix::new(rows, cols, data)?),
+    }
 }

@@ -156,7 +156,8 @@ thread_local! {
         })
     };
     /// A task's block of the output before it is copied into place.
-    static LOCAL: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    static LOCAL: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };    /// x's block sums and the offsets' products of [`add_offsets`], reused likewise.
+    static OFFSET_BUFFERS: std::cell::Cell<(Vec<f32>, Vec<f32>)> = const { std::cell::Cell::new((Vec::new(), Vec::new())) };
 }
 
 /// Smallest slice of weights (bytes) given to one rayon task.
@@ -232,15 +233,18 @@ pub(crate) fn matmul_quant_with(
 /// `x · Wᵀ` (see [`crate::quant`]). One summation order at every m, as the batch-invariant mode
 /// needs.
 fn add_offsets(x: &[f32], m: usize, k: usize, nb: usize, n: usize, offsets: &[f32], out: &mut [f32]) {
-    let sums: Vec<f32> = x
-        .chunks_exact(k)
-        .flat_map(|row| row.chunks(BLOCK).map(|c| c.iter().sum::<f32>()))
-        .collect();
-    let mut extra = vec![0.0f32; m * n];
+    let (mut sums, mut extra) = OFFSET_BUFFERS.take();
+    sums.clear();
+    sums.extend(
+        x.chunks_exact(k)
+            .flat_map(|row| row.chunks(BLOCK).map(|c| c.iter().sum::<f32>())),
+    );
+    extra.resize(m * n, 0.0);
     super::matmul::matmul_typed(&sums, m, nb, n, offsets, &mut extra, true);
     for (o, e) in out.iter_mut().zip(&extra) {
         *o += e;
     }
+    OFFSET_BUFFERS.set((sums, extra));
 }
 
 /// x quantized per block for the integer path (the same codes whatever `isa`).
