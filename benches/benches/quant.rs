@@ -31,7 +31,7 @@ const MIN_REPS: usize = 3;
 #[derive(Clone, Copy)]
 enum Kind {
     Bf16,
-    /// Format, path, and whether blocks carry zero-point offsets (GPTQ/AWQ with zero points).
+    /// Format, path, and whether blocks carry zero shifts (GPTQ/AWQ with zero points).
     Quant(QuantFormat, ForcedPath, bool),
 }
 
@@ -91,7 +91,7 @@ fn main() -> anyhow::Result<()> {
             let mut copy = || -> anyhow::Result<Matrix> {
                 Ok(match kind {
                     Kind::Bf16 => Matrix::from_f32_as(DType::BF16, n, k, base.to_f32_vec())?,
-                    Kind::Quant(f, _, zero_points) => with_offsets(quantize(&base, *f)?, *zero_points, &mut seed)?,
+                    Kind::Quant(f, _, zero_points) => with_zero_shifts(quantize(&base, *f)?, *zero_points, &mut seed)?,
                 })
             };
             let w = copy()?;
@@ -149,12 +149,13 @@ fn weights(len: usize, seed: &mut u64) -> Vec<f32> {
         .collect()
 }
 
-/// `m` with random per-block offsets when `on` (as a GPTQ/AWQ import with zero points has).
-fn with_offsets(m: Matrix, on: bool, seed: &mut u64) -> anyhow::Result<Matrix> {
+/// `m` with random per-block zero shifts when `on` (as a GPTQ/AWQ import with zero points has).
+fn with_zero_shifts(m: Matrix, on: bool, seed: &mut u64) -> anyhow::Result<Matrix> {
     let (rows, cols) = (m.rows, m.cols);
     match m.data {
         MatrixData::Quant(mut q) if on => {
-            q.offsets = Some(TypedSlice::from_vec(weights(rows * q.blocks, seed)));
+            let shifts = weights(rows * q.blocks, seed).iter().map(|v| (v * 200.0) as i16).collect();
+            q.zero_shifts = Some(TypedSlice::from_vec(shifts));
             Ok(Matrix::new(rows, cols, MatrixData::Quant(q))?)
         }
         data => Ok(Matrix::new(rows, cols, data)?),

@@ -7,7 +7,8 @@
 //! tensors load into the block-quantized kernels of `quiver_tensor::quant` exactly: every block
 //! of 32 inputs lies in one group and takes its scale; 4-bit codes become int4 codes (value
 //! `(q − 8)·s`), 8-bit codes int8 codes `q − 128`; where a zero point is not 8 (or 128) the
-//! block gets the offset `(8 − z)·s` (or `(128 − z)·s`), exact in f32.
+//! block gets the zero shift `8 − z` (or `128 − z`): its values move by the shift times `s`,
+//! exact in f32.
 //!
 //! Packing (AutoGPTQ's and AutoAWQ's, which transformers and vLLM read):
 //! * GPTQ: `qweight` int32 `[in / (32/bits), out]`, element `(i, j)` in bits `bits·(i % (32/bits))`
@@ -177,25 +178,18 @@ impl PreQuantized {
                 .map(|&q| (q - center * (self.bits == 8) as i32) as u8)
                 .collect();
         let nb = in_f.div_ceil(BLOCK);
-        let (mut block_scales, mut offsets) = (Vec::with_capacity(out_f * nb), Vec::with_capacity(out_f * nb));
+        let (mut block_scales, mut shifts) = (Vec::with_capacity(out_f * nb), Vec::with_capacity(out_f * nb));
         for j in 0..out_f {
             for b in 0..nb {
                 let g = b * BLOCK / group;
                 let s = scales[g * out_f + j];
                 block_scales.push(s);
-                offsets.push((center - z.0[j * groups + g]) as f32 * s.to_f32());
+                shifts.push((center - z.0[j * groups + g]) as i16);
             }
         }
         let symmetric = z.0.iter().all(|&z| z == center);
-        let offsets = (!symmetric).then_some(offsets);
-        Ok(from_codes(
-            format,
-            DType::F16,
-            (out_f, in_f),
-            &codes,
-            &block_scales,
-            offsets,
-        )?)
+        let shifts = (!symmetric).then_some(shifts);
+        Ok(from_codes(format, DType::F16, (out_f, in_f), &codes, &block_scales, shifts)?)
     }
 }
 

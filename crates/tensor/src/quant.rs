@@ -31,10 +31,12 @@
 //!
 //! Scales follow the same order: panel, block, then the 16 rows' f16 scales.
 //!
-//! **Offsets** (imports only). Pre-quantized GPTQ/AWQ checkpoints with zero points store
-//! `(q − z)·d`; [`from_codes`] keeps the codes as above and an f32 offset per row and block
-//! (`(offset − z)·d`, exact in f32) that is added to each value of the block. The kernels
-//! multiply the symmetric part and add `offsets · (x's block sums)` after.
+//! **Zero shifts** (imports only). Pre-quantized GPTQ/AWQ checkpoints with zero points store
+//! `(q − z)·d`; [`from_codes`] keeps the codes as above and, per row and block, the shift
+//! `s = 8 − z` (int4) or `128 − z` (int8; the code is `q − 128`) as an i16: the value is the
+//! symmetric one plus `s·d` (exact in f32). The kernels multiply the symmetric part; each task
+//! then adds `Σ_b s·d · (x's block sum)` for its rows while they are hot (2 bytes more per block
+//! than a symmetric matrix: int4 5 bits a weight instead of 4.5).
 
 use std::fmt;
 use std::sync::Arc;
@@ -122,9 +124,9 @@ pub struct QuantData {
     pub codes: TypedSlice<u8>,
     /// `panels × blocks × PANEL` scales.
     pub scales: TypedSlice<f16>,
-    /// Added to every value of a block: `rows × blocks` f32, row-major (see the module docs);
-    /// `None` for symmetric blocks.
-    pub offsets: Option<TypedSlice<f32>>,
+    /// Per row and block, `s` such that `s·d` is added to every value of the block: `rows ×
+    /// blocks`, row-major (see the module docs); `None` for symmetric blocks.
+    pub zero_shifts: Option<TypedSlice<i16>>,
 }
 
 impl QuantData {
@@ -135,7 +137,7 @@ impl QuantData {
             || self.panels != np
             || self.codes.len() != np * nb * self.format.panel_block_bytes()
             || self.scales.len() != np * nb * PANEL
-            || self.offsets.as_ref().is_some_and(|o| o.len() != rows * nb)
+            || self.zero_shifts.as_ref().is_some_and(|z| z.len() != rows * nb)
         {
             return Err(TensorError::Shape {
                 op: "QuantData",
@@ -153,7 +155,7 @@ impl QuantData {
     }
 
     pub fn bytes(&self) -> usize {
-        self.codes.len() + 2 * self.scales.len() + 4 * self.offsets.as_ref().map_or(0, |o| o.len())
+        self.codes.len() + 2 * self.scales.len() + 2 * self.zero_shifts.as_ref().map_or(0, |z| z.len())
     }
 
     /// Row `r` dequantized into `out` (its `cols` values).
@@ -170,8 +172,9 @@ impl QuantData {
                     d,
                 );
             }
-            if let Some(offsets) = &self.offsets {
-                chunk.iter_mut().for_each(|o| *o += offsets[r * self.blocks + b]);
+            if let Some(shifts) = &self.zero_shifts {
+                let offset = shifts[r * self.blocks + b] as f32 * d;
+                chunk.iter_mut().for_each(|o| *o += offset);
             }
         }
     }
@@ -289,21 +292,22 @@ pub fn quantize(m: &Matrix, format: QuantFormat) -> Result<Matrix, TensorError> 
         panels: np,
         codes: TypedSlice::from_bytes(codes, 0, nc)?,
         scales: TypedSlice::from_bytes(scales, 0, ns)?,
-        offsets: None,
+        zero_shifts: None,
     };
     Matrix::new(rows, cols, MatrixData::Quant(data))
 }
 
 /// Codes of a pre-quantized checkpoint in `format`'s layout: `codes[r·cols + c]` is element
 /// `(r, c)`'s code (int8: a signed code's bits; int4: `0..=15`, value `(q − 8)·d`),
-/// `scales[r·blocks + b]` its block's scale and `offsets` (if any) as [`QuantData::offsets`].
+/// `scales[r·blocks + b]` its block's scale and `zero_shifts` (if any) as
+/// [`QuantData::zero_shifts`].
 pub fn from_codes(
     format: QuantFormat,
     source: DType,
     (rows, cols): (usize, usize),
     codes: &[u8],
     scales: &[f16],
-    offsets: Option<Vec<f32>>,
+    zero_shifts: Option<Vec<i16>>,
 ) -> Result<Matrix, TensorError> {
     let (nb, np, pbb) = (cols.div_ceil(BLOCK), rows.div_ceil(PANEL), format.panel_block_bytes());
     if codes.len() != rows * cols || scales.len() != rows * nb {
@@ -353,7 +357,7 @@ pub fn from_codes(
         panels: np,
         codes: TypedSlice::from_bytes(Arc::new(packed), 0, nc)?,
         scales: TypedSlice::from_bytes(Arc::new(panel_scales), 0, ns)?,
-        offsets: offsets.map(TypedSlice::from_vec),
+        zero_shifts: zero_shifts.map(TypedSlice::from_vec),
     };
     Matrix::new(rows, cols, MatrixData::Quant(data))
 }

@@ -118,6 +118,9 @@ pub(crate) struct Panels<'a> {
     pub codes: &'a [u8],
     /// f16 bits.
     pub scales: &'a [u16],
+    /// The rows' zero shifts (`rows × blocks`), if any; the kernels leave them to
+    /// [`add_zero_shifts`].
+    pub zero_shifts: Option<&'a [i16]>,
 }
 
 impl Panels<'_> {
@@ -156,8 +159,8 @@ thread_local! {
         })
     };
     /// A task's block of the output before it is copied into place.
-    static LOCAL: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };    /// x's block sums and the offsets' products of [`add_offsets`], reused likewise.
-    static OFFSET_BUFFERS: std::cell::Cell<(Vec<f32>, Vec<f32>)> = const { std::cell::Cell::new((Vec::new(), Vec::new())) };
+    static LOCAL: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };    /// x's f32 block sums for [`add_zero_shifts`], reused likewise.
+    static X_SUMS: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// Smallest slice of weights (bytes) given to one rayon task.
@@ -194,6 +197,12 @@ pub(crate) fn matmul_quant_with(
         return;
     }
     let (nb, kp) = (w.blocks, w.blocks * BLOCK);
+    let mut x_sums = X_SUMS.take();
+    if w.zero_shifts.is_some() {
+        x_sums.clear();
+        x_sums.extend(x.chunks_exact(k).flat_map(|row| row.chunks(BLOCK).map(|c| c.iter().sum::<f32>())));
+    }
+    let shifts = |p: &Panels<'_>, o: &mut [f32], ldo: usize| add_zero_shifts(p, &x_sums, m, o, ldo);
     if m >= paths.int_min_m {
         // Buffers reused across calls: fresh ones would cost a page fault every 4 KB per call.
         let mut xi = X_INT.take();
@@ -203,7 +212,10 @@ pub(crate) fn matmul_quant_with(
         xi.sums.resize(m * nb, 0);
         quantize_x(paths.f32, x, m, k, &mut xi);
         let isa = paths.int;
-        stream(w, m, n, out, |p, o, ldo| int_panels(isa, &xi, m, p, o, ldo));
+        stream(w, m, n, out, |p, o, ldo| {
+            int_panels(isa, &xi, m, p, o, ldo);
+            shifts(p, o, ldo);
+        });
         X_INT.set(xi);
     } else {
         let padded;
@@ -222,30 +234,44 @@ pub(crate) fn matmul_quant_with(
             xf.sums = xs.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect();
         }
         let isa = paths.f32;
-        stream(w, m, n, out, |p, o, ldo| f32_panels(isa, &xf, m, p, o, ldo));
+        stream(w, m, n, out, |p, o, ldo| {
+            f32_panels(isa, &xf, m, p, o, ldo);
+            shifts(p, o, ldo);
+        });
     }
-    if let Some(offsets) = &w.offsets {
-        add_offsets(x, m, k, nb, n, offsets, out);
+    X_SUMS.set(x_sums);
+}
+
+/// The zero shifts' share of the panels' outputs (see [`crate::quant`]): `out[i·ldo + r] +=
+/// Σ_b s[r, b]·d[r, b]·sums[i, b]`, `sums` being x's f32 block sums (`m × blocks`). One
+/// summation order whatever m, as the batch-invariant mode needs.
+fn add_zero_shifts(p: &Panels<'_>, sums: &[f32], m: usize, out: &mut [f32], ldo: usize) {
+    let Some(shifts) = p.zero_shifts else { return };
+    let nb = p.blocks;
+    let mut coef = vec![0.0f32; nb];
+    for r in 0..p.rows {
+        for (b, c) in coef.iter_mut().enumerate() {
+            *c = shifts[r * nb + b] as f32 * p.scale(r / PANEL, b, r % PANEL);
+        }
+        for i in 0..m {
+            out[i * ldo + r] += dot8(&coef, &sums[i * nb..(i + 1) * nb]);
+        }
     }
 }
 
-/// `out += sums · offsetsᵀ`, `sums` being x's f32 block sums (`m × nb`): the offsets' share of
-/// `x · Wᵀ` (see [`crate::quant`]). One summation order at every m, as the batch-invariant mode
-/// needs.
-fn add_offsets(x: &[f32], m: usize, k: usize, nb: usize, n: usize, offsets: &[f32], out: &mut [f32]) {
-    let (mut sums, mut extra) = OFFSET_BUFFERS.take();
-    sums.clear();
-    sums.extend(
-        x.chunks_exact(k)
-            .flat_map(|row| row.chunks(BLOCK).map(|c| c.iter().sum::<f32>())),
-    );
-    extra.resize(m * n, 0.0);
-    super::matmul::matmul_typed(&sums, m, nb, n, offsets, &mut extra, true);
-    for (o, e) in out.iter_mut().zip(&extra) {
-        *o += e;
+/// `Σ a·b` in eight lanes (vectorized by the compiler), then the lanes in order.
+fn dot8(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ac.zip(bc) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
     }
-    OFFSET_BUFFERS.set((sums, extra));
+    acc.iter().sum::<f32>() + tail
 }
+
 
 /// x quantized per block for the integer path (the same codes whatever `isa`).
 pub(crate) fn quantize_x(isa: Isa, x: &[f32], m: usize, k: usize, out: &mut XInt) {
@@ -285,6 +311,10 @@ fn stream(w: &QuantData, m: usize, n: usize, out: &mut [f32], kernel: impl Fn(&P
         rows: (n - p0 * PANEL).min(np * PANEL),
         codes: &w.codes[p0 * pbb..(p0 + np) * pbb],
         scales: &scales[p0 * sb..(p0 + np) * sb],
+        zero_shifts: w.zero_shifts.as_ref().map(|z| {
+            let rows = (n - p0 * PANEL).min(np * PANEL);
+            &z[p0 * PANEL * w.blocks..(p0 * PANEL + rows) * w.blocks]
+        }),
     };
     let tasks = 8 * rayon::current_num_threads();
     let per = w

@@ -352,9 +352,9 @@ fn activation_quantization_is_the_same_on_every_kernel_set() {
 }
 
 /// An imported matrix (GPTQ/AWQ-style): random codes over the format's whole range (int8's −128
-/// included, which [`quantize`] never writes), random f16 scales, and per-block offsets if
-/// `with_offsets`.
-fn imported(rng: &mut Rng, format: QuantFormat, n: usize, k: usize, with_offsets: bool) -> (Matrix, Matrix) {
+/// included, which [`quantize`] never writes), random f16 scales, and per-block zero shifts over
+/// their whole range if `with_shifts` (and without them, the same codes and scales).
+fn imported(rng: &mut Rng, format: QuantFormat, n: usize, k: usize, with_shifts: bool) -> (Matrix, Matrix) {
     let nb = k.div_ceil(BLOCK);
     let codes: Vec<u8> = (0..n * k)
         .map(|_| match format {
@@ -363,18 +363,23 @@ fn imported(rng: &mut Rng, format: QuantFormat, n: usize, k: usize, with_offsets
         })
         .collect();
     let scales: Vec<half::f16> = (0..n * nb).map(|_| half::f16::from_f32(rng.uniform() * 0.01)).collect();
-    let offsets: Vec<f32> = (0..n * nb).map(|_| rng.uniform() * 0.05).collect();
-    let make = |o: Option<Vec<f32>>| from_codes(format, DType::F32, (n, k), &codes, &scales, o).unwrap();
-    (make(with_offsets.then(|| offsets.clone())), make(None))
+    // Zero points run 0..=16 (int4; GPTQ v1 reads 16 for a stored 15) or 0..=256 (int8): shifts
+    // 8 − z or 128 − z.
+    let half: u64 = if format == QuantFormat::Int4 { 8 } else { 128 };
+    let shifts: Vec<i16> = (0..n * nb)
+        .map(|_| (half as i64 - (rng.next() % (2 * half + 1)) as i64) as i16)
+        .collect();
+    let make = |z: Option<Vec<i16>>| from_codes(format, DType::F32, (n, k), &codes, &scales, z).unwrap();
+    (make(with_shifts.then(|| shifts.clone())), make(None))
 }
 
 /// Imported codes on every kernel set: the f32 path against the reference on the dequantized
-/// weights (offsets included; tolerance as in the f32 kernel test, with each offset counted as a
-/// weight of its block), the integer path bit for bit the scalar oracle's on the symmetric part,
-/// and the offsets' share (with minus without) equal to x's block sums times the offsets, in
-/// f64, within the rounding of the block sums and of the two outputs.
+/// weights (zero shifts included; tolerance as in the f32 kernel test, with each block's offset
+/// `s·d` counted as a weight of its block), the integer path bit for bit the scalar oracle's on
+/// the symmetric part, and the shifts' share (with minus without) equal to x's block sums times
+/// the offsets, in f64, within the rounding of the block sums and of the two outputs.
 #[test]
-fn imported_codes_with_offsets_match_the_reference() {
+fn imported_codes_with_zero_shifts_match_the_reference() {
     let mut rng = Rng(17);
     let sets = available();
     for format in FORMATS {
@@ -384,7 +389,7 @@ fn imported_codes_with_offsets_match_the_reference() {
             let (MatrixData::Quant(wd), MatrixData::Quant(sd)) = (&w.data, &sym.data) else {
                 unreachable!()
             };
-            let (deq, offsets) = (w.to_f32_vec(), wd.offsets.clone().unwrap());
+            let (deq, shifts) = (w.to_f32_vec(), wd.zero_shifts.clone().unwrap());
             for m in BATCHES {
                 let x: Vec<f32> = (0..m * k).map(|_| rng.uniform()).collect();
                 let mut want = vec![0.0; m * n];
@@ -406,7 +411,9 @@ fn imported_codes_with_offsets_match_the_reference() {
                             let (mut mag, mut share, mut share_mag) = (0.0f32, 0.0f64, 0.0f32);
                             for b in 0..nb {
                                 let xs = &x[i * k + b * BLOCK..i * k + k.min((b + 1) * BLOCK)];
-                                let (o, d) = (offsets[j * nb + b], scale(&w, j, b).abs());
+                                let d = scale(&w, j, b);
+                                let o = shifts[j * nb + b] as f32 * d;
+                                let d = d.abs();
                                 for (p, v) in xs.iter().enumerate() {
                                     mag += v.abs() * ((deq[j * k + b * BLOCK + p] - o).abs() + 8.0 * d + o.abs());
                                 }
@@ -421,7 +428,7 @@ fn imported_codes_with_offsets_match_the_reference() {
                             let tol = (BLOCK + nb + 2) as f32 * f32::EPSILON * share_mag
                                 + 2.0 * f32::EPSILON * (a.abs() + s.abs());
                             let err = ((a - s) as f64 - share).abs() as f32;
-                            assert!(err <= tol, "{at}: offsets' share {} vs {share} (tol {tol})", a - s);
+                            assert!(err <= tol, "{at}: zero shifts' share {} vs {share} (tol {tol})", a - s);
                         }
                     }
                 }
@@ -444,13 +451,6 @@ fn imported_codes_are_checked() {
     assert!(bad.err().is_some_and(|e| e.to_string().contains("above 15")));
     let short = from_codes(QuantFormat::Int8, DType::F32, (2, 3), &[0; 5], &scales, None);
     assert!(short.err().is_some_and(|e| e.to_string().contains("5 codes")));
-    let offsets = from_codes(
-        QuantFormat::Int8,
-        DType::F32,
-        (2, 3),
-        &[0; 6],
-        &scales,
-        Some(vec![0.0; 3]),
-    );
-    assert!(offsets.is_err(), "3 offsets for 2 rows × 1 block");
+    let shifts = from_codes(QuantFormat::Int8, DType::F32, (2, 3), &[0; 6], &scales, Some(vec![0; 3]));
+    assert!(shifts.is_err(), "3 zero shifts for 2 rows × 1 block");
 }
