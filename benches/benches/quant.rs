@@ -154,7 +154,10 @@ fn with_zero_shifts(m: Matrix, on: bool, seed: &mut u64) -> anyhow::Result<Matri
     let (rows, cols) = (m.rows, m.cols);
     match m.data {
         MatrixData::Quant(mut q) if on => {
-            let shifts = weights(rows * q.blocks, seed).iter().map(|v| (v * 200.0) as i16).collect();
+            let shifts = weights(rows * q.blocks, seed)
+                .iter()
+                .map(|v| (v * 200.0) as i16)
+                .collect();
             q.zero_shifts = Some(TypedSlice::from_vec(shifts));
             Ok(Matrix::new(rows, cols, MatrixData::Quant(q))?)
         }

@@ -3,7 +3,7 @@
 # including the build):
 #   1. build the server with the CUDA backend;
 #   2. every kernel against the CPU backend on fresh random inputs, then the transformers/PEFT
-#      goldens on CUDA (crates/cuda/tests/gpu_kernels.rs, gpu_goldens.rs);
+#      goldens on CUDA (crates/cuda/tests/gpu_kernels.rs, gpu_quant.rs, gpu_goldens.rs);
 #   3. the server's API tests on CUDA (QUIVER_TEST_DEVICE=cuda);
 #   4. the GPU benchmark (crates/cuda/benches/gpu.rs): LoRA kernels against the bandwidth they
 #      must use, end-to-end decode with 1/8/64 adapters; its Markdown table is printed last.
@@ -61,7 +61,7 @@ step "build: quiver with the CUDA backend (release)"
 cargo build --release --locked -p quiver --features cuda
 
 step "kernels vs the CPU backend, then the goldens on CUDA"
-cargo test --release --locked -p quiver-cuda --test gpu_kernels --test gpu_goldens -- --nocapture --test-threads=1
+cargo test --release --locked -p quiver-cuda --test gpu_kernels --test gpu_quant --test gpu_goldens -- --nocapture --test-threads=1
 
 step "server API tests on CUDA"
 QUIVER_TEST_DEVICE=cuda cargo test --release --locked -p quiver-server --features cuda

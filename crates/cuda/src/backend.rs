@@ -28,12 +28,14 @@ pub struct CudaBackend {
     pub(crate) inner: Arc<Inner>,
 }
 
-/// A weight matrix in its storage dtype, row-major `[rows, cols]` like [`Matrix`].
+/// A weight matrix in its storage dtype, row-major `[rows, cols]` like [`Matrix`]; or, with
+/// `quant`, block-quantized (`data` holds the codes, `dtype` the dtype it was quantized from).
 pub struct CudaWeight {
     pub rows: usize,
     pub cols: usize,
     pub dtype: DType,
     pub data: CudaSlice<u8>,
+    pub quant: Option<crate::quant::CudaQuant>,
 }
 
 /// K and V of every layer in lazily committed chunks of whole blocks.
@@ -84,7 +86,7 @@ fn bytes_of(m: &Matrix) -> Result<Vec<u8>, TensorError> {
         MatrixData::Quant(q) => {
             return Err(TensorError::DType {
                 dtype: q.format.to_string(),
-                what: "CUDA weights (quantized bases run on the CPU backend only, for now)".into(),
+                what: "dense CUDA weights (quantized ones upload through quant::upload)".into(),
             })
         }
     })
@@ -173,6 +175,9 @@ impl Backend for CudaBackend {
     }
 
     fn upload_weight(&self, m: Matrix) -> Result<CudaWeight, TensorError> {
+        if let quiver_tensor::MatrixData::Quant(q) = &m.data {
+            return crate::quant::upload(self, m.rows, m.cols, q);
+        }
         let dtype = m.dtype();
         let data = self.htod(&bytes_of(&m)?)?;
         Ok(CudaWeight {
@@ -180,6 +185,7 @@ impl Backend for CudaBackend {
             cols: m.cols,
             dtype,
             data,
+            quant: None,
         })
     }
 
@@ -245,6 +251,9 @@ impl Backend for CudaBackend {
 
     fn download_weight(&self, w: &CudaWeight) -> Result<Matrix, TensorError> {
         use quiver_tensor::{MatrixData, TypedSlice};
+        if let Some(q) = &w.quant {
+            return crate::quant::download(self, w, q);
+        }
         let bytes = self.stream().clone_dtoh(&w.data).map_err(dev)?;
         let data = match w.dtype {
             DType::F32 => MatrixData::F32(TypedSlice::from_vec(bytemuck::pod_collect_to_vec(&bytes))),
@@ -267,6 +276,10 @@ impl Backend for CudaBackend {
         }
         if ids.is_empty() {
             return Ok(());
+        }
+        if let Some(q) = &table.quant {
+            let ids_d = self.htod(ids)?;
+            return crate::quant::embed(self, table, q, &ids_d, ids.len(), out);
         }
         let name = match table.dtype {
             DType::F32 => "embed_f32",

@@ -39,6 +39,19 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
         &["gemv_f32", "gemv_bf16", "gemv_f16"],
     ),
     (
+        "gemv_quant",
+        include_str!("../../../kernels/gemv_quant.cu"),
+        &[
+            "gemv_q8",
+            "gemv_q4",
+            "block_sums",
+            "dequant_q8_f16",
+            "dequant_q4_f16",
+            "embed_q8",
+            "embed_q4",
+        ],
+    ),
+    (
         "attention",
         include_str!("../../../kernels/attention.cu"),
         &[

@@ -11,6 +11,7 @@ pub mod kernels;
 pub mod linear;
 pub mod lora;
 pub mod pool;
+pub mod quant;
 pub mod reuse;
 
 pub use backend::{CudaBackend, CudaKvPool, CudaPagePool, CudaWeight};

@@ -30,6 +30,9 @@ pub fn matmul(
     if m == 0 {
         return Ok(());
     }
+    if let Some(q) = &w.quant {
+        return crate::quant::matmul(be, x, m, w, q, out);
+    }
     if m <= GEMV_MAX_M {
         return gemv(be, x, m, w, out);
     }

@@ -189,7 +189,14 @@ impl PreQuantized {
         }
         let symmetric = z.0.iter().all(|&z| z == center);
         let shifts = (!symmetric).then_some(shifts);
-        Ok(from_codes(format, DType::F16, (out_f, in_f), &codes, &block_scales, shifts)?)
+        Ok(from_codes(
+            format,
+            DType::F16,
+            (out_f, in_f),
+            &codes,
+            &block_scales,
+            shifts,
+        )?)
     }
 }
 

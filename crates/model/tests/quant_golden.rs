@@ -292,6 +292,9 @@ fn gptq_and_awq_checkpoints_match_transformers_on_their_dequantized_weights() ->
     Ok(())
 }
 
+/// Rewrites one tensor (name, shape, bytes) → (shape, bytes).
+type TensorEdit = dyn Fn(&str, Vec<usize>, Vec<u8>) -> (Vec<usize>, Vec<u8>);
+
 /// Malformed pre-quantized checkpoints are refused at load with an error naming the tensor.
 #[test]
 fn malformed_pre_quantized_checkpoints_are_refused() -> Result<()> {
@@ -313,7 +316,7 @@ fn malformed_pre_quantized_checkpoints_are_refused() -> Result<()> {
     // Act-order: a g_idx that is not i / group_size.
     let path = model_dir.join("model.safetensors");
     let original = std::fs::read(&path)?;
-    let rewrite = |edit: &dyn Fn(&str, Vec<usize>, Vec<u8>) -> (Vec<usize>, Vec<u8>)| -> Result<()> {
+    let rewrite = |edit: &TensorEdit| -> Result<()> {
         let st = safetensors::SafeTensors::deserialize(&original)?;
         let tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
             .tensors()

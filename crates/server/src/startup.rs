@@ -44,7 +44,7 @@ pub struct ServerOptions {
     pub cpu_keep_weights_mapped: bool,
     /// Batch-invariant CPU kernels (`--batch-invariant`, `CpuBackend::with_batch_invariant`).
     pub cpu_batch_invariant: bool,
-    /// Base weights quantized at load (`--quantization`; CPU backend).
+    /// Base weights quantized at load (`--quantization`).
     pub quantization: Quantization,
     /// On a GPU, size the KV + adapter budget as this fraction of the memory left free once the
     /// weights are resident; `None` keeps `engine.memory_budget`.

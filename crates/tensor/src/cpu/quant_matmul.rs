@@ -200,7 +200,10 @@ pub(crate) fn matmul_quant_with(
     let mut x_sums = X_SUMS.take();
     if w.zero_shifts.is_some() {
         x_sums.clear();
-        x_sums.extend(x.chunks_exact(k).flat_map(|row| row.chunks(BLOCK).map(|c| c.iter().sum::<f32>())));
+        x_sums.extend(
+            x.chunks_exact(k)
+                .flat_map(|row| row.chunks(BLOCK).map(|c| c.iter().sum::<f32>())),
+        );
     }
     let shifts = |p: &Panels<'_>, o: &mut [f32], ldo: usize| add_zero_shifts(p, &x_sums, m, o, ldo);
     if m >= paths.int_min_m {
@@ -271,7 +274,6 @@ fn dot8(a: &[f32], b: &[f32]) -> f32 {
     }
     acc.iter().sum::<f32>() + tail
 }
-
 
 /// x quantized per block for the integer path (the same codes whatever `isa`).
 pub(crate) fn quantize_x(isa: Isa, x: &[f32], m: usize, k: usize, out: &mut XInt) {

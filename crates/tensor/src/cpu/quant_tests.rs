@@ -451,6 +451,13 @@ fn imported_codes_are_checked() {
     assert!(bad.err().is_some_and(|e| e.to_string().contains("above 15")));
     let short = from_codes(QuantFormat::Int8, DType::F32, (2, 3), &[0; 5], &scales, None);
     assert!(short.err().is_some_and(|e| e.to_string().contains("5 codes")));
-    let shifts = from_codes(QuantFormat::Int8, DType::F32, (2, 3), &[0; 6], &scales, Some(vec![0; 3]));
+    let shifts = from_codes(
+        QuantFormat::Int8,
+        DType::F32,
+        (2, 3),
+        &[0; 6],
+        &scales,
+        Some(vec![0; 3]),
+    );
     assert!(shifts.is_err(), "3 zero shifts for 2 rows × 1 block");
 }
