@@ -7,11 +7,12 @@ it by quantize.py: rows "NAME base" and "NAME adapter", the same bf16 LoRA on th
 2 threads, token ids in, greedy argmax over the
 logits of the last position. Prefill: one `eval` of the 512-token prompt. Decode: after the 64-token
 prompt, `decode_steps` single-token evals, each fed the argmax of the previous logits (the same
-loop the Quiver side times). Best of 3 for each. llama.cpp applies one LoRA per context, so it has
+loop the Quiver side times). Best of 3 for each (QUIVER_PEERS_REPS). llama.cpp applies one LoRA per context, so it has
 no part in the mixed-adapter workloads.
 """
 
 import json
+import os
 import sys
 import time
 
@@ -20,7 +21,7 @@ import numpy as np
 from llama_cpp import Llama
 
 THREADS = 2
-ROUNDS = 3
+ROUNDS = int(os.environ.get("QUIVER_PEERS_REPS", "3"))  # timed repetitions per row, best counts
 
 
 def last_argmax(llm):
@@ -57,7 +58,9 @@ def main():
               "weights": {}}
     # With a LoRA, llama-cpp-python loads the weights into memory (no mmap); the base model is
     # measured the same way, and also mmap'd (llama.cpp's default), which is slower on this VM.
-    configs = [("base", base, None, False), ("adapter", base, lora, False), ("base_mmap", base, None, True)]
+    configs = [("base", base, None, False), ("adapter", base, lora, False)]
+    if os.environ.get("QUIVER_PEERS_WORKLOADS") != "1":  # not in the short run
+        configs.append(("base_mmap", base, None, True))
     for name, path in quants:
         configs += [(f"{name} base", path, None, False), (f"{name} adapter", path, lora, False)]
     for label, model, path, mmap in configs:

@@ -20,7 +20,8 @@
 # Environment: QUIVER_PEERS_HOME (the peers folder), QUIVER_PEERS_THREADS (default 2),
 # QUIVER_PEERS_PLOTS (where the PNGs go, default docs/), QUIVER_PEERS_SHAPE (qwen2.5-0.5b, the
 # default, or llama-3.2-1b), QUIVER_PEERS_QUANT (Quiver formats, default "int8,int4"; "none"),
-# QUIVER_PEERS_ROUNDS (interleaved rounds of workload 1, default 3), QUIVER_PEERS_WORKLOADS (1:
+# QUIVER_PEERS_ROUNDS (interleaved rounds of workload 1, default 3), QUIVER_PEERS_REPS (timed
+# repetitions of each workload-1 row within a round, default 3), QUIVER_PEERS_WORKLOADS (1:
 # workload 1 and the quantized rows only; PEFT then runs just the agreement prompt),
 # QUIVER_BENCH_MODEL (an existing model directory instead of the test kit's), CARGO_TARGET_DIR.
 set -euo pipefail
@@ -33,10 +34,11 @@ step=${1:-all}
 shape=${QUIVER_PEERS_SHAPE:-qwen2.5-0.5b}
 quant=${QUIVER_PEERS_QUANT:-int8,int4}
 rounds=${QUIVER_PEERS_ROUNDS:-3}
+reps=${QUIVER_PEERS_REPS:-3}
 workloads=${QUIVER_PEERS_WORKLOADS:-all}
 # The default shape keeps the folder it always had.
 if [ "$shape" = qwen2.5-0.5b ]; then work=$home/work; else work=$home/work-$shape; fi
-export QUIVER_PEERS_SHAPE=$shape QUIVER_PEERS_QUANT=$quant QUIVER_PEERS_WORKLOADS=$workloads
+export QUIVER_PEERS_SHAPE=$shape QUIVER_PEERS_QUANT=$quant QUIVER_PEERS_WORKLOADS=$workloads QUIVER_PEERS_REPS=$reps
 export OMP_NUM_THREADS=$threads MKL_NUM_THREADS=$threads RAYON_NUM_THREADS=$threads
 export TOKENIZERS_PARALLELISM=false PYTHONWARNINGS=ignore HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 mkdir -p "$home" "$work"
@@ -169,5 +171,5 @@ versions=$("$py" -c "import torch, transformers, peft, llama_cpp; print(f'torch 
 log "agreement check, plots and table (after $(( ($(date +%s) - start) / 60 )) minutes)"
 "$py" "$repo/benches/peers/report.py" "$work" "$plots" \
     "Run $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo '?'): $cpu, $(nproc) cores, $mem; $threads threads for every system; model shape $shape." \
-    "Command: \`QUIVER_PEERS_SHAPE=$shape QUIVER_PEERS_QUANT=$quant QUIVER_PEERS_ROUNDS=$rounds QUIVER_PEERS_WORKLOADS=$workloads benches/peers/run.sh\` ($(( ($(date +%s) - start) / 60 )) minutes). Peers: $versions." \
+    "Command: \`QUIVER_PEERS_SHAPE=$shape QUIVER_PEERS_QUANT=$quant QUIVER_PEERS_ROUNDS=$rounds QUIVER_PEERS_REPS=$reps QUIVER_PEERS_WORKLOADS=$workloads benches/peers/run.sh\` ($(( ($(date +%s) - start) / 60 )) minutes). Peers: $versions." \
     "Load average (1/5/15 min) when each system started: $(printf '%s; ' "${loads[@]}")"

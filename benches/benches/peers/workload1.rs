@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use quiver_adapters::load_peft_adapter;
 use quiver_benches::measure_read_bandwidth_gbps;
 use quiver_model::generate::{argmax, BLOCK_SIZE};
@@ -14,7 +14,7 @@ use quiver_model::{BatchBuilder, BlockAllocator, Llama, LoraAdapter, ModelBundle
 use quiver_tensor::cpu::{bf16_activations_supported, CpuBackend, CpuPagePool, Precision};
 use quiver_tensor::{Backend, DType};
 
-use crate::quant::{formats, quantization};
+use crate::quant::{formats, quantization, workload1_only};
 use crate::{ids, Workload, AGREE_TOKENS, DECODE_PROMPT, DECODE_STEPS, MAX_MODEL_LEN, PREFILL_LEN};
 
 /// Prefill of `prompt` then `steps` greedy decode steps on one sequence: (prefill tok/s, decode
@@ -52,11 +52,12 @@ fn single(
 }
 
 /// The matmul precisions Quiver runs the bf16 base in: f32 (the default, the reference) and,
-/// where the CPU has AVX512_BF16, bf16 activations (`--matmul-precision bf16`, what llama.cpp
-/// computes), reported under labels with the suffix " bf16".
+/// where the CPU has AVX512_BF16 and not under `QUIVER_PEERS_WORKLOADS=1` (the short run), bf16
+/// activations (`--matmul-precision bf16`, what llama.cpp computes), reported under labels with
+/// the suffix " bf16".
 pub fn precisions() -> Vec<(Precision, &'static str)> {
     let mut v = vec![(Precision::F32, "")];
-    if bf16_activations_supported() {
+    if bf16_activations_supported() && !workload1_only() {
         v.push((Precision::Bf16Activations, " bf16"));
     }
     v
@@ -78,7 +79,19 @@ struct Variant {
 /// A row of workload 1: label, variant, adapter.
 type Config<'a> = (String, &'a Variant, Option<&'a Arc<LoraAdapter>>);
 
-/// Workload 1 on every variant, best of 3 in interleaved rounds. Returns the JSON members
+/// `QUIVER_PEERS_REPS`: timed repetitions of each workload-1 row per run (default 3; the best
+/// counts). Shared with `llamacpp_bench.py`.
+fn reps() -> Result<usize> {
+    std::env::var("QUIVER_PEERS_REPS").map_or(Ok(3), |v| {
+        v.trim()
+            .parse()
+            .ok()
+            .filter(|&n| n > 0)
+            .with_context(|| format!("QUIVER_PEERS_REPS={v}: expected a positive count"))
+    })
+}
+
+/// Workload 1 on every variant, best of `reps()` in interleaved rounds. Returns the JSON members
 /// `"single":{..},"agree":{..},"weights":{..},"bandwidth_gbps":X`.
 pub fn workload1(w: &Workload) -> Result<String> {
     let load = |p, format| {
@@ -137,7 +150,7 @@ pub fn workload1(w: &Workload) -> Result<String> {
     )?);
     let decode_prompt = &w.long[..DECODE_PROMPT];
     let threads = rayon::current_num_threads();
-    // Rounds interleave the configurations so that machine noise hits all alike; best of 3.
+    // Rounds interleave the configurations so that machine noise hits all alike; the best counts.
     let configs: Vec<Config> = variants
         .iter()
         .flat_map(|v| {
@@ -151,7 +164,7 @@ pub fn workload1(w: &Workload) -> Result<String> {
     let mut best = vec![(0.0f64, 0.0f64, 0.0f64); configs.len()];
     let mut tokens = vec![Vec::new(); configs.len()];
     let mut bandwidth = 0.0f64;
-    for _ in 0..3 {
+    for _ in 0..reps()? {
         for (i, (_, v, adapter)) in configs.iter().enumerate() {
             let model = &v.bundle.model;
             if v.prefill {
