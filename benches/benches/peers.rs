@@ -6,10 +6,13 @@
 //!     cargo bench -p quiver-benches --bench peers -- single WORK OUT.json   (workload 1 only)
 //!
 //! `prepare` writes the rank-16 all-linear PEFT adapters under `WORK/adapters/` (the base model is
-//! the Qwen2.5-0.5B-shaped test-kit model of the other benchmarks, see `bench_model_dir`) and
+//! a test-kit model: `QUIVER_PEERS_SHAPE=qwen2.5-0.5b`, the default, shared with the other
+//! benchmarks, or `llama-3.2-1b`; see `bench_shape_dir`) and
 //! `WORK/workload.json`, the one definition of the work every system runs: token ids (no
 //! tokenizer is involved), lengths, adapters per request. `run` measures Quiver on it and writes
-//! the results and the greedy tokens it produced (for the agreement check) as JSON.
+//! the results and the greedy tokens it produced (for the agreement check) as JSON. Workload 1
+//! and batch 8 on 8 adapters also run on the quantized bases (`QUIVER_PEERS_QUANT`, default
+//! `int8,int4`); `QUIVER_PEERS_WORKLOADS=1` skips workloads 2 and 3.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -18,21 +21,29 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
-use quiver_adapters::load_peft_adapter;
-use quiver_benches::{bench_model_dir, zipf_cdf, zipf_pick, Rng};
+use quiver_benches::{bench_shape_dir, zipf_cdf, zipf_pick, Rng};
 use quiver_engine::{Engine, EngineConfig, Event, GenerateRequest};
-use quiver_model::generate::{argmax, BLOCK_SIZE};
-use quiver_model::{BatchBuilder, BlockAllocator, Llama, LoraAdapter, ModelBundle, SequenceCache};
-use quiver_tensor::cpu::{bf16_activations_supported, CpuBackend, CpuPagePool, Precision};
-use quiver_tensor::{Backend, DType};
+use quiver_model::{ModelBundle, Quantization};
+use quiver_tensor::cpu::{CpuBackend, Precision};
+use quiver_tensor::DType;
 use quiver_testkit::{write_adapter, AdapterSpec, Targets};
 use rayon::prelude::*;
+
+#[path = "peers/quant.rs"]
+mod quant;
+#[path = "peers/workload1.rs"]
+mod workload1;
+
+use quant::{quant_batch, workload1_only};
+use workload1::{precisions, workload1};
 
 /// Adapters written by `prepare` (workload 2's largest batch uses one each).
 const ADAPTERS: usize = 32;
 const RANK: usize = 16;
-/// Bump when the adapters change.
+/// Bump when the adapters change (the marker also names the model shape).
 const ADAPTER_SET: &str = "32 PEFT adapters, rank 16, alpha 32, all-linear, bf16, seeds 70000+i, v1";
+/// The test-kit model shapes `QUIVER_PEERS_SHAPE` may name (the first is the default).
+const SHAPES: [&str; 2] = ["qwen2.5-0.5b", "llama-3.2-1b"];
 const PREFILL_LEN: usize = 512;
 const DECODE_PROMPT: usize = 64;
 const DECODE_STEPS: usize = 32;
@@ -56,10 +67,21 @@ fn adapter_name(i: usize) -> String {
     format!("peer-r16-{i:02}")
 }
 
-fn adapter_spec(i: usize) -> AdapterSpec {
+/// `QUIVER_PEERS_SHAPE`: the test-kit model the benchmark runs on.
+fn shape() -> Result<&'static str> {
+    let Ok(v) = std::env::var("QUIVER_PEERS_SHAPE") else {
+        return Ok(SHAPES[0]);
+    };
+    SHAPES
+        .into_iter()
+        .find(|s| *s == v.trim())
+        .with_context(|| format!("QUIVER_PEERS_SHAPE={v}: expected one of {SHAPES:?}"))
+}
+
+fn adapter_spec(i: usize, shape: &str) -> AdapterSpec {
     AdapterSpec {
         name: adapter_name(i),
-        base: "qwen2.5-0.5b".into(),
+        base: shape.into(),
         r: RANK,
         lora_alpha: 32.0,
         use_rslora: false,
@@ -83,17 +105,19 @@ fn floats(v: &[f64]) -> String {
 }
 
 fn prepare(work: &Path) -> Result<()> {
-    let model = bench_model_dir()?;
+    let shape = shape()?;
+    let model = bench_shape_dir(shape)?;
     let root = work.join("adapters");
     let marker = root.join("COMPLETE");
-    if std::fs::read_to_string(&marker).is_ok_and(|s| s == ADAPTER_SET) {
-        println!("adapters: reusing {} ({ADAPTER_SET})", root.display());
+    let set = format!("{ADAPTER_SET}, {shape}");
+    if std::fs::read_to_string(&marker).is_ok_and(|s| s == set) {
+        println!("adapters: reusing {} ({set})", root.display());
     } else {
         (0..ADAPTERS)
             .into_par_iter()
-            .try_for_each(|i| write_adapter(&adapter_spec(i), &root.join(adapter_name(i))).map(|_| ()))?;
-        std::fs::write(&marker, ADAPTER_SET)?;
-        println!("adapters: wrote {ADAPTERS} to {} ({ADAPTER_SET})", root.display());
+            .try_for_each(|i| write_adapter(&adapter_spec(i, shape), &root.join(adapter_name(i))).map(|_| ()))?;
+        std::fs::write(&marker, &set).with_context(|| format!("writing {}", marker.display()))?;
+        println!("adapters: wrote {ADAPTERS} to {} ({set})", root.display());
     }
     let mut rng = Rng(SEED);
     let long = rng.prompt(PREFILL_LEN);
@@ -128,7 +152,7 @@ fn prepare(work: &Path) -> Result<()> {
         points.join(","),
         requests.join(",")
     )?;
-    std::fs::write(work.join("workload.json"), json)?;
+    std::fs::write(work.join("workload.json"), json).context("writing workload.json")?;
     println!("workload: {}", work.join("workload.json").display());
     Ok(())
 }
@@ -187,40 +211,6 @@ fn read_workload(work: &Path) -> Result<Workload> {
         batch: int_arrays(between(&s, "\"prompts\":[", "]]")?)?,
         slora,
     })
-}
-
-/// Prefill of `prompt` then `steps` greedy decode steps on one sequence: (prefill tok/s, decode
-/// tok/s, tokens).
-fn single(
-    model: &Llama<CpuBackend>,
-    pool: &CpuPagePool,
-    adapter: Option<&Arc<LoraAdapter>>,
-    prompt: &[u32],
-    steps: usize,
-) -> Result<(f64, f64, Vec<u32>)> {
-    let total = prompt.len() + steps;
-    let mut alloc = BlockAllocator::new(total.div_ceil(BLOCK_SIZE), BLOCK_SIZE);
-    let mut kv = model.new_kv_pool(alloc.total(), BLOCK_SIZE)?;
-    let mut seq = SequenceCache::default();
-    seq.reserve(&mut alloc, total)
-        .map_err(|_| anyhow::anyhow!("out of KV blocks"))?;
-    let mut next = prompt.to_vec();
-    let mut out = Vec::new();
-    let t = Instant::now();
-    let mut prefill = 0.0;
-    while out.len() <= steps {
-        let mut b = BatchBuilder::new();
-        b.push_with_adapter(&mut seq, BLOCK_SIZE, &next, true, adapter);
-        let logits = model.forward_with_adapters(&b.finish(), &mut kv, Some(pool))?;
-        let token = argmax(&model.backend.download(&logits)?);
-        if out.is_empty() {
-            prefill = t.elapsed().as_secs_f64();
-        }
-        out.push(token);
-        next = vec![token];
-    }
-    let decode = t.elapsed().as_secs_f64() - prefill;
-    Ok((prompt.len() as f64 / prefill, steps as f64 / decode, out))
 }
 
 struct Done {
@@ -312,88 +302,6 @@ fn done_json(name: &str, d: &Done, extra: &str) -> String {
     )
 }
 
-/// The matmul precisions Quiver runs in: f32 (the default, the reference) and, where the CPU has
-/// AVX512_BF16, bf16 activations (`--matmul-precision bf16`, what llama.cpp computes), reported
-/// under labels with the suffix " bf16".
-fn precisions() -> Vec<(Precision, &'static str)> {
-    let mut v = vec![(Precision::F32, "")];
-    if bf16_activations_supported() {
-        v.push((Precision::Bf16Activations, " bf16"));
-    }
-    v
-}
-
-/// A workload-1 configuration: label, model (in one precision), adapter.
-type SingleConfig<'a> = (String, &'a Llama<CpuBackend>, Option<&'a Arc<LoraAdapter>>);
-
-/// Workload 1: one sequence, base and adapter 0 (bf16 pages, as the engine stores them), in each
-/// precision, best of 3. Returns the JSON members `"single":{..},"agree":{..}`.
-fn workload1(w: &Workload) -> Result<String> {
-    let bundles = precisions()
-        .into_iter()
-        .map(|(p, suffix)| {
-            Ok((
-                ModelBundle::load(CpuBackend::with_precision(p), &w.model, Some(MAX_MODEL_LEN))?,
-                suffix,
-            ))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let model = &bundles[0].0.model;
-    let cfg = &model.cfg;
-    let host = load_peft_adapter("a0", &w.adapters[0], cfg)?;
-    let page = quiver_model::lora_page_size(cfg);
-    let need: usize = host
-        .modules
-        .iter()
-        .map(|m| m.rank * (m.kind.dims(cfg).0 + m.kind.dims(cfg).1) / page)
-        .sum();
-    let mut pages = BlockAllocator::new(need, page);
-    let mut pool = model.backend.new_page_pool(page, pages.total(), DType::BF16)?;
-    let a0 = Arc::new(LoraAdapter::upload(
-        "a0",
-        &host.modules,
-        cfg,
-        &model.backend,
-        &mut pool,
-        &mut pages,
-    )?);
-    let decode_prompt = &w.long[..DECODE_PROMPT];
-    // Rounds interleave the configurations so that machine noise hits all alike; best of 3.
-    let configs: Vec<SingleConfig> = bundles
-        .iter()
-        .flat_map(|(b, suffix)| {
-            [
-                (format!("base{suffix}"), &b.model, None),
-                (format!("adapter{suffix}"), &b.model, Some(&a0)),
-            ]
-        })
-        .collect();
-    let mut best = vec![(0.0f64, 0.0f64); configs.len()];
-    let mut tokens = vec![Vec::new(); configs.len()];
-    for _ in 0..3 {
-        for (i, (_, model, adapter)) in configs.iter().enumerate() {
-            let (p, _, _) = single(model, &pool, *adapter, &w.long, 0)?;
-            let (_, d, t) = single(model, &pool, *adapter, decode_prompt, DECODE_STEPS)?;
-            best[i] = (best[i].0.max(p), best[i].1.max(d));
-            tokens[i] = t;
-        }
-    }
-    let mut single_json = Vec::new();
-    let mut agree = Vec::new();
-    for (((label, _, _), (prefill, decode)), t) in configs.iter().zip(best).zip(&tokens) {
-        println!("quiver {label}: prefill {PREFILL_LEN} tokens {prefill:.1} tok/s, decode batch 1 {decode:.1} tok/s");
-        single_json.push(format!(
-            "\"{label}\":{{\"prefill_tok_s\":{prefill:.4},\"decode_tok_s\":{decode:.4}}}"
-        ));
-        agree.push(format!("\"{label}\":{}", ids(&t[..AGREE_TOKENS])));
-    }
-    Ok(format!(
-        "\"single\":{{{}}},\"agree\":{{{}}}",
-        single_json.join(","),
-        agree.join(",")
-    ))
-}
-
 /// Workload 1 only (run.sh interleaves a second round with llama.cpp's).
 fn run_single(work: &Path, out: &Path) -> Result<()> {
     let w = read_workload(work)?;
@@ -406,13 +314,18 @@ fn run(work: &Path, out: &Path) -> Result<()> {
     let threads = rayon::current_num_threads();
     println!("quiver: model {} · {threads} threads", w.model.display());
     let single_json = workload1(&w)?;
+    let quant_json = quant_batch(&w)?;
+    if workload1_only() {
+        let json = format!("{{\"system\":\"quiver\",\"threads\":{threads},{single_json},{quant_json}}}");
+        return std::fs::write(out, json).with_context(|| format!("writing {}", out.display()));
+    }
 
     // Workloads 2 and 3 go through the engine, all adapters registered (and resident after a
     // warm-up run) as PEFT holds them all in memory. Workload 2 runs again with bf16 activations.
     let mut batch_json = Vec::new();
     let mut slora_json = Vec::new();
     for (precision, suffix) in precisions() {
-        let engine = start_engine(&w, precision)?;
+        let engine = start_engine(&w, precision, Quantization::default())?;
         let batch = |n: usize, adapter: AdapterOf| -> Vec<(Vec<u32>, usize, Option<String>)> {
             (0..n).map(|i| (w.batch[i].clone(), BATCH_NEW, adapter(i))).collect()
         };
@@ -447,7 +360,7 @@ fn run(work: &Path, out: &Path) -> Result<()> {
         }
     }
     let json = format!(
-        "{{\"system\":\"quiver\",\"threads\":{threads},{single_json},\"batch\":[{}],\"slora\":[{}]}}",
+        "{{\"system\":\"quiver\",\"threads\":{threads},{single_json},{quant_json},\"batch\":[{}],\"slora\":[{}]}}",
         batch_json.join(","),
         slora_json.join(",")
     );
@@ -455,9 +368,15 @@ fn run(work: &Path, out: &Path) -> Result<()> {
     Ok(())
 }
 
-/// An engine over the benchmark model with every adapter registered.
-fn start_engine(w: &Workload, precision: Precision) -> Result<Engine> {
-    let bundle = ModelBundle::load(CpuBackend::with_precision(precision), &w.model, Some(MAX_MODEL_LEN))?;
+/// An engine over the benchmark model (base weights stored as `quant` says) with every adapter
+/// registered.
+fn start_engine(w: &Workload, precision: Precision, quant: Quantization) -> Result<Engine> {
+    let bundle = ModelBundle::load_with(
+        CpuBackend::with_precision(precision),
+        &w.model,
+        Some(MAX_MODEL_LEN),
+        quant,
+    )?;
     let engine = Engine::start(
         bundle.model,
         Some(Arc::new(bundle.tokenizer)),

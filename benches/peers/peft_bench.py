@@ -1,6 +1,9 @@
 """transformers + PEFT on the benchmark's workload (benches/peers/run.sh runs it).
 
-    python peft_bench.py WORK/workload.json OUT.json
+    python peft_bench.py WORK/workload.json OUT.json [agree]
+
+With `agree` (run.sh under QUIVER_PEERS_WORKLOADS=1) only the agreement prompt runs: the
+reference tokens and logit gaps of workload 1, no timed workloads.
 
 f32 compute on the test kit's bf16 weights (exact in f32), 2 threads, greedy. Workload 2 uses PEFT's
 mixed-batch `adapter_names=` (one batch, every row on its own adapter), workload 3 processes the
@@ -64,13 +67,14 @@ def generate(model, prompts, new_tokens, **kw):
 
 def main():
     workload_path, out_path = sys.argv[1], sys.argv[2]
+    agree_only = sys.argv[3:] == ["agree"]
     w = json.load(open(workload_path))
     torch.set_num_threads(THREADS)
     dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
     base = AutoModelForCausalLM.from_pretrained(w["model"], **{dtype_kw: torch.float32})
     # No EOS: every request runs to its length, as `ignore_eos` does for the other systems.
     base.generation_config.eos_token_id = None
-    names = [f"a{i}" for i in range(len(w["adapters"]))]
+    names = [f"a{i}" for i in range(1 if agree_only else len(w["adapters"]))]
     t = time.perf_counter()
     model = PeftModel.from_pretrained(base, w["adapters"][0], adapter_name=names[0]).eval()
     for name, path in zip(names[1:], w["adapters"][1:]):
@@ -94,6 +98,9 @@ def main():
     rows, m, _ = generate(model, [prompt], n)
     agree["adapter"], margins["adapter"] = rows[0], m[0]
     result["agree"], result["agree_margins"] = agree, margins
+    if agree_only:
+        json.dump(result, open(out_path, "w"))
+        return
 
     # Workload 2: fixed-length prompts, every request asks for the same number of tokens.
     prompts, new = w["batch"]["prompts"], w["batch"]["new_tokens"]

@@ -3,6 +3,9 @@ writes the plots (benches/peers/run.sh runs it last).
 
     python report.py WORK PLOT_DIR [HEADER_LINE...]
 
+The quantized rows (Quiver int8/int4 against llama.cpp Q8_0/Q4_0, when run) come in a second table
+(quant_report.py); they are not held to the agreement check, as each system rounds differently.
+
 Reads WORK/workload.json, WORK/quiver.json, WORK/llamacpp.json and WORK/peft.json; writes
 WORK/results.md and PLOT_DIR/peers-throughput.png, PLOT_DIR/peers-latency.png. Exits non-zero if
 any system's greedy tokens disagree with the others: a fast wrong answer is not a result.
@@ -25,6 +28,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from quant_report import quant_table  # noqa: E402
 
 AGREE = 8
 TOL = {"quiver": 0.01, "quiver bf16": 0.25, "llama.cpp": 0.25}
@@ -74,6 +78,8 @@ def main():
         if extra.exists():
             more = json.load(open(extra))
             main_.setdefault("rounds", [main_["agree"]]).append(more["agree"])
+            if "bandwidth_gbps" in more:
+                main_["bandwidth_gbps"] = max(main_.get("bandwidth_gbps", 0), more["bandwidth_gbps"])
             for label, m in more["single"].items():
                 for k, v in m.items():
                     main_["single"][label][k] = max(main_["single"][label][k], v)
@@ -92,6 +98,10 @@ def main():
         check.errors.append("adapter 0 does not change the agreement prompt's greedy tokens: "
                             "the check could not tell a missing adapter")
     # Quiver's batch runs: f32 first (paired with PEFT's in order), then bf16 activations if run.
+    # Under QUIVER_PEERS_WORKLOADS=1 there are no workloads 2 and 3.
+    for r in (q, pf):
+        r.setdefault("batch", [])
+        r.setdefault("slora", [])
     q_f32 = [b for b in q["batch"] if b.get("precision", "f32") == "f32"]
     q_bf16 = [b for b in q["batch"] if b.get("precision") == "bf16"]
     for runs, system in [(q_f32, "quiver"), (q_bf16, "quiver bf16")]:
@@ -171,9 +181,11 @@ def main():
     ] + rows
     for t in check.ties:
         lines.append(f"- {t}")
+    lines += quant_table(q, ll, pf, w)
     md = "\n".join(lines) + "\n"
     (work / "results.md").write_text(md)
-    plots(q, pf, w, plot_dir)
+    if q["slora"]:
+        plots(q, pf, w, plot_dir)
     if check.errors:
         print(md)
         print("\nFAILED: the systems do not agree on the same greedy prompts:", file=sys.stderr)

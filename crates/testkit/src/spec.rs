@@ -243,10 +243,36 @@ pub fn qwen25_05b_spec() -> ModelSpec {
     }
 }
 
-/// Looks up a golden spec or `qwen2.5-0.5b` by name.
+/// Llama-3.2-1B shapes (llama3 RoPE scaling, tied embeddings) with random bf16 weights, for
+/// benchmarks; like [`qwen25_05b_spec`], the small test tokenizer covers the first rows only.
+pub fn llama32_1b_spec() -> ModelSpec {
+    ModelSpec {
+        hidden_size: 2048,
+        num_layers: 16,
+        num_heads: 32,
+        num_kv_heads: 8,
+        head_dim: Some(64),
+        intermediate_size: 8192,
+        vocab_size: Some(128_256),
+        tie_word_embeddings: true,
+        dtype: DType::Bf16,
+        rope: Rope::Llama3 {
+            factor: 32.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192,
+        },
+        rope_theta: 500_000.0,
+        max_position_embeddings: 131_072,
+        seed: 32,
+        ..ModelSpec::tiny("llama-3.2-1b", Arch::Llama)
+    }
+}
+
+/// Looks up a golden spec or a benchmark shape (`qwen2.5-0.5b`, `llama-3.2-1b`) by name.
 pub fn spec_by_name(name: &str) -> Option<ModelSpec> {
     golden_specs()
         .into_iter()
-        .chain(std::iter::once(qwen25_05b_spec()))
+        .chain([qwen25_05b_spec(), llama32_1b_spec()])
         .find(|s| s.name == name)
 }
