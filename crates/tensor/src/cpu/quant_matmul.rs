@@ -249,15 +249,23 @@ pub(crate) fn matmul_quant_with(
 /// Σ_b s[r, b]·d[r, b]·sums[i, b]`, `sums` being x's f32 block sums (`m × blocks`). One
 /// summation order whatever m, as the batch-invariant mode needs.
 fn add_zero_shifts(p: &Panels<'_>, sums: &[f32], m: usize, out: &mut [f32], ldo: usize) {
+    use half::slice::HalfFloatSliceExt;
     let Some(shifts) = p.zero_shifts else { return };
     let nb = p.blocks;
-    let mut coef = vec![0.0f32; nb];
-    for r in 0..p.rows {
-        for (b, c) in coef.iter_mut().enumerate() {
-            *c = shifts[r * nb + b] as f32 * p.scale(r / PANEL, b, r % PANEL);
-        }
-        for i in 0..m {
-            out[i * ldo + r] += dot8(&coef, &sums[i * nb..(i + 1) * nb]);
+    // A panel's scales widened at once (F16C where present; one by one they cost more than the
+    // sums themselves).
+    let (mut d, mut coef) = (vec![0.0f32; nb * PANEL], vec![0.0f32; nb]);
+    for pi in 0..p.panels() {
+        let scales: &[half::f16] = bytemuck::cast_slice(&p.scales[pi * nb * PANEL..(pi + 1) * nb * PANEL]);
+        scales.convert_to_f32_slice(&mut d);
+        for lane in 0..PANEL.min(p.rows - pi * PANEL) {
+            let r = pi * PANEL + lane;
+            for (b, c) in coef.iter_mut().enumerate() {
+                *c = shifts[r * nb + b] as f32 * d[b * PANEL + lane];
+            }
+            for i in 0..m {
+                out[i * ldo + r] += dot8(&coef, &sums[i * nb..(i + 1) * nb]);
+            }
         }
     }
 }
