@@ -271,30 +271,9 @@ pub fn quantize(m: &Matrix, format: QuantFormat) -> Result<Matrix, TensorError> 
     if let MatrixData::Quant(q) = &m.data {
         return Err(TensorError::Quantize(format!("already quantized ({})", q.format)));
     }
-    let (rows, cols) = (m.rows, m.cols);
-    let (nb, np, pbb) = (cols.div_ceil(BLOCK), rows.div_ceil(PANEL), format.panel_block_bytes());
-    let mut codes = HugeVec::<u8>::zeroed(np * nb * pbb);
-    let mut scales = HugeVec::<u8>::zeroed(np * nb * PANEL * 2);
-    if nb > 0 {
-        codes
-            .par_chunks_mut(nb * pbb)
-            .zip(scales.par_chunks_mut(nb * PANEL * 2))
-            .enumerate()
-            .try_for_each(|(p, (c, s))| quantize_panel(m, format, p, c, s))?;
-    }
-    let (nc, ns) = (codes.len(), scales.len() / 2);
-    let codes: SharedBytes = Arc::new(codes);
-    let scales: SharedBytes = Arc::new(scales);
-    let data = QuantData {
-        format,
-        source: m.dtype(),
-        blocks: nb,
-        panels: np,
-        codes: TypedSlice::from_bytes(codes, 0, nc)?,
-        scales: TypedSlice::from_bytes(scales, 0, ns)?,
-        zero_shifts: None,
-    };
-    Matrix::new(rows, cols, MatrixData::Quant(data))
+    build(format, m.dtype(), (m.rows, m.cols), None, |p, c, s| {
+        quantize_panel(m, format, p, c, s)
+    })
 }
 
 /// Codes of a pre-quantized checkpoint in `format`'s layout: `codes[r·cols + c]` is element
@@ -309,7 +288,7 @@ pub fn from_codes(
     scales: &[f16],
     zero_shifts: Option<Vec<i16>>,
 ) -> Result<Matrix, TensorError> {
-    let (nb, np, pbb) = (cols.div_ceil(BLOCK), rows.div_ceil(PANEL), format.panel_block_bytes());
+    let (nb, pbb) = (cols.div_ceil(BLOCK), format.panel_block_bytes());
     if codes.len() != rows * cols || scales.len() != rows * nb {
         return Err(TensorError::Quantize(format!(
             "{} codes and {} scales for [{rows}, {cols}] (expected {} and {})",
@@ -322,41 +301,57 @@ pub fn from_codes(
     if format == QuantFormat::Int4 && codes.iter().any(|&q| q > 15) {
         return Err(TensorError::Quantize("int4 code above 15".into()));
     }
-    let mut packed = HugeVec::<u8>::zeroed(np * nb * pbb);
-    let mut panel_scales = HugeVec::<u8>::zeroed(np * nb * PANEL * 2);
+    build(format, source, (rows, cols), zero_shifts, |p, out, s| {
+        let mut q = [0u8; BLOCK];
+        for lane in 0..PANEL.min(rows - p * PANEL) {
+            let r = p * PANEL + lane;
+            for b in 0..nb {
+                let row = &codes[r * cols + b * BLOCK..r * cols + cols.min((b + 1) * BLOCK)];
+                q.fill(format.offset() as u8);
+                q[..row.len()].copy_from_slice(row);
+                put_block(
+                    format,
+                    &mut out[b * pbb..(b + 1) * pbb],
+                    s,
+                    (b, lane),
+                    scales[r * nb + b],
+                    &q,
+                );
+            }
+        }
+        Ok(())
+    })
+}
+
+/// A `[rows, cols]` matrix in `format` whose panels `fill(p, codes, scale bytes)` writes (both
+/// zeroed, in parallel); the buffers live in huge-page memory when large.
+fn build(
+    format: QuantFormat,
+    source: DType,
+    (rows, cols): (usize, usize),
+    zero_shifts: Option<Vec<i16>>,
+    fill: impl Fn(usize, &mut [u8], &mut [u8]) -> Result<(), TensorError> + Sync,
+) -> Result<Matrix, TensorError> {
+    let (nb, np, pbb) = (cols.div_ceil(BLOCK), rows.div_ceil(PANEL), format.panel_block_bytes());
+    let mut codes = HugeVec::<u8>::zeroed(np * nb * pbb);
+    let mut scales = HugeVec::<u8>::zeroed(np * nb * PANEL * 2);
     if nb > 0 {
-        packed
+        codes
             .par_chunks_mut(nb * pbb)
-            .zip(panel_scales.par_chunks_mut(nb * PANEL * 2))
+            .zip(scales.par_chunks_mut(nb * PANEL * 2))
             .enumerate()
-            .for_each(|(p, (out, s))| {
-                for lane in 0..PANEL.min(rows - p * PANEL) {
-                    let r = p * PANEL + lane;
-                    let mut q = [0u8; BLOCK];
-                    for b in 0..nb {
-                        let row = &codes[r * cols + b * BLOCK..r * cols + cols.min((b + 1) * BLOCK)];
-                        q.fill(format.offset() as u8);
-                        q[..row.len()].copy_from_slice(row);
-                        put_block(
-                            format,
-                            &mut out[b * pbb..(b + 1) * pbb],
-                            &mut s[..],
-                            (b, lane),
-                            scales[r * nb + b],
-                            &q,
-                        );
-                    }
-                }
-            });
+            .try_for_each(|(p, (c, s))| fill(p, c, s))?;
     }
-    let (nc, ns) = (packed.len(), panel_scales.len() / 2);
+    let (nc, ns) = (codes.len(), scales.len() / 2);
+    let codes: SharedBytes = Arc::new(codes);
+    let scales: SharedBytes = Arc::new(scales);
     let data = QuantData {
         format,
         source,
         blocks: nb,
         panels: np,
-        codes: TypedSlice::from_bytes(Arc::new(packed), 0, nc)?,
-        scales: TypedSlice::from_bytes(Arc::new(panel_scales), 0, ns)?,
+        codes: TypedSlice::from_bytes(codes, 0, nc)?,
+        scales: TypedSlice::from_bytes(scales, 0, ns)?,
         zero_shifts: zero_shifts.map(TypedSlice::from_vec),
     };
     Matrix::new(rows, cols, MatrixData::Quant(data))
