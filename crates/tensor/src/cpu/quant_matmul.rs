@@ -252,16 +252,22 @@ fn add_zero_shifts(p: &Panels<'_>, sums: &[f32], m: usize, out: &mut [f32], ldo:
     use half::slice::HalfFloatSliceExt;
     let Some(shifts) = p.zero_shifts else { return };
     let nb = p.blocks;
-    // A panel's scales widened at once (F16C where present; one by one they cost more than the
-    // sums themselves).
-    let (mut d, mut coef) = (vec![0.0f32; nb * PANEL], vec![0.0f32; nb]);
+    // A panel's scales widened at once (F16C where present) and transposed to one run per row,
+    // so the coefficients below are one vectorizable pass per row.
+    let (mut d, mut by_row, mut coef) = (vec![0.0f32; nb * PANEL], vec![0.0f32; nb * PANEL], vec![0.0f32; nb]);
     for pi in 0..p.panels() {
         let scales: &[half::f16] = bytemuck::cast_slice(&p.scales[pi * nb * PANEL..(pi + 1) * nb * PANEL]);
         scales.convert_to_f32_slice(&mut d);
+        for (b, block) in d.chunks_exact(PANEL).enumerate() {
+            for (lane, &v) in block.iter().enumerate() {
+                by_row[lane * nb + b] = v;
+            }
+        }
         for lane in 0..PANEL.min(p.rows - pi * PANEL) {
             let r = pi * PANEL + lane;
-            for (b, c) in coef.iter_mut().enumerate() {
-                *c = shifts[r * nb + b] as f32 * d[b * PANEL + lane];
+            let (row_shifts, row_scales) = (&shifts[r * nb..(r + 1) * nb], &by_row[lane * nb..(lane + 1) * nb]);
+            for ((c, &z), &s) in coef.iter_mut().zip(row_shifts).zip(row_scales) {
+                *c = z as f32 * s;
             }
             for i in 0..m {
                 out[i * ldo + r] += dot8(&coef, &sums[i * nb..(i + 1) * nb]);
