@@ -26,19 +26,16 @@ Commit the result. crates/model/tests/prequant_golden.rs loads each checkpoint a
 checks the dequantized weights' hash and compares.
 """
 
-import argparse
 import hashlib
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 from safetensors.numpy import save_file
 
 from make_goldens import dumps
-from make_quant_goldens import LINEARS, golden_for, load_bf16_aware, testkit
+from make_quant_goldens import LINEARS, golden_for, load_bf16_aware, lora_bases
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDENS = ROOT / "tests" / "goldens" / "prequant"
@@ -177,15 +174,7 @@ def write_case(name: str, base: Path, out: Path, deq: Path) -> str:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--keep", type=Path, help="write the models here instead of a temp dir")
-    args = ap.parse_args()
-    torch.set_grad_enabled(False)
-    torch.use_deterministic_algorithms(True)
-    GOLDENS.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="quiver-prequant-goldens-") as tmp:
-        root = args.keep or Path(tmp)
-        testkit("write-lora-goldens", str(root))
+    with lora_bases(__doc__, GOLDENS, "quiver-prequant-goldens-") as root:
         for name, (model, method, *_rest) in CASES.items():
             deq = root / f"{name}-dequantized"
             shutil.rmtree(deq, ignore_errors=True)

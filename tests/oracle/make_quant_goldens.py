@@ -24,6 +24,7 @@ quantization, checks the dequantized weights' hash and compares.
 """
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -184,16 +185,24 @@ def golden_for(model: str, fmt: str, deq: Path, adapters: Path) -> dict:
     }
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+@contextlib.contextmanager
+def lora_bases(doc: str, goldens: Path, prefix: str):
+    """Parses `--keep`, sets torch up for the oracle, and yields a folder holding the test kit's
+    bases and adapters (`write-lora-goldens`): `--keep`'s, or a temp dir removed afterwards."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--keep", type=Path, help="write the models here instead of a temp dir")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     torch.use_deterministic_algorithms(True)
-    GOLDENS.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="quiver-quant-goldens-") as tmp:
+    goldens.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         root = args.keep or Path(tmp)
         testkit("write-lora-goldens", str(root))
+        yield root
+
+
+def main():
+    with lora_bases(__doc__, GOLDENS, "quiver-quant-goldens-") as root:
         for model, fmt, base, deq in testkit("write-quant-goldens", str(root)):
             check_dequantized(Path(base), Path(deq), fmt)
             golden = golden_for(model, fmt, Path(deq), root / "adapters")

@@ -18,8 +18,8 @@ use quiver_adapters::load_peft_adapter;
 use quiver_model::generate::{generate_greedy, BLOCK_SIZE};
 use quiver_model::weights::WeightStore;
 use quiver_model::{
-    lora_page_size, BatchBuilder, BlockAllocator, Llama, LoraAdapter, ModelBundle, ModelConfig, PreQuantized,
-    Quantization, SequenceCache,
+    lora_page_size, BatchBuilder, BlockAllocator, Llama, LoraAdapter, ModelBundle, ModelConfig, ModuleKind,
+    PreQuantized, Quantization, SequenceCache,
 };
 use quiver_tensor::cpu::{CpuBackend, CpuPagePool};
 use quiver_tensor::{Backend, DType, QuantFormat};
@@ -237,22 +237,14 @@ fn merging_into_a_quantized_base_requantizes_and_unmerging_restores_it() -> Resu
 /// (each `[out, in]` f32 little-endian, in sorted name order).
 fn prequant_dequantized_sha256(dir: &Path, cfg: &ModelConfig, pre: &PreQuantized) -> Result<String> {
     let store = WeightStore::open_dir(dir)?;
-    let (h, hd, inter) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
-    let (qd, kvd) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
-    let mut linears = Vec::new();
-    for i in 0..cfg.num_layers {
-        for (name, dims) in [
-            ("self_attn.q_proj", (qd, h)),
-            ("self_attn.k_proj", (kvd, h)),
-            ("self_attn.v_proj", (kvd, h)),
-            ("self_attn.o_proj", (h, qd)),
-            ("mlp.gate_proj", (inter, h)),
-            ("mlp.up_proj", (inter, h)),
-            ("mlp.down_proj", (h, inter)),
-        ] {
-            linears.push((format!("model.layers.{i}.{name}"), dims));
-        }
-    }
+    let mut linears: Vec<(String, (usize, usize))> = (0..cfg.num_layers)
+        .flat_map(|layer| {
+            ModuleKind::ALL.map(|kind| {
+                let (in_f, out_f) = kind.dims(cfg);
+                (kind.path(layer), (out_f, in_f))
+            })
+        })
+        .collect();
     linears.sort();
     let mut bytes = Vec::new();
     for (name, dims) in &linears {
